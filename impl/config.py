@@ -1,0 +1,194 @@
+"""Llama-family model configuration, read from a HuggingFace ``config.json``.
+
+Field names are HF's own, so a value in the file and a value here are the same
+name. Derived values are properties; nothing is overwritten after parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+class ConfigError(ValueError):
+    """config.json is missing, malformed, or describes a model we do not run."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency scaling; ``rope_type == "default"`` means none."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} and head_dim is not given"
+            )
+        if self.dim_per_head % 2:
+            raise ConfigError(f"head_dim={self.dim_per_head} must be even for RoPE")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def gqa_ratio(self) -> int:
+        """Query heads served by each K/V head (1 = MHA, num_attention_heads = MQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies, one per rotated pair, after any scaling.
+
+        Computed in float32 step by step as HF does, so angles agree bit for bit with
+        the reference deep into the context (a 1-ulp difference in a frequency grows
+        with the position it multiplies).
+        """
+        d = self.dim_per_head
+        exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+        inv = np.float32(1.0) / (np.float32(self.rope_theta) ** exponent)
+        s = self.rope_scaling
+        if s.rope_type == "default":
+            return inv
+        # Llama 3: long wavelengths are slowed by `factor`, short ones kept, and the
+        # band between is interpolated.
+        old_ctx = np.float32(s.original_max_position_embeddings)
+        wavelen = np.float32(2 * math.pi) / inv
+        smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * inv / s.factor + smooth * inv
+        out = np.where(wavelen > old_ctx / s.low_freq_factor, inv / s.factor, inv)
+        is_medium = (wavelen >= old_ctx / s.high_freq_factor) & (wavelen <= old_ctx / s.low_freq_factor)
+        return np.where(is_medium, blended, out).astype(np.float32)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> LlamaConfig:
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: unsupported model_type {model_type!r}; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        required = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+            "max_position_embeddings",
+        )
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        for k in (*required, "num_key_value_heads", "head_dim"):
+            v = raw.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ConfigError(f"{source}: field {k} must be a positive integer, got {v!r}")
+        theta, scaling = _rope_fields(raw, source)
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        try:
+            return cls(
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=raw["num_attention_heads"],
+                num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                vocab_size=raw["vocab_size"],
+                max_position_embeddings=raw["max_position_embeddings"],
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                head_dim=raw.get("head_dim"),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", False)),
+                mlp_bias=bool(raw.get("mlp_bias", False)),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=eos_ids,
+                model_type=model_type,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found (a HuggingFace model directory needs config.json)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
+
+
+def _rope_fields(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
+    """RoPE base and scaling from either layout.
+
+    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``; older files
+    have a top-level ``rope_theta`` and an optional ``rope_scaling`` dict.
+    """
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_parameters / rope_scaling must be JSON objects")
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: rope scaling type {rope_type!r} is not implemented; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return theta, RopeScaling()
+    try:
+        return theta, RopeScaling(
+            rope_type=rope_type,
+            factor=float(merged["factor"]),
+            low_freq_factor=float(merged["low_freq_factor"]),
+            high_freq_factor=float(merged["high_freq_factor"]),
+            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{source}: llama3 rope scaling needs field {e.args[0]}") from None

@@ -1,0 +1,193 @@
+"""Prefill, decode and generation over a paged KV cache.
+
+``prefill`` feeds one sequence's prompt (optionally in chunks); ``decode`` feeds one
+token to each of several sequences at once, whatever their lengths. Both check
+their input completely before the cache is touched, so a rejected call changes
+nothing. Every call ends in ``mx.eval``: MLX is lazy, and a timing that does not
+force the work measures nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from impl.model import Model
+from impl.paged_cache import PagedKVCache
+
+
+class InputError(ValueError):
+    """Token ids or lengths the model cannot accept."""
+
+
+def _check_tokens(model: Model, tokens: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
+    ids = np.asarray(tokens)
+    if ids.ndim != 1 or ids.size == 0:
+        raise InputError(f"{what}: expected a non-empty 1-D list of token ids, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{what}: token ids must be integers, got dtype {ids.dtype}")
+    vocab = model.config.vocab_size
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+        raise InputError(
+            f"{what}: token id {int(ids[bad[0]])} at index {int(bad[0])} is outside the "
+            f"vocabulary [0, {vocab})"
+        )
+    return ids.astype(np.int32)
+
+
+def _check_room(model: Model, cache: PagedKVCache, seq: Hashable, extra: int) -> None:
+    limit = model.config.max_position_embeddings
+    have = cache.tokens(seq)
+    if have + extra > limit:
+        raise InputError(
+            f"sequence {seq!r}: {have} cached + {extra} new tokens exceeds the context "
+            f"length max_position_embeddings={limit}"
+        )
+
+
+def prefill(
+    model: Model,
+    cache: PagedKVCache,
+    seq: Hashable,
+    tokens: Sequence[int] | np.ndarray,
+    chunk_size: int | None = None,
+) -> mx.array:
+    """Feed ``tokens`` to ``seq`` (after whatever it has cached); logits (T, vocab).
+
+    With ``chunk_size``, the prompt goes through the model ``chunk_size`` tokens at a
+    time, each chunk attending to the cached chunks before it.
+    """
+    ids = _check_tokens(model, tokens, f"prompt for sequence {seq!r}")
+    _check_room(model, cache, seq, ids.size)
+    if chunk_size is not None and chunk_size <= 0:
+        raise InputError(f"chunk_size must be positive, got {chunk_size}")
+    step = chunk_size or ids.size
+    chunks = [ids[i : i + step] for i in range(0, ids.size, step)]
+    # Chunks after the first would otherwise meet a full pool with earlier ones cached.
+    cache.ensure_room([seq], ids.size)
+    logits = []
+    for chunk in chunks:
+        plan = cache.plan([seq], chunk.size)
+        out = model(mx.array(chunk)[None], cache, plan)  # (1, t, vocab)
+        mx.eval(out, cache.k, cache.v)
+        logits.append(out[0])
+    return logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0)
+
+
+def decode(
+    model: Model,
+    cache: PagedKVCache,
+    seqs: Sequence[Hashable],
+    tokens: Sequence[int] | np.ndarray,
+) -> mx.array:
+    """Feed one token to each sequence in ``seqs`` in one batch; logits (B, vocab)."""
+    ids = _check_tokens(model, tokens, "decode tokens")
+    if ids.size != len(seqs):
+        raise InputError(f"decode: {len(seqs)} sequences but {ids.size} tokens")
+    for s in seqs:
+        _check_room(model, cache, s, 1)
+    plan = cache.plan(list(seqs), 1)
+    out = model(mx.array(ids)[:, None], cache, plan)  # (B, 1, vocab)
+    mx.eval(out, cache.k, cache.v)
+    return out[:, 0]
+
+
+def to_numpy(logits: mx.array) -> np.ndarray:
+    """Logits as float32 numpy, whatever the model dtype."""
+    return np.array(logits.astype(mx.float32))
+
+
+@dataclass
+class Sampler:
+    """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p)
+    sampling from a numpy generator seeded once, so a seed fixes the whole run."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    _rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InputError(
+                f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
+            )
+        self._rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
+        q = p[keep] / p[keep].sum()
+        return int(keep[self._rng.choice(keep.size, p=q)])
+
+
+@dataclass
+class Generation:
+    prompt: list[int]
+    tokens: list[int]  # generated, EOS included when it stopped the run
+    prefill_ms: float
+    decode_ms: list[float]  # one entry per decode step: len(tokens) - 1 of them
+    stop_reason: str  # "eos" or "max_new_tokens"
+
+
+def generate(
+    model: Model,
+    prompt: Sequence[int] | np.ndarray,
+    max_new_tokens: int,
+    *,
+    cache: PagedKVCache | None = None,
+    seq: Hashable = 0,
+    sampler: Sampler | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    block_size: int = 16,
+) -> Generation:
+    """Generate up to ``max_new_tokens`` tokens after ``prompt``.
+
+    The last generated token is returned but never fed back, so the cache ends
+    with ``len(prompt) + len(tokens) - 1`` tokens (see ``impl.paged_cache``).
+    Without a ``cache``, one sized for prompt + max_new_tokens is made.
+    """
+    if max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    ids = _check_tokens(model, prompt, "prompt")
+    if ids.size + max_new_tokens - 1 > model.config.max_position_embeddings:
+        raise InputError(
+            f"prompt of {ids.size} tokens + {max_new_tokens} new tokens exceeds the context "
+            f"length max_position_embeddings={model.config.max_position_embeddings}"
+        )
+    sampler = sampler or Sampler()
+    eos = set(model.config.eos_token_id if eos_token_ids is None else eos_token_ids)
+    if cache is None:
+        cache = PagedKVCache.for_tokens(
+            model.config, ids.size + max_new_tokens, block_size, _param_dtype(model)
+        )
+    if seq not in cache.sequences:
+        cache.add_sequence(seq)
+
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, seq, ids)[-1]
+    out = [sampler(to_numpy(logits))]
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    decode_ms: list[float] = []
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        t0 = time.perf_counter()
+        logits = decode(model, cache, [seq], [out[-1]])[0]
+        out.append(sampler(to_numpy(logits)))
+        decode_ms.append((time.perf_counter() - t0) * 1e3)
+    reason = "eos" if out[-1] in eos else "max_new_tokens"
+    return Generation(ids.tolist(), out, prefill_ms, decode_ms, reason)
+
+
+def _param_dtype(model: Model) -> mx.Dtype:
+    return model.model.embed_tokens.weight.dtype

@@ -1,0 +1,141 @@
+"""Llama-family decoder in MLX, reading and writing a paged GQA KV cache.
+
+Follows HF transformers' ``modeling_llama.py`` (the reference in ``reference/``):
+parameter names are HF's, so a checkpoint loads without renaming and a parity
+failure names the same tensor on both sides. Attention and the cache write go
+through ``kernels`` so custom kernels can replace them without touching this file.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import kernels
+from impl.config import LlamaConfig
+from impl.paged_cache import PagedKVCache, StepPlan
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.dim_per_head
+        self.scale = self.head_dim**-0.5
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def __call__(
+        self,
+        x: mx.array,
+        layer: int,
+        cache: PagedKVCache,
+        plan: StepPlan,
+        inv_freq: mx.array,
+    ) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q, k_pool, v_pool = kernels.rope_and_cache_write(
+            q, k, v, plan.positions, inv_freq, cache.k[layer], cache.v[layer], plan.slots
+        )
+        cache.update_layer(layer, k_pool, v_pool)
+        out = kernels.paged_attention(
+            q.transpose(0, 2, 1, 3),  # (B, n_heads, T, head_dim)
+            k_pool,
+            v_pool,
+            plan.block_tables,
+            plan.context_lens,
+            plan.positions,
+            self.scale,
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        h, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, f, bias=bias)
+        self.up_proj = nn.Linear(h, f, bias=bias)
+        self.down_proj = nn.Linear(f, h, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(
+        self,
+        x: mx.array,
+        layer: int,
+        cache: PagedKVCache,
+        plan: StepPlan,
+        inv_freq: mx.array,
+        trace: dict[str, mx.array] | None = None,
+    ) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(x), layer, cache, plan, inv_freq)
+        h = x + attn
+        mlp = self.mlp(self.post_attention_layernorm(h))
+        if trace is not None:
+            trace[f"layers.{layer}.self_attn"] = attn
+            trace[f"layers.{layer}.mlp"] = mlp
+        return h + mlp
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """``Model(cfg)(tokens, cache, plan)`` -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # A plain attribute (leading underscore) so it is not a loadable parameter.
+        self._inv_freq = mx.array(cfg.inv_freq())
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: PagedKVCache,
+        plan: StepPlan,
+        trace: dict[str, mx.array] | None = None,
+    ) -> mx.array:
+        """tokens: (B, T) int32. ``trace``, when given, receives every layer's output
+        and its attention/MLP branches under HF-style names, for localizing a
+        parity failure.
+        """
+        x = self.model.embed_tokens(tokens)  # (B, T, hidden)
+        if trace is not None:
+            trace["embed_tokens"] = x
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, i, cache, plan, self._inv_freq, trace)
+            if trace is not None:
+                trace[f"layers.{i}"] = x
+        x = self.model.norm(x)
+        if trace is not None:
+            trace["norm"] = x
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(x)
+        return self.lm_head(x)

@@ -1,0 +1,265 @@
+"""Paged KV cache that stores only the K/V heads (grouped-query attention, no repeats).
+
+One pool of fixed-size blocks per layer for K and one for V; each sequence owns a
+block table listing the pool blocks that hold its tokens in order. Blocks are
+handed out by a free-list allocator with reference counts, so a forked sequence
+shares its parent's blocks until it writes into a shared one (copy on write).
+
+Token accounting (the rule the suites test exactly):
+  tokens(seq) == the number of tokens fed through the model for ``seq``.
+  ``generate`` feeds the P prompt tokens and then every generated token except the
+  last (the last one is returned, never fed back), so after P prompt tokens and G
+  generated tokens: tokens == P + G - 1. The seed's "9 cached after 5 generated"
+  is this rule with P = 5.
+
+Invariants (asserted in suites/):
+  blocks_used(seq) == ceil(tokens(seq) / block_size)
+  num_free + num_used == num_blocks        (a block is used when its refcount > 0)
+  refcount(b) == number of block tables that list b
+  nbytes == 2 * layers * kv_heads * head_dim * itemsize * num_blocks * block_size
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from impl.config import LlamaConfig
+
+
+class CacheFullError(RuntimeError):
+    """The pool has too few free blocks for a step; nothing was changed."""
+
+
+class BlockAllocator:
+    """Free list plus per-block reference counts over ``num_blocks`` pool blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        # Popped from the end, so block 0 is handed out first (easier to read in tests).
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._refcount = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def refcount(self, block: int) -> int:
+        return self._refcount[block]
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` fresh blocks with refcount 1, or CacheFullError with nothing taken."""
+        if n > len(self._free):
+            raise CacheFullError(
+                f"KV cache out of blocks: need {n} free block(s), have {len(self._free)} "
+                f"of {self.num_blocks}"
+            )
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refcount[b] = 1
+        return blocks
+
+    def incref(self, block: int) -> None:
+        assert self._refcount[block] > 0, f"block {block} is free"
+        self._refcount[block] += 1
+
+    def decref(self, block: int) -> None:
+        assert self._refcount[block] > 0, f"block {block} is already free"
+        self._refcount[block] -= 1
+        if self._refcount[block] == 0:
+            self._free.append(block)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Where one forward step's new tokens go; built by ``PagedKVCache.plan``.
+
+    B sequences each append T tokens (prefill: B == 1; decode: T == 1).
+    """
+
+    positions: mx.array  # (B, T) int32, absolute position of each new token
+    slots: mx.array  # (B * T,) int32, pool row = block * block_size + offset
+    block_tables: mx.array  # (B, max_blocks) int32, padded with 0 past each table
+    context_lens: mx.array  # (B,) int32, tokens cached after this step
+
+
+class PagedKVCache:
+    """Block pools for every layer, block tables and token counts per sequence."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: mx.Dtype = mx.float32,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.config = config
+        self.block_size = block_size
+        self.dtype = dtype
+        self.allocator = BlockAllocator(num_blocks)
+        # One K and one V pool per layer:
+        # (num_blocks, block_size, num_key_value_heads, head_dim). Only the KV heads are
+        # stored; query heads of a group read the same rows at attention time.
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.dim_per_head)
+        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        mx.eval(self.k, self.v)
+        self._tables: dict[Hashable, list[int]] = {}
+        self._tokens: dict[Hashable, int] = {}
+
+    @classmethod
+    def for_tokens(
+        cls,
+        config: LlamaConfig,
+        max_tokens: int,
+        block_size: int = 16,
+        dtype: mx.Dtype = mx.float32,
+    ) -> PagedKVCache:
+        """A pool just large enough for ``max_tokens`` tokens in one sequence."""
+        return cls(config, math.ceil(max_tokens / block_size), block_size, dtype)
+
+    # -- accounting -------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    @property
+    def sequences(self) -> list[Hashable]:
+        return list(self._tables)
+
+    def tokens(self, seq: Hashable) -> int:
+        return self._tokens[self._check(seq)]
+
+    def block_table(self, seq: Hashable) -> list[int]:
+        return list(self._tables[self._check(seq)])
+
+    def blocks_used(self, seq: Hashable) -> int:
+        return len(self._tables[self._check(seq)])
+
+    # -- sequence lifecycle -------------------------------------------------------
+    def add_sequence(self, seq: Hashable) -> None:
+        if seq in self._tables:
+            raise KeyError(f"sequence {seq!r} already exists")
+        self._tables[seq] = []
+        self._tokens[seq] = 0
+
+    def release(self, seq: Hashable) -> None:
+        """Drop ``seq``; its blocks return to the free list when no one else holds them."""
+        for b in self._tables.pop(self._check(seq)):
+            self.allocator.decref(b)
+        del self._tokens[seq]
+
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        """``child`` starts as a copy of ``parent`` sharing all its blocks.
+
+        Full blocks stay shared for good; a shared partial last block is copied by
+        whichever sequence appends to it first (see ``plan``).
+        """
+        table = self._tables[self._check(parent)]
+        if child in self._tables:
+            raise KeyError(f"sequence {child!r} already exists")
+        for b in table:
+            self.allocator.incref(b)
+        self._tables[child] = list(table)
+        self._tokens[child] = self._tokens[parent]
+
+    # -- one forward step --------------------------------------------------------
+    def plan(self, seqs: Sequence[Hashable], num_new: int) -> StepPlan:
+        """Reserve room for ``num_new`` tokens in each of ``seqs`` and count them cached.
+
+        All-or-nothing: if the pool cannot hold the step, CacheFullError is raised
+        before any table, count or refcount changes.
+        """
+        if num_new <= 0:
+            raise ValueError(f"num_new must be positive, got {num_new}")
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"a sequence appears twice in one step: {list(seqs)}")
+        needs = self._block_needs(seqs, num_new)
+        self._raise_if_short(needs, seqs, num_new)
+        for s, cow, new in needs:
+            table = self._tables[s]
+            if cow:
+                self._copy_last_block(table)
+            table.extend(self.allocator.allocate(new))
+
+        bs = self.block_size
+        positions, slots = [], []
+        for s in seqs:
+            start, table = self._tokens[s], self._tables[s]
+            pos = list(range(start, start + num_new))
+            positions.append(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            self._tokens[s] = start + num_new
+        width = max(len(self._tables[s]) for s in seqs)
+        tables = [self._tables[s] + [0] * (width - len(self._tables[s])) for s in seqs]
+        return StepPlan(
+            positions=mx.array(positions, dtype=mx.int32),
+            slots=mx.array(slots, dtype=mx.int32),
+            block_tables=mx.array(tables, dtype=mx.int32),
+            context_lens=mx.array([self._tokens[s] for s in seqs], dtype=mx.int32),
+        )
+
+    def ensure_room(self, seqs: Sequence[Hashable], num_new: int) -> None:
+        """Raise CacheFullError unless ``num_new`` more tokens fit in each of ``seqs``."""
+        self._raise_if_short(self._block_needs(seqs, num_new), seqs, num_new)
+
+    def _block_needs(
+        self, seqs: Sequence[Hashable], num_new: int
+    ) -> list[tuple[Hashable, bool, int]]:
+        """Per sequence: (seq, must copy its shared partial last block, new blocks)."""
+        bs = self.block_size
+        needs = []
+        for s in seqs:
+            n, table = self._tokens[self._check(s)], self._tables[s]
+            cow = n % bs != 0 and self.allocator.refcount(table[-1]) > 1
+            needs.append((s, cow, math.ceil((n + num_new) / bs) - len(table)))
+        return needs
+
+    def _raise_if_short(
+        self, needs: list[tuple[Hashable, bool, int]], seqs: Sequence[Hashable], num_new: int
+    ) -> None:
+        total = sum(cow + new for _, cow, new in needs)
+        if total > self.allocator.num_free:
+            raise CacheFullError(
+                f"KV cache out of blocks: {num_new} new token(s) for {len(seqs)} "
+                f"sequence(s) need {total} free block(s), have {self.allocator.num_free} "
+                f"of {self.num_blocks} (block_size={self.block_size})"
+            )
+
+    def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
+        """Install a layer's pools after a cache-write op (ops return new arrays)."""
+        if k_pool.shape != self.k[layer].shape or v_pool.shape != self.v[layer].shape:
+            raise ValueError(
+                f"layer {layer}: pool shape changed from {self.k[layer].shape} to "
+                f"{k_pool.shape}/{v_pool.shape}"
+            )
+        self.k[layer], self.v[layer] = k_pool, v_pool
+
+    def _copy_last_block(self, table: list[int]) -> None:
+        shared = table[-1]
+        (fresh,) = self.allocator.allocate(1)
+        for layer in range(len(self.k)):
+            self.k[layer][fresh] = self.k[layer][shared]
+            self.v[layer][fresh] = self.v[layer][shared]
+        self.allocator.decref(shared)
+        table[-1] = fresh
+
+    def _check(self, seq: Hashable) -> Hashable:
+        if seq not in self._tables:
+            raise KeyError(f"unknown sequence {seq!r}")
+        return seq

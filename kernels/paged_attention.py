@@ -1,0 +1,46 @@
+"""Attention of new query tokens over a paged KV cache, grouped-query aware.
+
+Ops twin: gathers each sequence's blocks through its block table and calls MLX's
+fused attention with K/V at ``num_key_value_heads`` (never tiled to the query
+heads; MLX maps each query head to its group). Slots past a sequence's length
+are zeroed before use, so garbage (or a NaN poison) in unused pool rows cannot
+reach the output.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def paged_attention(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    context_lens: mx.array,
+    positions: mx.array,
+    scale: float,
+) -> mx.array:
+    """Causal attention of ``q`` over the cached keys/values of each sequence.
+
+    q:            (B, n_heads, T, head_dim), already rotated
+    k_pool/v_pool:(num_blocks, block_size, n_kv_heads, head_dim)
+    block_tables: (B, max_blocks) int32
+    context_lens: (B,) int32, cached tokens per sequence including the new ones
+    positions:    (B, T) int32, absolute position of each query token
+    returns       (B, n_heads, T, head_dim)
+    """
+    batch, max_blocks = block_tables.shape
+    _, block_size, n_kv_heads, head_dim = k_pool.shape
+    length = max_blocks * block_size
+    key_pos = mx.arange(length, dtype=mx.int32)
+    in_seq = key_pos[None, :] < context_lens[:, None]  # (B, L)
+
+    def gather(pool: mx.array) -> mx.array:
+        rows = pool[block_tables].reshape(batch, length, n_kv_heads, head_dim)
+        rows = mx.where(in_seq[:, :, None, None], rows, mx.zeros((), dtype=pool.dtype))
+        return rows.transpose(0, 2, 1, 3)  # (B, n_kv_heads, L, head_dim)
+
+    k, v = gather(k_pool), gather(v_pool)
+    visible = (key_pos[None, None, :] <= positions[:, :, None]) & in_seq[:, None, :]  # (B, T, L)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible[:, None])

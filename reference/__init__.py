@@ -1,0 +1,1 @@
+"""Reference (HF transformers) side of the conformance harness: tiny checkpoint training."""

@@ -1,0 +1,117 @@
+"""Deterministic random-weight Llama checkpoints in HF format, for named shapes.
+
+No model can be downloaded here, so shapes are made locally: ``tinyllama-1.1b`` is
+the real TinyLlama-1.1B shape; the ``tiny-*`` shapes are small enough for unit
+tests and cover MHA, GQA 4:1 and 8:1, MQA, head_dim 64 and 128 and Llama 3 RoPE
+scaling. Each tensor is drawn from its own generator seeded by (seed, index), so
+a checkpoint is the same bytes on every machine and run.
+
+Random weights give near-flat logits; parity here means numerics, not behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# Fields common to every tiny shape; vocab 512 keeps lm_head small but non-trivial.
+_TINY = dict(vocab_size=512, intermediate_size=352, num_hidden_layers=2, max_position_embeddings=1024)
+
+SHAPES: dict[str, dict] = {
+    "tinyllama-1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "tiny-mha": dict(_TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=8),
+    "tiny-gqa4": dict(_TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=2),
+    "tiny-gqa8": dict(_TINY, hidden_size=256, num_attention_heads=16, num_key_value_heads=2),
+    "tiny-mqa": dict(_TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=1),
+    "tiny-hd64": dict(_TINY, hidden_size=256, num_attention_heads=4, num_key_value_heads=2),
+    # head_dim given explicitly and != hidden_size / heads, as in some Llama variants.
+    "tiny-hd128": dict(
+        _TINY, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128
+    ),
+    "tiny-llama3-rope": dict(
+        _TINY,
+        hidden_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
+}
+# Shapes slow enough (seconds to minutes, GBs) to deserve a progress bar.
+_SLOW = {"tinyllama-1.1b"}
+
+
+def hf_config(shape: str) -> LlamaConfig:
+    if shape not in SHAPES:
+        raise KeyError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    fields = dict(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    fields.update(SHAPES[shape])
+    fields.setdefault("rope_parameters", dict(rope_type="default", rope_theta=10000.0))
+    return LlamaConfig(**fields)
+
+
+def write_random_checkpoint(
+    shape: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool | None = None,
+) -> Path:
+    """Write config.json + model.safetensors for ``shape``; returns ``out_dir``.
+
+    Linear and embedding weights ~ N(0, 0.02) (HF's initializer_range), norm weights 1.
+    """
+    config = hf_config(shape)
+    config.dtype = dtype
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in LlamaForCausalLM(config).state_dict().items()}
+    show = shape in _SLOW if progress is None else progress
+    tensors = {}
+    for i, (name, shp) in enumerate(tqdm(names.items(), desc=shape, disable=not show)):
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shp, dtype=dtype)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        tensors[name] = (torch.randn(shp, generator=gen) * 0.02).to(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="conform make-checkpoint", description="Write a random-weight HF Llama checkpoint."
+    )
+    p.add_argument("shape", choices=sorted(SHAPES))
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    args = p.parse_args(argv)
+    path = write_random_checkpoint(args.shape, args.out_dir, args.seed, getattr(torch, args.dtype))
+    print(f"wrote {args.shape} ({args.dtype}, seed {args.seed}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

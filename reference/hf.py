@@ -1,0 +1,86 @@
+"""The reference: HF transformers' ``LlamaForCausalLM`` on torch CPU, in float32.
+
+This package is the only place that imports torch or transformers. Everything
+leaves it as numpy. Eager attention is used: it is the plainest implementation
+HF has, which is what a reference should be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+# HF's per-load progress bar is noise in a test log.
+hf_logging.disable_progress_bar()
+
+
+@dataclass
+class ReferenceRun:
+    logits: np.ndarray  # (T, vocab) float32
+    trace: dict[str, np.ndarray]  # name -> (T, hidden), same names as impl.model's trace
+    keys: list[np.ndarray]  # per layer (n_kv_heads, T, head_dim), after RoPE
+    values: list[np.ndarray]  # per layer (n_kv_heads, T, head_dim)
+
+
+class Reference:
+    """A loaded HF model; ``run`` and ``greedy`` take plain lists of token ids."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        self.model_dir = Path(model_dir)
+        self.model = LlamaForCausalLM.from_pretrained(
+            self.model_dir, dtype=dtype, attn_implementation="eager"
+        )
+        self.model.eval()
+        self.config = self.model.config
+
+    @torch.inference_mode()
+    def run(self, tokens: list[int]) -> ReferenceRun:
+        """One forward pass over ``tokens``: logits, per-layer activations and the KV cache."""
+        ids = torch.tensor([tokens], dtype=torch.long)
+        trace: dict[str, np.ndarray] = {}
+        hooks = []
+
+        def keep(name: str):
+            def hook(_module, _inputs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                trace[name] = out[0].float().numpy().copy()
+
+            return hook
+
+        inner = self.model.model
+        hooks.append(inner.embed_tokens.register_forward_hook(keep("embed_tokens")))
+        for i, layer in enumerate(inner.layers):
+            hooks.append(layer.self_attn.register_forward_hook(keep(f"layers.{i}.self_attn")))
+            hooks.append(layer.mlp.register_forward_hook(keep(f"layers.{i}.mlp")))
+            hooks.append(layer.register_forward_hook(keep(f"layers.{i}")))
+        hooks.append(inner.norm.register_forward_hook(keep("norm")))
+        try:
+            cache = DynamicCache(config=self.config)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        keys = [layer.keys[0].float().numpy().copy() for layer in cache.layers]
+        values = [layer.values[0].float().numpy().copy() for layer in cache.layers]
+        return ReferenceRun(out.logits[0].float().numpy().copy(), trace, keys, values)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        return self.run(tokens).logits
+
+    @torch.inference_mode()
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """HF's own greedy generation; returns only the new tokens (EOS ends it early)."""
+        ids = torch.tensor([prompt], dtype=torch.long)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.config.eos_token_id or 0,
+        )
+        return out[0, len(prompt) :].tolist()
