@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -79,13 +80,13 @@ class LlamaConfig:
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies, one per rotated pair, after any scaling.
 
-        Computed in float32 step by step as HF does, so angles agree bit for bit with
-        the reference deep into the context (a 1-ulp difference in a frequency grows
-        with the position it multiplies).
+        Computed in float32 with MLX's pow, which agrees bit for bit with torch's on
+        these inputs (numpy's does not): a 1-ulp difference in a frequency becomes an
+        angle error that grows with the position it multiplies.
         """
         d = self.dim_per_head
-        exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
-        inv = np.float32(1.0) / (np.float32(self.rope_theta) ** exponent)
+        exponent = mx.arange(0, d, 2).astype(mx.float32) / d
+        inv = np.array(1.0 / (mx.array(self.rope_theta, dtype=mx.float32) ** exponent))
         s = self.rope_scaling
         if s.rope_type == "default":
             return inv

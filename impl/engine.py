@@ -139,6 +139,9 @@ class Generation:
     prefill_ms: float
     decode_ms: list[float]  # one entry per decode step: len(tokens) - 1 of them
     stop_reason: str  # "eos" or "max_new_tokens"
+    # (len(prompt) + len(tokens) - 1, vocab) float32: the logits after every fed token
+    # (all prompt positions, then each decode step); only with keep_logits=True.
+    logits: np.ndarray | None = None
 
 
 def generate(
@@ -151,6 +154,7 @@ def generate(
     sampler: Sampler | None = None,
     eos_token_ids: Sequence[int] | None = None,
     block_size: int = 16,
+    keep_logits: bool = False,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``.
 
@@ -176,17 +180,21 @@ def generate(
         cache.add_sequence(seq)
 
     t0 = time.perf_counter()
-    logits = prefill(model, cache, seq, ids)[-1]
-    out = [sampler(to_numpy(logits))]
+    logits = prefill(model, cache, seq, ids)
+    out = [sampler(to_numpy(logits[-1]))]
     prefill_ms = (time.perf_counter() - t0) * 1e3
+    kept = [logits]
     decode_ms: list[float] = []
     while len(out) < max_new_tokens and out[-1] not in eos:
         t0 = time.perf_counter()
-        logits = decode(model, cache, [seq], [out[-1]])[0]
-        out.append(sampler(to_numpy(logits)))
+        logits = decode(model, cache, [seq], [out[-1]])
+        out.append(sampler(to_numpy(logits[0])))
         decode_ms.append((time.perf_counter() - t0) * 1e3)
+        if keep_logits:
+            kept.append(logits)
     reason = "eos" if out[-1] in eos else "max_new_tokens"
-    return Generation(ids.tolist(), out, prefill_ms, decode_ms, reason)
+    all_logits = to_numpy(mx.concatenate(kept, axis=0)) if keep_logits else None
+    return Generation(ids.tolist(), out, prefill_ms, decode_ms, reason, all_logits)
 
 
 def _param_dtype(model: Model) -> mx.Dtype:

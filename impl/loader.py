@@ -31,7 +31,7 @@ class CheckpointError(ValueError):
 def parse_dtype(name: str | mx.Dtype) -> mx.Dtype:
     if isinstance(name, mx.Dtype):
         if name not in FLOAT_DTYPES:
-            raise ValueError(f"unsupported dtype {name}; choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"unsupported dtype {name!s}; choose one of {', '.join(DTYPES)}")
         return name
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
@@ -96,7 +96,7 @@ def check_weights(model: Model, weights: dict[str, tuple[mx.array, Path]]) -> No
             )
         if arr.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"tensor {name} in {f} has dtype {arr.dtype}, expected a floating dtype "
+                f"tensor {name} in {f} has dtype {str(arr.dtype).removeprefix('mlx.core.')}, expected a floating dtype "
                 "(float32, float16 or bfloat16)"
             )
 

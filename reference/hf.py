@@ -84,3 +84,12 @@ class Reference:
             pad_token_id=self.config.eos_token_id or 0,
         )
         return out[0, len(prompt) :].tolist()
+
+
+def hf_inv_freq(model_dir: str | Path) -> np.ndarray:
+    """The RoPE inverse frequencies HF derives from a checkpoint's config.json."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return LlamaRotaryEmbedding(config).inv_freq.float().numpy().copy()

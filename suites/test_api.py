@@ -1,0 +1,160 @@
+"""The Python API: prefill / decode / generate behaviour, input checking that leaves
+the cache untouched, batching, chunking and sampling."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from impl.engine import InputError, Sampler, decode, generate, prefill, to_numpy
+from impl.paged_cache import CacheFullError, PagedKVCache
+from suites.tolerances import FP32_SAME_ENGINE_ATOL
+
+SHAPE = "tiny-gqa8"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint, model_factory):
+    return model_factory(checkpoint(SHAPE))
+
+
+def fresh_cache(model, tokens=64, block_size=4) -> PagedKVCache:
+    cache = PagedKVCache.for_tokens(model.config, tokens, block_size)
+    cache.add_sequence("s")
+    return cache
+
+
+def state(cache: PagedKVCache) -> tuple:
+    return (
+        {s: (cache.tokens(s), cache.block_table(s)) for s in cache.sequences},
+        cache.allocator.num_free,
+    )
+
+
+def ids(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def test_generate_accounting_and_timings(model):
+    cache = fresh_cache(model)
+    gen = generate(model, ids(5), 5, cache=cache, seq="s", eos_token_ids=[])
+    assert len(gen.tokens) == 5 and gen.stop_reason == "max_new_tokens"
+    assert len(gen.decode_ms) == 4 and gen.prefill_ms > 0
+    assert cache.tokens("s") == 5 + 5 - 1  # the seed's "9 cached after 5 generated"
+    assert cache.blocks_used("s") == 3
+
+
+def test_generate_stops_at_eos(model):
+    first = generate(model, ids(5), 3, eos_token_ids=[]).tokens
+    gen = generate(model, ids(5), 10, eos_token_ids=[first[1]])
+    assert gen.tokens == first[:2] and gen.stop_reason == "eos"
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(model):
+    greedy = generate(model, ids(5), 8, eos_token_ids=[]).tokens
+    a = generate(model, ids(5), 8, sampler=Sampler(1.0, 1.0, seed=3), eos_token_ids=[]).tokens
+    b = generate(model, ids(5), 8, sampler=Sampler(1.0, 1.0, seed=3), eos_token_ids=[]).tokens
+    c = generate(model, ids(5), 8, sampler=Sampler(1.0, 1.0, seed=4), eos_token_ids=[]).tokens
+    nucleus = generate(model, ids(5), 8, sampler=Sampler(1.0, 1e-9, seed=3), eos_token_ids=[])
+    assert a == b
+    assert a != c  # random weights: near-uniform over 512 tokens, 8 draws
+    assert nucleus.tokens == greedy
+
+
+@pytest.mark.parametrize(
+    "tokens,pattern",
+    [
+        ([3, 512], "token id 512 at index 1 is outside the vocabulary"),
+        ([-1], "token id -1"),
+        ([], "non-empty"),
+    ],
+)
+def test_bad_token_ids_are_refused_before_the_cache_changes(model, tokens, pattern):
+    cache = fresh_cache(model)
+    prefill(model, cache, "s", ids(3))
+    before = state(cache)
+    with pytest.raises(InputError, match=pattern):
+        prefill(model, cache, "s", tokens)
+    if len(tokens) == 1:
+        with pytest.raises(InputError, match=pattern):
+            decode(model, cache, ["s"], tokens)
+    assert state(cache) == before
+
+
+def test_prompt_past_the_context_is_refused(model):
+    limit = model.config.max_position_embeddings
+    cache = PagedKVCache.for_tokens(model.config, limit + 8, 16)
+    cache.add_sequence("s")
+    prefill(model, cache, "s", ids(limit - 1))
+    before = state(cache)
+    with pytest.raises(
+        InputError, match=f"exceeds the context length max_position_embeddings={limit}"
+    ):
+        prefill(model, cache, "s", ids(2))
+    decode(model, cache, ["s"], [1])  # exactly at the limit is fine
+    with pytest.raises(InputError, match="exceeds the context length"):
+        decode(model, cache, ["s"], [1])
+    with pytest.raises(InputError, match="exceeds the context length"):
+        generate(model, ids(limit), 2)
+    assert state(cache)[0]["s"][0] == limit and before[0]["s"][0] == limit - 1
+
+
+def test_chunked_prefill_out_of_blocks_changes_nothing(model):
+    cache = PagedKVCache(model.config, num_blocks=3, block_size=4)
+    cache.add_sequence("s")
+    before = state(cache)
+    with pytest.raises(CacheFullError, match="need 4 free block"):
+        prefill(model, cache, "s", ids(13), chunk_size=4)
+    assert state(cache) == before
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5])
+def test_chunked_prefill_equals_one_prefill(model, chunk):
+    prompt = ids(13)
+    whole = to_numpy(prefill(model, fresh_cache(model), "s", prompt))
+    chunked = to_numpy(prefill(model, fresh_cache(model), "s", prompt, chunk_size=chunk))
+    np.testing.assert_allclose(chunked, whole, atol=FP32_SAME_ENGINE_ATOL, rtol=0)
+
+
+def test_batched_decode_of_mixed_lengths_equals_one_at_a_time(model):
+    lengths = {"a": 1, "b": 4, "c": 9, "d": 17}
+    batch = PagedKVCache(model.config, num_blocks=32, block_size=4)
+    single = {}
+    for i, (seq, n) in enumerate(lengths.items()):
+        batch.add_sequence(seq)
+        prefill(model, batch, seq, ids(n, seed=i))
+        single[seq] = fresh_cache(model)
+        prefill(model, single[seq], "s", ids(n, seed=i))
+    nxt = [7, 8, 9, 10]
+    got = to_numpy(decode(model, batch, list(lengths), nxt))
+    for row, (seq, tok) in zip(got, zip(lengths, nxt)):
+        want = to_numpy(decode(model, single[seq], ["s"], [tok]))[0]
+        np.testing.assert_allclose(row, want, atol=FP32_SAME_ENGINE_ATOL, rtol=0, err_msg=seq)
+
+
+def test_attention_reads_kv_heads_unrepeated(model, monkeypatch):
+    """The seed tiled K/V to the query heads; our attention must get them untiled."""
+    seen = []
+    real = mx.fast.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1], v.shape[1]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    prefill(model, fresh_cache(model), "s", ids(5))
+    cfg = model.config
+    assert seen and all(
+        s == (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_key_value_heads)
+        for s in seen
+    )
+
+
+def test_logits_as_numpy_are_float32(checkpoint, model_factory):
+    m16 = model_factory(checkpoint(SHAPE), "float16")
+    cache = PagedKVCache.for_tokens(m16.config, 8, 4, mx.float16)
+    cache.add_sequence(0)
+    out = to_numpy(prefill(m16, cache, 0, ids(4)))
+    assert out.dtype == np.float32 and out.shape == (4, m16.config.vocab_size)
+    assert cache.k[0].dtype == mx.float16

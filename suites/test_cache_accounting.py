@@ -1,0 +1,209 @@
+"""Paged cache accounting: block allocation, fork / copy-on-write, release, and the
+all-or-nothing behaviour when the pool runs out. Integers are compared exactly."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from impl.config import LlamaConfig
+from impl.paged_cache import BlockAllocator, CacheFullError, PagedKVCache
+
+CFG = LlamaConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=256,
+)
+BLOCK_SIZES = [1, 4, 16]
+TOKEN_COUNTS = [1, 3, 4, 5, 15, 16, 17, 33]
+
+
+def snapshot(cache: PagedKVCache) -> tuple:
+    """Everything the accounting consists of, for 'nothing changed' checks."""
+    a = cache.allocator
+    return (
+        {s: cache.block_table(s) for s in cache.sequences},
+        {s: cache.tokens(s) for s in cache.sequences},
+        list(a._free),
+        [a.refcount(b) for b in range(a.num_blocks)],
+    )
+
+
+def check_invariants(cache: PagedKVCache) -> None:
+    a = cache.allocator
+    holders = [0] * cache.num_blocks
+    for s in cache.sequences:
+        assert cache.blocks_used(s) == math.ceil(cache.tokens(s) / cache.block_size)
+        for b in cache.block_table(s):
+            holders[b] += 1
+    assert [a.refcount(b) for b in range(cache.num_blocks)] == holders
+    assert a.num_free + a.num_used == cache.num_blocks
+    assert a.num_used == sum(h > 0 for h in holders)
+
+
+def fill(cache: PagedKVCache, seq, n: int, value: float) -> None:
+    """Append n tokens to seq and write ``value`` into their K/V rows in every layer."""
+    plan = cache.plan([seq], n)
+    shape = (n, CFG.num_key_value_heads, CFG.dim_per_head)
+    for layer in range(CFG.num_hidden_layers):
+        k = cache.k[layer].reshape(-1, *shape[1:])
+        v = cache.v[layer].reshape(-1, *shape[1:])
+        k[plan.slots] = mx.full(shape, value)
+        v[plan.slots] = mx.full(shape, -value)
+        cache.update_layer(layer, k.reshape(cache.k[layer].shape), v.reshape(cache.v[layer].shape))
+
+
+def rows(cache: PagedKVCache, seq, layer: int = 0) -> np.ndarray:
+    """seq's cached K rows in token order (tokens, kv_heads, head_dim)."""
+    bs = cache.block_size
+    slots = [cache.block_table(seq)[p // bs] * bs + p % bs for p in range(cache.tokens(seq))]
+    flat = np.array(cache.k[layer]).reshape(-1, CFG.num_key_value_heads, CFG.dim_per_head)
+    return flat[slots]
+
+
+def test_allocator_free_list_and_refcounts():
+    a = BlockAllocator(4)
+    got = a.allocate(3)
+    assert got == [0, 1, 2]
+    assert (a.num_free, a.num_used) == (1, 3)
+    a.incref(1)
+    a.decref(1)
+    assert a.refcount(1) == 1 and a.num_free == 1
+    a.decref(1)
+    assert a.refcount(1) == 0 and a.num_free == 2
+    with pytest.raises(CacheFullError, match="need 3 free block"):
+        a.allocate(3)
+    assert a.num_free == 2
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+def test_blocks_used_is_ceil_tokens_over_block_size(block_size: int, tokens: int):
+    cache = PagedKVCache(CFG, num_blocks=64, block_size=block_size)
+    cache.add_sequence("a")
+    for chunk in (tokens // 2, tokens - tokens // 2):
+        if chunk:
+            cache.plan(["a"], chunk)
+    assert cache.tokens("a") == tokens
+    assert cache.blocks_used("a") == math.ceil(tokens / block_size)
+    check_invariants(cache)
+
+
+def test_plan_slots_positions_and_tables():
+    cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
+    cache.add_sequence("a")
+    cache.add_sequence("b")
+    cache.plan(["a"], 6)  # blocks 0, 1
+    cache.plan(["b"], 3)  # block 2
+    plan = cache.plan(["a", "b"], 1)
+    assert plan.positions.tolist() == [[6], [3]]
+    assert plan.slots.tolist() == [1 * 4 + 2, 2 * 4 + 3]
+    assert plan.block_tables.tolist() == [[0, 1], [2, 0]]
+    assert plan.context_lens.tolist() == [7, 4]
+
+
+def test_release_returns_every_block():
+    cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
+    cache.add_sequence("a")
+    cache.plan(["a"], 13)
+    assert cache.allocator.num_free == 4
+    cache.release("a")
+    assert cache.allocator.num_free == 8 and cache.sequences == []
+    check_invariants(cache)
+
+
+def test_fork_shares_full_blocks_and_copies_partial_on_write():
+    cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
+    cache.add_sequence("parent")
+    fill(cache, "parent", 6, 1.0)  # one full block, one partial (2 of 4)
+    cache.fork("parent", "child")
+    full, partial = cache.block_table("parent")
+    assert cache.block_table("child") == [full, partial]
+    assert cache.allocator.refcount(full) == 2 and cache.allocator.refcount(partial) == 2
+    check_invariants(cache)
+
+    fill(cache, "child", 1, 7.0)  # writes into the shared partial block: copy first
+    child_table = cache.block_table("child")
+    assert child_table[0] == full and child_table[1] != partial
+    assert cache.allocator.refcount(full) == 2
+    assert cache.allocator.refcount(partial) == 1
+    np.testing.assert_array_equal(rows(cache, "child")[:6], rows(cache, "parent"))
+    assert (rows(cache, "child")[6] == 7.0).all()
+    assert (rows(cache, "parent") == 1.0).all()  # the parent never saw the child's write
+    check_invariants(cache)
+
+    fill(cache, "parent", 1, 3.0)  # the parent now owns its block alone: no copy
+    assert cache.block_table("parent") == [full, partial]
+    assert (rows(cache, "child")[6] == 7.0).all()
+    check_invariants(cache)
+
+
+def test_fork_at_block_boundary_needs_no_copy():
+    cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
+    cache.add_sequence("p")
+    cache.plan(["p"], 8)
+    cache.fork("p", "c")
+    cache.plan(["c"], 1)
+    assert cache.block_table("c")[:2] == cache.block_table("p")
+    assert cache.allocator.num_used == 3
+    check_invariants(cache)
+
+
+def test_release_of_a_forked_parent_keeps_shared_blocks():
+    cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
+    cache.add_sequence("p")
+    cache.plan(["p"], 6)
+    cache.fork("p", "c")
+    cache.release("p")
+    assert cache.allocator.num_used == 2
+    assert all(cache.allocator.refcount(b) == 1 for b in cache.block_table("c"))
+    check_invariants(cache)
+
+
+@pytest.mark.parametrize("shared_partial", [False, True])
+def test_out_of_blocks_raises_and_changes_nothing(shared_partial: bool):
+    cache = PagedKVCache(CFG, num_blocks=4, block_size=4)
+    cache.add_sequence("a")
+    cache.plan(["a"], 6 if shared_partial else 8)
+    if shared_partial:
+        cache.fork("a", "b")
+    else:
+        cache.add_sequence("b")
+        cache.plan(["b"], 4)
+    before = snapshot(cache)
+    pools = [np.array(p) for p in cache.k]
+    with pytest.raises(CacheFullError, match=r"need \d+ free block\(s\), have \d+ of 4"):
+        cache.plan(["a", "b"], 9)
+    assert snapshot(cache) == before
+    for p, q in zip(pools, cache.k):
+        np.testing.assert_array_equal(p, np.array(q))
+    check_invariants(cache)
+
+
+def test_bad_sequence_arguments_are_refused_without_changes():
+    cache = PagedKVCache(CFG, num_blocks=4, block_size=4)
+    cache.add_sequence("a")
+    before = snapshot(cache)
+    with pytest.raises(KeyError, match="unknown sequence 'zz'"):
+        cache.plan(["a", "zz"], 1)
+    with pytest.raises(ValueError, match="appears twice"):
+        cache.plan(["a", "a"], 1)
+    with pytest.raises(KeyError, match="already exists"):
+        cache.add_sequence("a")
+    with pytest.raises(ValueError, match="num_new must be positive"):
+        cache.plan(["a"], 0)
+    assert snapshot(cache) == before
+
+
+def test_pool_stores_only_kv_heads():
+    cache = PagedKVCache(CFG, num_blocks=3, block_size=4, dtype=mx.float16)
+    assert cache.k[0].shape == (3, 4, CFG.num_key_value_heads, CFG.dim_per_head)
+    expected = 2 * CFG.num_hidden_layers * CFG.num_key_value_heads * CFG.dim_per_head * 2 * 3 * 4
+    assert cache.nbytes == expected

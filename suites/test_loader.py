@@ -1,0 +1,170 @@
+"""Checkpoint loading: both config layouts, sharded files, and one clear error per
+kind of bad input, naming the file and tensor at fault."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from impl.config import ConfigError, LlamaConfig
+from impl.loader import CheckpointError, load
+
+SHAPE = "tiny-gqa4"
+
+
+@pytest.fixture
+def ckpt(checkpoint, tmp_path) -> Path:
+    """A private, editable copy of a small random checkpoint."""
+    return Path(shutil.copytree(checkpoint(SHAPE), tmp_path / "ckpt"))
+
+
+def edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_tensors(path: Path, fn) -> None:
+    tensors = load_file(path / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_loads_in_each_dtype(ckpt):
+    for name, dt in [("float32", mx.float32), ("float16", mx.float16), ("bfloat16", mx.bfloat16)]:
+        m = load(ckpt, name)
+        assert m.model.layers[0].self_attn.k_proj.weight.dtype == dt
+
+
+def test_old_rope_theta_layout_loads_the_same_base(ckpt):
+    edit_config(ckpt, rope_parameters=None, rope_theta=500000.0)
+    assert LlamaConfig.from_dir(ckpt).rope_theta == 500000.0
+    edit_config(
+        ckpt, rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}
+    )
+    assert LlamaConfig.from_dir(ckpt).rope_theta == 500000.0
+
+
+@pytest.mark.parametrize("shape", ["tiny-gqa8", "tiny-hd128", "tiny-llama3-rope"])
+def test_rope_frequencies_equal_hf(checkpoint, shape):
+    from reference.hf import hf_inv_freq
+
+    path = checkpoint(shape)
+    np.testing.assert_array_equal(LlamaConfig.from_dir(path).inv_freq(), hf_inv_freq(path))
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(ckpt, tmp_path):
+    tensors = load_file(ckpt / "model.safetensors")
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(ckpt / "config.json", sharded)
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, sharded / file)
+    weight_map = {k: f for f, keys in shards.items() for k in keys}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    a = dict(tree_flatten(load(ckpt).parameters()))
+    b = dict(tree_flatten(load(sharded).parameters()))
+    assert a.keys() == b.keys() and len(a) == len(names)
+    for name in a:
+        np.testing.assert_array_equal(np.array(a[name]), np.array(b[name]), err_msg=name)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lists shard model-00002-of-00002.safetensors"):
+        load(sharded)
+
+
+CONFIG_FAULTS = [
+    # (description, config changes, error pattern)
+    ("unsupported model_type", {"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+    ("missing field", {"hidden_size": None}, "missing required field.*hidden_size"),
+    ("bad field", {"num_hidden_layers": -2}, "num_hidden_layers must be a positive integer"),
+    ("heads mismatch", {"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+    (
+        "unimplemented rope scaling",
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
+        "rope scaling type 'yarn' is not implemented",
+    ),
+    (
+        "llama3 scaling without its fields",
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},
+        "llama3 rope scaling needs field",
+    ),
+]
+
+
+@pytest.mark.parametrize("what,changes,pattern", CONFIG_FAULTS, ids=[c[0] for c in CONFIG_FAULTS])
+def test_config_faults_are_named(ckpt, what, changes, pattern):
+    edit_config(ckpt, **changes)
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load(ckpt)
+    assert "config.json" in str(e.value)
+
+
+def test_missing_or_malformed_config(ckpt, tmp_path):
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load(ckpt)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json: not found"):
+        load(ckpt)
+    with pytest.raises(ConfigError, match="not a directory"):
+        load(tmp_path / "nowhere")
+
+
+TENSOR_FAULTS = [
+    (
+        "missing",
+        lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+        r"1 tensor\(s\) missing.*layers\.1\.mlp\.up_proj",
+    ),
+    (
+        "extra",
+        lambda t: t.update({"model.layers.9.mlp.up_proj.weight": np.zeros((2, 2), np.float32)}),
+        r"unexpected tensor\(s\) in .*model\.safetensors.*layers\.9\.mlp\.up_proj",
+    ),
+    (
+        "mis-shaped",
+        lambda t: t.update({"model.norm.weight": np.ones(7, np.float32)}),
+        r"model\.norm\.weight in .*model\.safetensors has shape \(7,\), config\.json implies \(128,\)",
+    ),
+    (
+        "integer dtype",
+        lambda t: t.update({"model.norm.weight": np.ones(128, np.int32)}),
+        r"model\.norm\.weight .* has dtype int32, expected a floating dtype",
+    ),
+]
+
+
+@pytest.mark.parametrize("what,fault,pattern", TENSOR_FAULTS, ids=[f[0] for f in TENSOR_FAULTS])
+def test_tensor_faults_are_named(ckpt, what, fault, pattern):
+    edit_tensors(ckpt, fault)
+    with pytest.raises(CheckpointError, match=pattern):
+        load(ckpt)
+
+
+def test_no_weights_and_bad_dtype(ckpt):
+    with pytest.raises(ValueError, match="unsupported dtype 'float64'"):
+        load(ckpt, "float64")
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read safetensors"):
+        load(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(
+        CheckpointError, match="no model.safetensors or model.safetensors.index.json"
+    ):
+        load(ckpt)
