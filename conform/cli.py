@@ -27,7 +27,8 @@ def format_report(r: dict) -> str:
         f"model      {m['layers']} layers, hidden {m['hidden_size']}, {m['q_heads']} q heads / "
         f"{m['kv_heads']} kv heads (GQA {m['gqa_ratio']}:1), head_dim {m['head_dim']}, "
         f"vocab {m['vocab_size']}",
-        f"prompt     {r['prompt']['source']} -> {len(r['prompt']['ids'])} tokens {r['prompt']['ids']}",
+        f"prompt     {r['prompt']['source']} -> {len(r['prompt']['ids'])} tokens "
+        f"{r['prompt']['ids']}",
         f"generated  {len(gen['ids'])} tokens{text} {gen['ids']} (stop: {gen['stop_reason']})",
         f"prefill    {_ms(t['prefill_ms'])} ms",
         f"decode     min/avg/max {_ms(t['decode_ms_min'])} / {_ms(t['decode_ms_avg'])} / "

@@ -69,6 +69,15 @@ def kv_bytes(cfg: LlamaConfig, itemsize: int, slots: int, kv_heads: int | None =
     return 2 * cfg.num_hidden_layers * heads * cfg.dim_per_head * itemsize * slots
 
 
+def first_divergence(ours: list[int], theirs: list[int]) -> int | None:
+    """Index of the first step where the token lists differ (a length difference
+    counts, at the shorter one's end); None when identical."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return i
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+
+
 def timing_summary(prefill_ms: float, decode_ms: list[float]) -> dict:
     steps = len(decode_ms)
     return {
@@ -93,15 +102,13 @@ def run(opts: Options) -> dict:
     # One untimed run first: the first MLX call of a shape pays one-off set-up costs.
     generate(model, prompt, min(2, opts.max_new_tokens), block_size=opts.block_size)
     cache = PagedKVCache.for_tokens(cfg, n_slots, opts.block_size, dtype)
-    gen = generate(
-        model, prompt, opts.max_new_tokens, cache=cache, block_size=opts.block_size, keep_logits=True
-    )
+    gen = generate(model, prompt, opts.max_new_tokens, cache=cache, keep_logits=True)
 
     fed = prompt + gen.tokens[:-1]
     ref = Reference(opts.model)
     diff = compare_logits(gen.logits, ref.logits(fed))
     ref_tokens = ref.greedy(prompt, opts.max_new_tokens)
-    agree = next((i for i, (a, b) in enumerate(zip(gen.tokens, ref_tokens)) if a != b), None)
+    agree = first_divergence(gen.tokens, ref_tokens)
 
     cached = cache.tokens(0)
     blocks = cache.blocks_used(0)

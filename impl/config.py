@@ -97,7 +97,9 @@ class LlamaConfig:
         smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
         blended = (1 - smooth) * inv / s.factor + smooth * inv
         out = np.where(wavelen > old_ctx / s.low_freq_factor, inv / s.factor, inv)
-        is_medium = (wavelen >= old_ctx / s.high_freq_factor) & (wavelen <= old_ctx / s.low_freq_factor)
+        is_medium = (wavelen >= old_ctx / s.high_freq_factor) & (
+            wavelen <= old_ctx / s.low_freq_factor
+        )
         return np.where(is_medium, blended, out).astype(np.float32)
 
     @classmethod
@@ -153,7 +155,9 @@ class LlamaConfig:
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{path}: not found (a HuggingFace model directory needs config.json)")
+            raise ConfigError(
+                f"{path}: not found (a HuggingFace model directory needs config.json)"
+            )
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:

@@ -27,7 +27,9 @@ class InputError(ValueError):
 def _check_tokens(model: Model, tokens: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
     ids = np.asarray(tokens)
     if ids.ndim != 1 or ids.size == 0:
-        raise InputError(f"{what}: expected a non-empty 1-D list of token ids, got shape {ids.shape}")
+        raise InputError(
+            f"{what}: expected a non-empty 1-D list of token ids, got shape {ids.shape}"
+        )
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"{what}: token ids must be integers, got dtype {ids.dtype}")
     vocab = model.config.vocab_size

@@ -95,8 +95,9 @@ def check_weights(model: Model, weights: dict[str, tuple[mx.array, Path]]) -> No
                 f"{tuple(shape)}"
             )
         if arr.dtype not in FLOAT_DTYPES:
+            dtype = str(arr.dtype).removeprefix("mlx.core.")
             raise CheckpointError(
-                f"tensor {name} in {f} has dtype {str(arr.dtype).removeprefix('mlx.core.')}, expected a floating dtype "
+                f"tensor {name} in {f} has dtype {dtype}, expected a floating dtype "
                 "(float32, float16 or bfloat16)"
             )
 

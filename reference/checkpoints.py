@@ -20,7 +20,9 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 # Fields common to every tiny shape; vocab 512 keeps lm_head small but non-trivial.
-_TINY = dict(vocab_size=512, intermediate_size=352, num_hidden_layers=2, max_position_embeddings=1024)
+_TINY = dict(
+    vocab_size=512, intermediate_size=352, num_hidden_layers=2, max_position_embeddings=1024
+)
 
 SHAPES: dict[str, dict] = {
     "tinyllama-1.1b": dict(

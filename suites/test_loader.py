@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 from impl.config import ConfigError, LlamaConfig
@@ -140,7 +140,8 @@ TENSOR_FAULTS = [
     (
         "mis-shaped",
         lambda t: t.update({"model.norm.weight": np.ones(7, np.float32)}),
-        r"model\.norm\.weight in .*model\.safetensors has shape \(7,\), config\.json implies \(128,\)",
+        r"model\.norm\.weight in .*model\.safetensors has shape \(7,\), "
+        r"config\.json implies \(128,\)",
     ),
     (
         "integer dtype",
