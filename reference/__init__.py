@@ -1,1 +1,3 @@
-"""Reference (HF transformers) side of the conformance harness: tiny checkpoint training."""
+"""The reference side: HF transformers on torch CPU, random checkpoints, and the
+script that trains the committed tiny model. The only package that imports torch
+or transformers."""
