@@ -76,7 +76,15 @@ def test_float32_logits_match_reference(parity_case, name, block_size):
     check_parity(steps, ref, "float32")
 
 
-def test_parity_check_catches_an_off_by_one_decode_offset(parity_case, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["trained", "tiny-gqa8", "tiny-hd128"])
+def test_half_precision_logits_match_reference(parity_case, name, dtype):
+    steps, ref = parity_case(name, 16, dtype)
+    check_parity(steps, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_parity_check_catches_an_off_by_one_decode_offset(parity_case, monkeypatch, dtype):
     """Decode rotating at cached_len + 1 (the length after the append) instead of
     cached_len. A shift applied to every token alike would be invisible: RoPE
     scores depend only on relative positions."""
@@ -86,9 +94,9 @@ def test_parity_check_catches_an_off_by_one_decode_offset(parity_case, monkeypat
         return real(x, positions + 1 if x.shape[1] == 1 else positions, inv_freq)
 
     monkeypatch.setattr(kernels.rope_cache_write, "rope", off_by_one_in_decode)
-    steps, ref = parity_case("tiny-gqa8", 4)
+    steps, ref = parity_case("tiny-gqa8", 4, dtype)
     with pytest.raises(AssertionError, match="out of tolerance"):
-        check_parity(steps, ref, "float32")
+        check_parity(steps, ref, dtype)
 
 
 def test_float32_greedy_matches_reference_for_64_steps(

@@ -1,0 +1,50 @@
+"""Parity on the real TinyLlama-1.1B shape (22 layers, 32 q / 4 kv heads, vocab 32000).
+
+Marked slow: it writes a 2.2 GB random checkpoint (kept in ~/.cache/conform for
+later runs) and needs about 10 GB of memory and a few minutes on 2 CPU cores.
+Run with ``python -m pytest suites/ -m slow``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from suites.test_logits_parity import check_parity, impl_logits
+
+pytestmark = pytest.mark.slow
+
+# TinyLlama ids for "<s> The quick brown fox" (the seed report's prompt), then four
+# more ids so four decode steps run through the paged cache.
+TOKENS = [1, 450, 4996, 17354, 1701, 432, 975, 278, 17366]
+CACHE_DIR = Path.home() / ".cache" / "conform" / "tinyllama-1.1b-float16-seed0"
+
+
+@pytest.fixture(scope="module")
+def tinyllama() -> Path:
+    if not (CACHE_DIR / "model.safetensors").is_file():
+        from reference.checkpoints import write_random_checkpoint
+
+        write_random_checkpoint("tinyllama-1.1b", CACHE_DIR, seed=0, dtype=_torch_fp16())
+    return CACHE_DIR
+
+
+def _torch_fp16():
+    import torch
+
+    return torch.float16
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tinyllama, reference_factory) -> np.ndarray:
+    return reference_factory(tinyllama).logits(TOKENS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tinyllama_logits_match_reference(tinyllama, reference_logits, dtype):
+    from impl.loader import load
+
+    steps = impl_logits(load(tinyllama, dtype), TOKENS, n_prefill=5, block_size=4)
+    check_parity(steps, reference_logits, dtype)
