@@ -33,10 +33,24 @@ class LogitDiff:
     positions: int
     max_abs: float
     nmse: float
+    cosine: float  # of the flattened logits
+    kl_mean: float  # KL(reference || impl) of the next-token distributions, nats
+    kl_max: float
     top1_agreement: float  # fraction of positions whose argmax matches
+    top5_overlap: float  # mean |top5(impl) & top5(ref)| / 5
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row (unordered)."""
+    return np.argpartition(-x, k - 1, axis=-1)[..., :k]
 
 
 def compare_logits(got: np.ndarray, ref: np.ndarray) -> LogitDiff:
@@ -45,9 +59,22 @@ def compare_logits(got: np.ndarray, ref: np.ndarray) -> LogitDiff:
         raise ValueError(f"logit shapes differ: got {got.shape}, reference {ref.shape}")
     got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
     diff = got64 - ref64
+    log_p, log_q = log_softmax(ref64), log_softmax(got64)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    k = min(5, ref.shape[-1])
+    overlap = [len(set(a) & set(b)) / k for a, b in zip(top_k(got, k), top_k(ref, k))]
     return LogitDiff(
         positions=int(ref.shape[0]),
         max_abs=float(np.abs(diff).max()),
-        nmse=float((diff**2).sum() / (ref64**2).sum()),
+        nmse=nmse(got64, ref64),
+        cosine=float((got64 * ref64).sum() / np.sqrt((got64**2).sum() * (ref64**2).sum())),
+        kl_mean=float(kl.mean()),
+        kl_max=float(kl.max()),
         top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).mean()),
+        top5_overlap=float(np.mean(overlap)),
     )
+
+
+def nmse(got: np.ndarray, ref: np.ndarray) -> float:
+    got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+    return float(((got64 - ref64) ** 2).sum() / max((ref64**2).sum(), 1e-300))

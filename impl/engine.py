@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from impl.model import Model
-from impl.paged_cache import PagedKVCache
+from impl.paged_cache import PagedKVCache, StepPlan
 
 
 class InputError(ValueError):
@@ -58,11 +58,13 @@ def prefill(
     seq: Hashable,
     tokens: Sequence[int] | np.ndarray,
     chunk_size: int | None = None,
+    trace: dict[str, list[mx.array]] | None = None,
 ) -> mx.array:
     """Feed ``tokens`` to ``seq`` (after whatever it has cached); logits (T, vocab).
 
     With ``chunk_size``, the prompt goes through the model ``chunk_size`` tokens at a
-    time, each chunk attending to the cached chunks before it.
+    time, each chunk attending to the cached chunks before it. ``trace``, when given,
+    collects each chunk's per-layer activations (see ``Model.__call__``) by name.
     """
     ids = _check_tokens(model, tokens, f"prompt for sequence {seq!r}")
     _check_room(model, cache, seq, ids.size)
@@ -75,8 +77,7 @@ def prefill(
     logits = []
     for chunk in chunks:
         plan = cache.plan([seq], chunk.size)
-        out = model(mx.array(chunk)[None], cache, plan)  # (1, t, vocab)
-        mx.eval(out, cache.k, cache.v)
+        out = _forward(model, mx.array(chunk)[None], cache, plan, trace)  # (1, t, vocab)
         logits.append(out[0])
     return logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0)
 
@@ -86,6 +87,7 @@ def decode(
     cache: PagedKVCache,
     seqs: Sequence[Hashable],
     tokens: Sequence[int] | np.ndarray,
+    trace: dict[str, list[mx.array]] | None = None,
 ) -> mx.array:
     """Feed one token to each sequence in ``seqs`` in one batch; logits (B, vocab)."""
     ids = _check_tokens(model, tokens, "decode tokens")
@@ -94,9 +96,24 @@ def decode(
     for s in seqs:
         _check_room(model, cache, s, 1)
     plan = cache.plan(list(seqs), 1)
-    out = model(mx.array(ids)[:, None], cache, plan)  # (B, 1, vocab)
-    mx.eval(out, cache.k, cache.v)
+    out = _forward(model, mx.array(ids)[:, None], cache, plan, trace)  # (B, 1, vocab)
     return out[:, 0]
+
+
+def _forward(
+    model: Model,
+    tokens: mx.array,
+    cache: PagedKVCache,
+    plan: StepPlan,
+    trace: dict[str, list[mx.array]] | None,
+) -> mx.array:
+    step: dict[str, mx.array] | None = {} if trace is not None else None
+    out = model(tokens, cache, plan, step)
+    mx.eval(out, cache.k, cache.v, step)
+    if trace is not None:
+        for name, value in step.items():
+            trace.setdefault(name, []).append(value)
+    return out
 
 
 def to_numpy(logits: mx.array) -> np.ndarray:

@@ -86,11 +86,16 @@ class DecoderLayer(nn.Module):
         inv_freq: mx.array,
         trace: dict[str, mx.array] | None = None,
     ) -> mx.array:
-        attn = self.self_attn(self.input_layernorm(x), layer, cache, plan, inv_freq)
+        normed = self.input_layernorm(x)
+        attn = self.self_attn(normed, layer, cache, plan, inv_freq)
         h = x + attn
-        mlp = self.mlp(self.post_attention_layernorm(h))
+        normed_h = self.post_attention_layernorm(h)
+        mlp = self.mlp(normed_h)
         if trace is not None:
+            # Execution order, so the first entry off tolerance is where a fault begins.
+            trace[f"layers.{layer}.input_layernorm"] = normed
             trace[f"layers.{layer}.self_attn"] = attn
+            trace[f"layers.{layer}.post_attention_layernorm"] = normed_h
             trace[f"layers.{layer}.mlp"] = mlp
         return h + mlp
 

@@ -55,8 +55,9 @@ class Reference:
         inner = self.model.model
         hooks.append(inner.embed_tokens.register_forward_hook(keep("embed_tokens")))
         for i, layer in enumerate(inner.layers):
-            hooks.append(layer.self_attn.register_forward_hook(keep(f"layers.{i}.self_attn")))
-            hooks.append(layer.mlp.register_forward_hook(keep(f"layers.{i}.mlp")))
+            for part in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+                module = getattr(layer, part)
+                hooks.append(module.register_forward_hook(keep(f"layers.{i}.{part}")))
             hooks.append(layer.register_forward_hook(keep(f"layers.{i}")))
         hooks.append(inner.norm.register_forward_hook(keep("norm")))
         try:

@@ -64,3 +64,17 @@ def reference_factory():
         return loaded[path]
 
     return get
+
+
+# Rows appended by the parity suite; printed and saved at the end of the session.
+PARITY_ROWS: list[dict] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not PARITY_ROWS:
+        return
+    from suites.report import parity_table, write_parity_json
+
+    terminalreporter.section("parity report (impl vs HF float32 reference)")
+    terminalreporter.write_line(parity_table(PARITY_ROWS))
+    terminalreporter.write_line(f"written to {write_parity_json(PARITY_ROWS)}")
