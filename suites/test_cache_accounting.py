@@ -8,6 +8,16 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from impl.config import LlamaConfig
 from impl.paged_cache import BlockAllocator, CacheFullError, PagedKVCache
@@ -48,15 +58,17 @@ def check_invariants(cache: PagedKVCache) -> None:
     assert a.num_used == sum(h > 0 for h in holders)
 
 
-def fill(cache: PagedKVCache, seq, n: int, value: float) -> None:
-    """Append n tokens to seq and write ``value`` into their K/V rows in every layer."""
+def fill(cache: PagedKVCache, seq, n: int, value: float | list[float]) -> None:
+    """Append n tokens to seq and write ``value`` (one per token, or one for all)
+    into their K rows (and its negative into V) in every layer."""
     plan = cache.plan([seq], n)
     shape = (n, CFG.num_key_value_heads, CFG.dim_per_head)
+    rows = mx.broadcast_to(mx.array(value, dtype=mx.float32).reshape(-1, 1, 1), shape)
     for layer in range(CFG.num_hidden_layers):
         k = cache.k[layer].reshape(-1, *shape[1:])
         v = cache.v[layer].reshape(-1, *shape[1:])
-        k[plan.slots] = mx.full(shape, value)
-        v[plan.slots] = mx.full(shape, -value)
+        k[plan.slots] = rows
+        v[plan.slots] = -rows
         cache.update_layer(layer, k.reshape(cache.k[layer].shape), v.reshape(cache.v[layer].shape))
 
 
@@ -207,3 +219,118 @@ def test_pool_stores_only_kv_heads():
     assert cache.k[0].shape == (3, 4, CFG.num_key_value_heads, CFG.dim_per_head)
     expected = 2 * CFG.num_hidden_layers * CFG.num_key_value_heads * CFG.dim_per_head * 2 * 3 * 4
     assert cache.nbytes == expected
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16])
+@pytest.mark.parametrize("generated", [1, 5, 17])
+def test_cached_tokens_after_generate_is_prompt_plus_generated_minus_one(
+    checkpoint, model_factory, prompt_len, generated
+):
+    """The rule in impl.paged_cache's docstring: the last generated token is never fed."""
+    from impl.engine import generate
+
+    model = model_factory(checkpoint("tiny-gqa8"))
+    cache = PagedKVCache.for_tokens(model.config, prompt_len + generated, block_size=4)
+    cache.add_sequence(0)
+    prompt = list(range(3, 3 + prompt_len))
+    gen = generate(model, prompt, generated, cache=cache, eos_token_ids=[])
+    assert len(gen.tokens) == generated
+    assert cache.tokens(0) == prompt_len + generated - 1
+    assert cache.blocks_used(0) == math.ceil((prompt_len + generated - 1) / 4)
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Random add / append / fork / release / over-capacity steps over a small pool.
+
+    Besides the counting invariants, every append writes distinct values, and each
+    sequence must read back exactly the values it wrote or inherited by fork: this
+    is what copy-on-write has to preserve.
+    """
+
+    seqs = Bundle("seqs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = PagedKVCache(CFG, num_blocks=10, block_size=4)
+        self.expected: dict[int, list[float]] = {}
+        self.next_id = 0
+        self.next_value = 1.0
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    @rule(target=seqs)
+    def add(self):
+        seq = self._new_id()
+        self.cache.add_sequence(seq)
+        self.expected[seq] = []
+        return seq
+
+    @rule(seq=seqs, n=st.integers(1, 12))
+    def append(self, seq, n):
+        if seq not in self.expected:
+            return
+        values = [self.next_value + i for i in range(n)]
+        before = snapshot(self.cache)
+        try:
+            fill(self.cache, seq, n, values)
+        except CacheFullError:
+            assert snapshot(self.cache) == before
+            return
+        self.next_value += n
+        self.expected[seq] += values
+
+    @rule(target=seqs, parent=seqs)
+    def fork(self, parent):
+        child = self._new_id()
+        if parent not in self.expected:
+            return child  # a released id: nothing to fork; the child id stays unused
+        self.cache.fork(parent, child)
+        self.expected[child] = list(self.expected[parent])
+        return child
+
+    @rule(seq=consumes(seqs))
+    def release(self, seq):
+        if seq in self.expected:
+            self.cache.release(seq)
+            del self.expected[seq]
+
+    @rule(seq=seqs)
+    def over_capacity(self, seq):
+        if seq not in self.expected:
+            return
+        before = snapshot(self.cache)
+        too_many = (self.cache.num_blocks + 1) * self.cache.block_size
+        with pytest.raises(CacheFullError):
+            self.cache.plan([seq], too_many)
+        assert snapshot(self.cache) == before
+
+    @invariant()
+    def accounting_holds(self):
+        check_invariants(self.cache)
+        assert sorted(self.cache.sequences) == sorted(self.expected)
+        for seq, values in self.expected.items():
+            assert self.cache.tokens(seq) == len(values)
+            np.testing.assert_array_equal(rows(self.cache, seq)[:, 0, 0], values)
+
+
+CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+test_cache_state_machine = CacheMachine.TestCase
+
+
+def test_state_machine_catches_a_missing_copy_on_write(monkeypatch):
+    """Inject the bug: appends write into a block the sequence shares with a fork."""
+    real = PagedKVCache._block_needs
+
+    def no_cow(self, seqs, num_new):
+        return [(s, False, new) for s, _, new in real(self, seqs, num_new)]
+
+    monkeypatch.setattr(PagedKVCache, "_block_needs", no_cow)
+    with pytest.raises(AssertionError):
+        run_state_machine_as_test(
+            CacheMachine,
+            settings=settings(
+                max_examples=300, stateful_step_count=30, deadline=None, database=None
+            ),
+        )
