@@ -70,11 +70,15 @@ def reference_factory():
 PARITY_ROWS: list[dict] = []
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def pytest_terminal_summary(terminalreporter, config) -> None:
     if not PARITY_ROWS:
         return
+    from conform import REPO_ROOT
     from suites.report import parity_table, write_parity_json
 
+    # The slow (TinyLlama-shape) run keeps its own file so neither run erases the other.
+    name = "parity-slow.json" if "slow" in (config.option.markexpr or "").split() else "parity.json"
     terminalreporter.section("parity report (impl vs HF float32 reference)")
     terminalreporter.write_line(parity_table(PARITY_ROWS))
-    terminalreporter.write_line(f"written to {write_parity_json(PARITY_ROWS)}")
+    path = write_parity_json(PARITY_ROWS, REPO_ROOT / "results" / name)
+    terminalreporter.write_line(f"written to {path}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from suites.conftest import PARITY_ROWS
 from suites.test_logits_parity import check_parity, impl_logits
 
 pytestmark = pytest.mark.slow
@@ -38,13 +38,15 @@ def _torch_fp16():
 
 
 @pytest.fixture(scope="module")
-def reference_logits(tinyllama, reference_factory) -> np.ndarray:
-    return reference_factory(tinyllama).logits(TOKENS)
+def reference_run(tinyllama, reference_factory):
+    return reference_factory(tinyllama).run(TOKENS)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_tinyllama_logits_match_reference(tinyllama, reference_logits, dtype):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_tinyllama_logits_match_reference(tinyllama, reference_run, dtype):
     from impl.loader import load
 
-    steps = impl_logits(load(tinyllama, dtype), TOKENS, n_prefill=5, block_size=4)
-    check_parity(steps, reference_logits, dtype)
+    model = load(tinyllama, dtype)
+    run = impl_logits(model, TOKENS, n_prefill=5, block_size=4)
+    metrics = check_parity(run, reference_run, dtype, model.config.num_hidden_layers)
+    PARITY_ROWS.append({"shape": "tinyllama-1.1b", "dtype": dtype, "block_size": 4, **metrics})
