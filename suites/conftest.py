@@ -77,7 +77,7 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
     from suites.report import parity_table, write_parity_json
 
     # The slow (TinyLlama-shape) run keeps its own file so neither run erases the other.
-    name = "parity-slow.json" if "slow" in (config.option.markexpr or "").split() else "parity.json"
+    name = "parity-slow.json" if (config.option.markexpr or "").strip() == "slow" else "parity.json"
     terminalreporter.section("parity report (impl vs HF float32 reference)")
     terminalreporter.write_line(parity_table(PARITY_ROWS))
     path = write_parity_json(PARITY_ROWS, REPO_ROOT / "results" / name)
