@@ -70,6 +70,39 @@ class Reference:
         values = [layer.values[0].float().numpy().copy() for layer in cache.layers]
         return ReferenceRun(out.logits[0].float().numpy().copy(), trace, keys, values)
 
+    @torch.inference_mode()
+    def prefill_last(self, tokens: list[int]) -> np.ndarray:
+        """Last position's logits of one forward pass; for timing prefill."""
+        out = self.model(input_ids=torch.tensor([tokens]), use_cache=False, logits_to_keep=1)
+        return out.logits[0, -1].numpy()
+
+    @torch.inference_mode()
+    def random_cache(self, tokens: int, seed: int = 0) -> DynamicCache:
+        """A KV cache holding ``tokens`` positions of random K/V, for timing decode at a
+        context length without paying for the prefill that would fill it."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(seed)
+        shape = (1, cfg.num_key_value_heads, tokens, cfg.head_dim)
+        cache = DynamicCache(config=cfg)
+        for layer in range(cfg.num_hidden_layers):
+            k, v = (torch.randn(shape, generator=gen, dtype=self.model.dtype) for _ in "kv")
+            cache.update(k, v, layer)
+        return cache
+
+    @torch.inference_mode()
+    def decode_step(self, token: int, cache: DynamicCache) -> np.ndarray:
+        """Logits of one token fed after ``cache``; the cache is cropped back after, so
+        repeated calls measure the same context length."""
+        length = cache.get_seq_length()
+        out = self.model(
+            input_ids=torch.tensor([[token]]),
+            position_ids=torch.tensor([[length]]),
+            cache=cache,
+            use_cache=True,
+        )
+        cache.crop(-1)  # drop the token just appended
+        return out.logits[0, -1].numpy()
+
     def logits(self, tokens: list[int]) -> np.ndarray:
         return self.run(tokens).logits
 

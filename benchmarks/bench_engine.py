@@ -1,0 +1,157 @@
+"""Our engine: prefill and decode latency, throughput and memory (impl/ + kernels/)."""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+
+from benchmarks import common
+from impl.engine import decode, prefill
+from impl.paged_cache import PagedKVCache
+
+
+class _Prefill:
+    params = (["float32", "float16"], [16, 128, 512])
+    param_names = ["dtype", "prompt_len"]
+    preset = "small"
+
+    def setup(self, dtype, prompt_len):
+        common.skip_if_too_slow_on_cpu(self.preset, prompt_len)
+        self.model = common.model(self.preset, dtype)
+        self.prompt = common.tokens(prompt_len, self.model.config.vocab_size)
+        self.cache = PagedKVCache.for_tokens(
+            self.model.config, prompt_len, common.BLOCK_SIZE, common.DTYPES[dtype]
+        )
+
+    def time_prefill(self, dtype, prompt_len):
+        self.cache.add_sequence(0)
+        prefill(self.model, self.cache, 0, self.prompt)  # ends in mx.eval
+        self.cache.release(0)
+
+
+class _Decode:
+    """One decode step at a context length (cached + new token), batch 1.
+
+    The cache is filled by reserving its slots, not by a prefill: decode cost does not
+    depend on the cached values, and a 2047-token prefill takes minutes on the CPU.
+    Each sample forks the filled sequence, decodes one token and releases the fork,
+    so every sample sees the same context.
+    """
+
+    params = (["float32", "float16"], [16, 512, 2048])
+    param_names = ["dtype", "context"]
+    preset = "small"
+
+    def setup(self, dtype, context):
+        self.model = common.model(self.preset, dtype)
+        self.cache = PagedKVCache.for_tokens(
+            self.model.config, context + common.BLOCK_SIZE, common.BLOCK_SIZE, common.DTYPES[dtype]
+        )
+        self.cache.add_sequence("ctx")
+        self.cache.plan(["ctx"], context - 1)
+
+    def step(self) -> None:
+        self.cache.fork("ctx", "step")
+        decode(self.model, self.cache, ["step"], [5])  # ends in mx.eval
+        self.cache.release("step")
+
+    def time_decode(self, dtype, context):
+        self.step()
+
+
+class _BatchDecode:
+    """One decode step for len(BATCH_CONTEXTS) sequences of mixed lengths at once."""
+
+    params = (["float32", "float16"],)
+    param_names = ["dtype"]
+    preset = "small"
+
+    def setup(self, dtype):
+        self.model = common.model(self.preset, dtype)
+        blocks = sum(-(-n // common.BLOCK_SIZE) + 1 for n in common.BATCH_CONTEXTS)
+        self.cache = PagedKVCache(
+            self.model.config, blocks, common.BLOCK_SIZE, common.DTYPES[dtype]
+        )
+        for i, n in enumerate(common.BATCH_CONTEXTS):
+            self.cache.add_sequence(i)
+            self.cache.plan([i], n - 1)
+        self.ids = list(range(len(common.BATCH_CONTEXTS)))
+
+    def time_batch_decode(self, dtype):
+        for i in self.ids:
+            self.cache.fork(i, ("step", i))
+        steps = [("step", i) for i in self.ids]
+        decode(self.model, self.cache, steps, [5] * len(steps))
+        for s in steps:
+            self.cache.release(s)
+
+
+class _Track(_Decode):
+    """Throughput and memory at context 512, as tracked numbers with units."""
+
+    params = (["float32", "float16"], [512])
+
+    def track_decode_tokens_per_s(self, dtype, context):
+        self.step()  # warm
+        t0 = time.perf_counter()
+        for _ in range(3):
+            self.step()
+        return 3 / (time.perf_counter() - t0)
+
+    track_decode_tokens_per_s.unit = "tokens/s"
+
+    def track_kv_bytes_per_sequence(self, dtype, context):
+        return self.cache.blocks_used("ctx") * self.cache.nbytes // self.cache.num_blocks
+
+    track_kv_bytes_per_sequence.unit = "bytes"
+
+    def track_mlx_peak_memory(self, dtype, context):
+        mx.reset_peak_memory()
+        self.step()
+        return mx.get_peak_memory()
+
+    track_mlx_peak_memory.unit = "bytes"
+
+
+class SmallPrefill(_Prefill):
+    pass
+
+
+class SmallDecode(_Decode):
+    pass
+
+
+class SmallBatchDecode(_BatchDecode):
+    pass
+
+
+class SmallTrack(_Track):
+    pass
+
+
+class TinyLlamaPrefill(_Prefill):
+    preset = "tinyllama"
+    timeout = 1200
+    repeat = (1, 3, 60.0)
+    processes = 1
+
+
+class TinyLlamaDecode(_Decode):
+    preset = "tinyllama"
+    timeout = 600
+    repeat = (1, 5, 30.0)
+    processes = 1
+
+
+class TinyLlamaBatchDecode(_BatchDecode):
+    preset = "tinyllama"
+    timeout = 600
+    repeat = (1, 5, 30.0)
+    processes = 1
+
+
+class TinyLlamaTrack(_Track):
+    preset = "tinyllama"
+    timeout = 600
+    processes = 1

@@ -1,0 +1,74 @@
+"""Shared inputs for the asv benchmarks: checkpoints, loaded models, token ids.
+
+Only ever append here: changing an existing input changes what the history measures.
+Checkpoints are random-weight (reference.checkpoints), written once into
+~/.cache/conform/bench and reused by every later run and commit. Models are
+loaded once per benchmark process (asv calls ``setup`` for every parameter set).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+CACHE_ROOT = Path.home() / ".cache" / "conform" / "bench"
+PRESETS = {"small": "bench-small", "tinyllama": "tinyllama-1.1b"}
+DTYPES = {"float32": mx.float32, "float16": mx.float16}
+BLOCK_SIZE = 16
+# Mixed lengths for the batched decode case: short, block-aligned, odd and long.
+BATCH_CONTEXTS = [16, 100, 257, 700]
+# MLX CPU matmul measured 0.73 s per TinyLlama prefill token in float32 (2-core
+# x86-64, 2026-11-27): a 512-token prefill is ~6 minutes a sample. Those points run
+# on a GPU backend only.
+CPU_MAX_TINYLLAMA_PREFILL = 128
+
+
+def checkpoint(preset: str) -> Path:
+    """The preset's checkpoint directory, written on first use (float16 weights)."""
+    from reference.checkpoints import write_random_checkpoint
+
+    shape = PRESETS[preset]
+    path = CACHE_ROOT / f"{shape}-float16-seed0"
+    if not (path / "model.safetensors").is_file():
+        import torch
+
+        write_random_checkpoint(shape, path, seed=0, dtype=torch.float16, progress=False)
+    return path
+
+
+@functools.cache
+def model(preset: str, dtype: str):
+    from impl.loader import load
+
+    return load(checkpoint(preset), dtype)
+
+
+@functools.cache
+def mlx_lm_model(preset: str, dtype: str):
+    from mlx_lm.utils import load_model
+
+    m, _ = load_model(checkpoint(preset))
+    m.set_dtype(DTYPES[dtype])
+    mx.eval(m.parameters())
+    return m
+
+
+@functools.cache
+def reference(preset: str):
+    from reference.hf import Reference
+
+    return Reference(checkpoint(preset))
+
+
+def tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+def skip_if_too_slow_on_cpu(preset: str, prompt_len: int) -> None:
+    """asv reports a benchmark whose setup raises NotImplementedError as skipped."""
+    if preset == "tinyllama" and prompt_len > CPU_MAX_TINYLLAMA_PREFILL:
+        if mx.default_device() == mx.cpu:
+            raise NotImplementedError("TinyLlama prefill > 128 tokens is GPU-only (see common.py)")
