@@ -155,3 +155,13 @@ class TinyLlamaTrack(_Track):
     preset = "tinyllama"
     timeout = 600
     processes = 1
+
+
+class GatePrefill(_Prefill):
+    """The regression gate's quick subset (conform gate): float32, one length."""
+
+    params = (["float32"], [128])
+
+
+class GateDecode(_Decode):
+    params = (["float32"], [16, 512])

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint", add_help=False)
     mk.add_argument("args", nargs=argparse.REMAINDER)
+    gt = sub.add_parser("gate", help="fail if HEAD is slower than a baseline", add_help=False)
+    gt.add_argument("args", nargs=argparse.REMAINDER)
     tr = sub.add_parser("train-tiny", help="retrain the committed tiny checkpoint", add_help=False)
     tr.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         from reference.checkpoints import main as make
 
         return make(args.args)
+    if args.command == "gate":
+        from conform.gate import main as gate
+
+        return gate(args.args)
     if args.command == "train-tiny":
         from reference.train_tiny import main as train
 
