@@ -78,10 +78,12 @@ def run_gate(base: str, head: str, factor: float, rounds: int) -> int:
         ]
         t0 = time.perf_counter()
         code = subprocess.run(cmd, cwd=REPO_ROOT).returncode
-    verdict = {0: "PASS", 1: "FAIL: slower beyond the factor", 2: "ERROR in a benchmark"}
-    print(
-        f"conform gate: {verdict.get(code, f'asv exited {code}')} ({time.perf_counter() - t0:.0f} s)"
-    )
+    verdict = {
+        0: "PASS",
+        1: "FAIL: slower beyond the factor (or a commit failed to build; see above)",
+        2: "ERROR in a benchmark",
+    }.get(code, f"asv exited {code}")
+    print(f"conform gate: {verdict} ({time.perf_counter() - t0:.0f} s)")
     return code
 
 
