@@ -16,6 +16,18 @@ import numpy as np
 
 CACHE_ROOT = Path.home() / ".cache" / "conform" / "bench"
 PRESETS = {"small": "bench-small", "tinyllama": "tinyllama-1.1b"}
+# The quick preset: TinyLlama's head layout (GQA 8:1, head_dim 64) at a size whose
+# decode step is milliseconds on a 2-core CPU. Defined here, not in the project, so
+# every commit in the history is measured on the same shape.
+BENCH_SMALL = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    vocab_size=4096,
+    max_position_embeddings=2048,
+)
 DTYPES = {"float32": mx.float32, "float16": mx.float16}
 BLOCK_SIZE = 16
 # Mixed lengths for the batched decode case: short, block-aligned, odd and long.
@@ -28,8 +40,9 @@ CPU_MAX_TINYLLAMA_PREFILL = 128
 
 def checkpoint(preset: str) -> Path:
     """The preset's checkpoint directory, written on first use (float16 weights)."""
-    from reference.checkpoints import write_random_checkpoint
+    from reference.checkpoints import SHAPES, write_random_checkpoint
 
+    SHAPES.setdefault("bench-small", BENCH_SMALL)
     shape = PRESETS[preset]
     path = CACHE_ROOT / f"{shape}-float16-seed0"
     if not (path / "model.safetensors").is_file():

@@ -34,17 +34,6 @@ SHAPES: dict[str, dict] = {
         vocab_size=32000,
         max_position_embeddings=2048,
     ),
-    # The benchmarks' quick preset: TinyLlama's head layout (GQA 8:1, head_dim 64) at
-    # a size whose decode step is milliseconds on a 2-core CPU.
-    "bench-small": dict(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        vocab_size=4096,
-        max_position_embeddings=2048,
-    ),
     "tiny-mha": dict(_TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=8),
     "tiny-gqa4": dict(_TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=2),
     "tiny-gqa8": dict(_TINY, hidden_size=256, num_attention_heads=16, num_key_value_heads=2),
