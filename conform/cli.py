@@ -80,6 +80,23 @@ def _token_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--tokens wants integers, got {text!r}") from None
 
 
+PASSTHROUGH = {
+    "make-checkpoint": "write a random-weight checkpoint",
+    "gate": "fail if HEAD is slower than a baseline (asv)",
+    "train-tiny": "retrain the committed tiny checkpoint",
+}
+
+
+def _passthrough(command: str, argv: list[str]) -> int:
+    if command == "make-checkpoint":
+        from reference.checkpoints import main as run
+    elif command == "gate":
+        from conform.gate import main as run
+    else:
+        from reference.train_tiny import main as run
+    return run(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conform", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,26 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--peer", choices=["mlx-lm"], help="also time this engine, same checkpoint")
     v.add_argument("--out-dir", type=Path, default=Path("results"), help="where the JSON goes")
 
-    mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint", add_help=False)
-    mk.add_argument("args", nargs=argparse.REMAINDER)
-    gt = sub.add_parser("gate", help="fail if HEAD is slower than a baseline", add_help=False)
-    gt.add_argument("args", nargs=argparse.REMAINDER)
-    tr = sub.add_parser("train-tiny", help="retrain the committed tiny checkpoint", add_help=False)
-    tr.add_argument("args", nargs=argparse.REMAINDER)
+    # Commands with parsers of their own; listed here so --help shows them.
+    for name, text in PASSTHROUGH.items():
+        sub.add_parser(name, help=text, add_help=False)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        return _passthrough(argv[0], argv[1:])
     args = parser.parse_args(argv)
-    if args.command == "make-checkpoint":
-        from reference.checkpoints import main as make
-
-        return make(args.args)
-    if args.command == "gate":
-        from conform.gate import main as gate
-
-        return gate(args.args)
-    if args.command == "train-tiny":
-        from reference.train_tiny import main as train
-
-        return train(args.args)
 
     from conform.validate import Options, run, write_json
     from impl.config import ConfigError
