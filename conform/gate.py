@@ -72,6 +72,7 @@ def run_gate(base: str, head: str, factor: float, rounds: int) -> int:
             f"rounds={rounds}",
             "-a",
             "repeat=(5, 10, 10.0)",
+            "--no-only-changed",  # print every ratio: the spread is part of the evidence
             "--show-stderr",
             base_sha,
             head_sha,

@@ -1,0 +1,103 @@
+"""Which GPU backend MLX runs on, and the few lines that let one kernel body serve both.
+
+A kernel body in ``kernels/`` is written once, in the common subset of CUDA C++ and
+the Metal Shading Language, against these names:
+
+  lane, warp, tid      thread's lane in its 32-wide warp/simdgroup, warp index, index
+                       in the thread group (1-D groups only)
+  group_y, group_z     the thread group's position in the grid
+  groups_z             number of thread groups along z
+  KSHARED              qualifier of a thread-group (shared memory) array
+  ksync()              barrier across the thread group, shared memory visible after it
+  kwarp_sum(x)         sum of x over the 32 lanes, the same value in every lane
+  kexp(x), kmax(a, b)  float32 exp and max
+  kload(x)             one element of any input dtype widened to float32
+  kstore<T>(x)         float32 narrowed to the output dtype T
+
+Index names go in the ``source`` prologue, not the header, because MLX's Metal
+wrapper adds an attribute such as ``thread_index_in_simdgroup`` as a kernel
+parameter only when its name appears in ``source``. Both Apple simdgroups and
+NVIDIA warps are 32 lanes wide, so the same lane arithmetic holds on both.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import mlx.core as mx
+
+Backend = Literal["metal", "cuda", "cpu"]
+WARP = 32  # lanes per NVIDIA warp and per Apple simdgroup
+
+
+def active_backend() -> Backend:
+    """The backend MLX's GPU stream would run on; ``"cpu"`` when there is no GPU."""
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+# Helpers live in the header, outside the kernel function. MLX puts the CUDA header
+# before its own namespace and defines a macro named ``inf``: no identifier here
+# may be called that.
+CUDA_HEADER = """
+#define KSHARED __shared__
+__device__ inline void ksync() { __syncthreads(); }
+__device__ inline float kwarp_sum(float x) {
+  // Butterfly: every lane adds the same two operands at each step, so all 32
+  // lanes end with bit-identical sums and the softmax state stays warp-uniform.
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ inline float kexp(float x) { return expf(x); }
+__device__ inline float kmax(float a, float b) { return fmaxf(a, b); }
+__device__ inline float kload(float x) { return x; }
+__device__ inline float kload(__half x) { return __half2float(x); }
+__device__ inline float kload(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename U> __device__ inline U kstore(float x);
+template <> __device__ inline float kstore<float>(float x) { return x; }
+template <> __device__ inline __half kstore<__half>(float x) { return __float2half(x); }
+template <> __device__ inline __nv_bfloat16 kstore<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+"""
+
+CUDA_PROLOGUE = """
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int group_y = blockIdx.y;
+  const int group_z = blockIdx.z;
+  const int groups_z = gridDim.z;
+"""
+
+METAL_HEADER = """
+#define KSHARED threadgroup
+inline void ksync() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
+inline float kwarp_sum(float x) { return metal::simd_sum(x); }
+inline float kexp(float x) { return metal::exp(x); }
+inline float kmax(float a, float b) { return metal::max(a, b); }
+template <typename U> inline float kload(U x) { return static_cast<float>(x); }
+template <typename U> inline U kstore(float x) { return static_cast<U>(x); }
+"""
+
+METAL_PROLOGUE = """
+  const int tid = static_cast<int>(thread_position_in_threadgroup.x);
+  const int lane = static_cast<int>(thread_index_in_simdgroup);
+  const int warp = static_cast<int>(simdgroup_index_in_threadgroup);
+  const int group_y = static_cast<int>(threadgroup_position_in_grid.y);
+  const int group_z = static_cast<int>(threadgroup_position_in_grid.z);
+  const int groups_z = static_cast<int>(threadgroups_per_grid.z);
+"""
+
+
+def header(backend: Backend) -> str:
+    """Helper functions and qualifiers for ``backend`` (``"cuda"`` or ``"metal"``)."""
+    return {"cuda": CUDA_HEADER, "metal": METAL_HEADER}[backend]
+
+
+def prologue(backend: Backend) -> str:
+    """The index lines every kernel body starts with, for ``backend``."""
+    return {"cuda": CUDA_PROLOGUE, "metal": METAL_PROLOGUE}[backend]
