@@ -1,0 +1,162 @@
+"""GPU timing of our engine beside mlx-lm on the TinyLlama-1.1B shape, float16.
+
+Meant for the lent NVIDIA machine with MLX's CUDA backend (see tools/gpu_run.sh);
+it also runs, slowly, on the CPU backend. Prints a table and writes JSON:
+
+  python tools/gpu_bench.py --out results/gpu-bench.json
+
+Every figure is the median of timed repetitions after warm-up, each ending in
+mx.eval. The weights-read floor is the fp16 weight bytes divided by the read
+bandwidth of a large device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from benchmarks import common
+from impl.engine import decode, prefill
+from impl.paged_cache import PagedKVCache
+
+DTYPE = "float16"
+CONTEXTS = [16, 512, 2048]
+BATCHES = [8, 32]
+
+
+def median_ms(fn, warmup: int = 3, reps: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    """Bandwidth of a 1 GiB device copy, counting bytes read and written (FACTS.md's
+    convention: 3.0 TB/s on an H100, giving the 0.73 ms floor for 2.2 GB)."""
+    x = mx.ones((256, 1024, 1024), dtype=mx.float32)
+    mx.eval(x)
+    ms = median_ms(lambda: mx.eval(x + 0), warmup=2, reps=10)
+    return 2 * x.nbytes / (ms / 1e3) / 1e9
+
+
+def ours_decode(model, contexts: list[int]) -> float:
+    """One decode step for len(contexts) sequences at those contexts."""
+    bs = common.BLOCK_SIZE
+    blocks = sum(-(-c // bs) + 1 for c in contexts)
+    cache = PagedKVCache(model.config, blocks, bs, common.DTYPES[DTYPE])
+    for i, c in enumerate(contexts):
+        cache.add_sequence(i)
+        cache.plan([i], c - 1)
+
+    def step():
+        for i in range(len(contexts)):
+            cache.fork(i, ("s", i))
+        decode(model, cache, [("s", i) for i in range(len(contexts))], [5] * len(contexts))
+        for i in range(len(contexts)):
+            cache.release(("s", i))
+
+    return median_ms(step)
+
+
+def ours_prefill(model, n: int) -> float:
+    cache = PagedKVCache.for_tokens(model.config, n, common.BLOCK_SIZE, common.DTYPES[DTYPE])
+    prompt = common.tokens(n, model.config.vocab_size)
+
+    def run():
+        cache.add_sequence(0)
+        prefill(model, cache, 0, prompt)
+        cache.release(0)
+
+    return median_ms(run, reps=10)
+
+
+def mlx_lm_decode(model, context: int) -> float:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = model.args
+    shape = (1, args.num_key_value_heads, context - 1, args.hidden_size // args.num_attention_heads)
+    cache = make_prompt_cache(model)
+    for c in cache:
+        c.update_and_fetch(mx.zeros(shape, mx.float16), mx.zeros(shape, mx.float16))
+    tok = mx.array([[5]])
+
+    def step():
+        mx.eval(model(tok, cache=cache))
+        for c in cache:
+            c.trim(1)
+
+    return median_ms(step)
+
+
+def mlx_lm_prefill(model, n: int) -> float:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prompt = mx.array(common.tokens(n, model.args.vocab_size))[None]
+    return median_ms(lambda: mx.eval(model(prompt, cache=make_prompt_cache(model))), reps=10)
+
+
+def mixed_contexts(batch: int) -> list[int]:
+    """Deterministic mixed lengths between 16 and 2048."""
+    return [16 + (i * 997) % 2032 for i in range(batch)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=Path("results/gpu-bench.json"))
+    p.add_argument("--preset", choices=list(common.PRESETS), default="tinyllama")
+    args = p.parse_args()
+    ours = common.model(args.preset, DTYPE)
+    peer = common.mlx_lm_model(args.preset, DTYPE)
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(ours.parameters()))
+    gbps = copy_gbps()
+    floor_ms = weight_bytes / (gbps * 1e9) * 1e3
+    rows = []
+    for c in CONTEXTS:
+        rows.append((f"decode b=1 ctx={c} ms", ours_decode(ours, [c]), mlx_lm_decode(peer, c)))
+    rows.append(("prefill 512 ms", ours_prefill(ours, 512), mlx_lm_prefill(peer, 512)))
+    for b in BATCHES:
+        ms = ours_decode(ours, mixed_contexts(b))
+        rows.append((f"decode b={b} mixed tokens/s", b / (ms / 1e3), None))
+    device = f"{mx.default_device()} {platform.node()}"
+    print(
+        f"device {device}; weights {weight_bytes / 1e9:.2f} GB; copy {gbps:.0f} GB/s;"
+        f" weights-read floor {floor_ms:.3f} ms"
+    )
+    print(f"{'point':32s} {'ours':>10s} {'mlx-lm':>10s} {'ours/peer':>10s} {'ours/floor':>10s}")
+    for name, a, b in rows:
+        ratio = f"{a / b:.2f}" if b else "-"
+        vs_floor = f"{a / floor_ms:.2f}" if name.endswith("ms") and "decode" in name else "-"
+        peer_ms = f"{b:10.3f}" if b is not None else f"{'-':>10s}"
+        print(f"{name:32s} {a:10.3f} {peer_ms} {ratio:>10s} {vs_floor:>10s}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "device": device,
+                "mlx": mx.__version__,
+                "dtype": DTYPE,
+                "weight_bytes": weight_bytes,
+                "copy_gbps": gbps,
+                "floor_ms": floor_ms,
+                "rows": [{"point": n, "ours": a, "mlx_lm": b} for n, a, b in rows],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
