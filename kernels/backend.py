@@ -10,8 +10,12 @@ the Metal Shading Language, against these names:
   KSHARED              qualifier of a thread-group (shared memory) array
   ksync()              barrier across the thread group, shared memory visible after it
   kwarp_sum(x)         sum of x over the 32 lanes, the same value in every lane
+  kwarp_max(x)         max of x over the 32 lanes, likewise
+  kshfl(x, src)        lane src's x (float or int), in every lane
   kexp(x), kmax(a, b)  float32 exp and max
+  kmini(a, b)          int min (CUDA's and Metal's spellings differ)
   kload(x)             one element of any input dtype widened to float32
+  kload8(p, out)       out[0..8) = p[0..8) widened to float32; p 16-byte aligned
   kstore<T>(x)         float32 narrowed to the output dtype T
 
 Index names go in the ``source`` prologue, not the header, because MLX's Metal
@@ -51,11 +55,46 @@ __device__ inline float kwarp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+__device__ inline float kwarp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ inline float kshfl(float x, int src) { return __shfl_sync(0xffffffffu, x, src); }
+__device__ inline int kshfl(int x, int src) { return __shfl_sync(0xffffffffu, x, src); }
 __device__ inline float kexp(float x) { return expf(x); }
 __device__ inline float kmax(float a, float b) { return fmaxf(a, b); }
+__device__ inline int kmini(int a, int b) { return a < b ? a : b; }
 __device__ inline float kload(float x) { return x; }
 __device__ inline float kload(__half x) { return __half2float(x); }
 __device__ inline float kload(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Wide loads: one 16-byte transaction per 8 half-precision elements.
+struct alignas(16) kh8 { __half2 h[4]; };
+struct alignas(16) kb8 { __nv_bfloat162 h[4]; };
+struct alignas(16) kf4 { float f[4]; };
+__device__ inline void kload8(const __half* p, float* out) {
+  const kh8 v = *reinterpret_cast<const kh8*>(p);
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(v.h[j]);
+    out[2 * j] = f.x;
+    out[2 * j + 1] = f.y;
+  }
+}
+__device__ inline void kload8(const __nv_bfloat16* p, float* out) {
+  const kb8 v = *reinterpret_cast<const kb8*>(p);
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(v.h[j]);
+    out[2 * j] = f.x;
+    out[2 * j + 1] = f.y;
+  }
+}
+__device__ inline void kload8(const float* p, float* out) {
+  const kf4 a = *reinterpret_cast<const kf4*>(p);
+  const kf4 b = *reinterpret_cast<const kf4*>(p + 4);
+  for (int j = 0; j < 4; ++j) {
+    out[j] = a.f[j];
+    out[4 + j] = b.f[j];
+  }
+}
 template <typename U> __device__ inline U kstore(float x);
 template <> __device__ inline float kstore<float>(float x) { return x; }
 template <> __device__ inline __half kstore<__half>(float x) { return __float2half(x); }
@@ -77,10 +116,19 @@ METAL_HEADER = """
 #define KSHARED threadgroup
 inline void ksync() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
 inline float kwarp_sum(float x) { return metal::simd_sum(x); }
+inline float kwarp_max(float x) { return metal::simd_max(x); }
+inline float kshfl(float x, int src) { return metal::simd_shuffle(x, static_cast<ushort>(src)); }
+inline int kshfl(int x, int src) { return metal::simd_shuffle(x, static_cast<ushort>(src)); }
 inline float kexp(float x) { return metal::exp(x); }
 inline float kmax(float a, float b) { return metal::max(a, b); }
+inline int kmini(int a, int b) { return a < b ? a : b; }
 template <typename U> inline float kload(U x) { return static_cast<float>(x); }
 template <typename U> inline U kstore(float x) { return static_cast<U>(x); }
+// Generic over the pointer so it takes device and constant inputs alike; the
+// compiler merges the 8 adjacent loads.
+template <typename P> inline void kload8(P p, thread float* out) {
+  for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(p[j]);
+}
 """
 
 METAL_PROLOGUE = """

@@ -1,5 +1,11 @@
 """Attention of new query tokens over a paged KV cache, grouped-query aware.
 
+``paged_attention`` dispatches: on a GPU backend (CUDA or Metal) a decode step
+(T == 1) of a shape the custom kernel supports runs it
+(``kernels.paged_decode_attention``); everything else (prefill, chunked prefill,
+other head sizes, the CPU backend) runs the ops twin below, which is also the
+oracle the kernel is tested against.
+
 Ops twin: gathers each sequence's blocks through its block table and calls MLX's
 fused attention with K/V at ``num_key_value_heads`` (never tiled to the query
 heads; MLX maps each query head to its group). Slots past a sequence's length
@@ -11,8 +17,29 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from kernels.paged_decode_attention import BACKEND, paged_decode_attention, supports
+
 
 def paged_attention(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    context_lens: mx.array,
+    positions: mx.array,
+    scale: float,
+) -> mx.array:
+    """Same contract as ``paged_attention_ops``; the custom kernel serves GPU decode.
+
+    A decode step's single query sits at ``context_len - 1`` (``PagedKVCache.plan``
+    builds it so), which is why the kernel needs no ``positions``.
+    """
+    if BACKEND != "cpu" and q.shape[2] == 1 and supports(q, k_pool):
+        return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+    return paged_attention_ops(q, k_pool, v_pool, block_tables, context_lens, positions, scale)
+
+
+def paged_attention_ops(
     q: mx.array,
     k_pool: mx.array,
     v_pool: mx.array,

@@ -9,3 +9,22 @@ from conform.metrics import NMSE_LIMIT
 FP32_SAME_ENGINE_ATOL = 1e-4
 
 __all__ = ["NMSE_LIMIT", "FP32_SAME_ENGINE_ATOL"]
+
+# Paged decode attention (suites/test_kernels.py): output vs a float64 reference fed
+# the same dtype-rounded q/K/V; |output| <= ~4 for N(0, 1) inputs. Measured
+# 2026-11-27 on the whole grid, worst atol needed at the rtol below:
+#            ops twin (MLX CPU sdpa)   output rounding alone (the kernel's floor)
+#  float32   9.5e-7                    0
+#  float16   1.4e-3                    3e-8
+#  bfloat16  1.1e-2                    0
+# The ops twin rounds scores and probabilities to the input dtype; the kernel keeps
+# them in float32 and rounds once, at the output, so it sits at the right column.
+#  float32: rtol is PyTorch's/vLLM's 1.3e-6; atol 5e-6 is 5x the twin's worst and
+#           still 100x under one token dropped from a 2048-token context (~5e-4),
+#           so float32 cases catch off-by-one-token bugs the half types cannot.
+#  float16: rtol 1e-3 (vLLM) covers half an ulp of the output; atol 4e-3, ~3x the
+#           twin's worst.
+#  bfloat16: rtol 1.6e-2 (vLLM); atol 3e-2, ~3x the twin's worst.
+KERNEL_ATOL = {"float32": 5e-6, "float16": 4e-3, "bfloat16": 3e-2}
+KERNEL_RTOL = {"float32": 1.3e-6, "float16": 1e-3, "bfloat16": 1.6e-2}
+__all__ += ["KERNEL_ATOL", "KERNEL_RTOL"]

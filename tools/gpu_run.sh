@@ -15,6 +15,8 @@ if [ ! -d /root/site/mlx ]; then  # a machine that already holds MLX keeps it
 fi
 # mlx-lm and our transformers release, beside the machine's own packages.
 python3 -m pip install -q --no-index --no-deps --upgrade --target /root/site-extra .whl/*.whl || exit 1
+# MLX CUDA runs float32 matmuls in TF32 unless told not to; float32 parity needs IEEE.
+export MLX_ENABLE_TF32=${MLX_ENABLE_TF32:-0}
 export PYTHONPATH=/root/site-extra:/root/site:$PWD PYTHONUNBUFFERED=1
 {
   nvidia-smi -L

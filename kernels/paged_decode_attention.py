@@ -1,0 +1,369 @@
+"""Paged decode attention: one new query token per sequence over its paged K/V cache.
+
+Custom-kernel twin of ``kernels.paged_attention.paged_attention_ops`` for T == 1
+(decode: the query sits at position ``context_len - 1``, so every cached token is
+visible and no causal mask is needed). One algorithm, one kernel body, compiled
+by MLX for CUDA (``mx.fast.cuda_kernel``) or Metal (``mx.fast.metal_kernel``);
+``kernels.backend`` supplies the few per-backend lines.
+
+Shapes:
+  q             (B, n_heads, 1, D), already rotated, float16/bfloat16/float32
+  k_pool/v_pool (num_blocks, block_size, n_kv_heads, D), q's dtype
+  block_tables  (B, max_blocks) int32; entries past ceil(context_len / block_size)
+                are never read
+  context_lens  (B,) int32, >= 1
+  returns       (B, n_heads, 1, D) in q's dtype
+
+Algorithm (one thread group of 4 warps per (sequence, KV head, context partition);
+Apple's simdgroups are 32 lanes wide too):
+  * GQA: the GROUP_SIZE = n_heads / n_kv_heads query heads of a KV head are served
+    by one group, so each K/V row is read once for all of them; KV heads are never
+    repeated. Their scaled queries sit in shared memory.
+  * Each warp walks 32 consecutive tokens at a time through the block table. Scores:
+    one token per lane, the lane reading its K row with 16-byte loads and dotting
+    it with every query head. Only slots < context_len are read; slots past it may
+    hold anything (the suites fill them with NaN).
+  * Online softmax in float32: per query head a warp-wide running max m, the
+    lane's share of the normaliser l, and an accumulator rescaled by
+    exp(m_old - m_new) as the max grows. Inputs are widened to float32 on load and
+    the output is rounded once, at the end.
+  * P.V: lanes over head_dim (coalesced V reads); each token's pool row and
+    probabilities are broadcast from its lane with a warp shuffle.
+  * The warps' (m, l, acc) are merged through shared memory. With one partition
+    the group writes the normalised output. When the batch alone cannot fill the
+    GPU, the context is cut into block-aligned partitions (split-K); each writes
+    its unnormalised (m, l, acc) and a small third kernel merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from kernels.backend import WARP, Backend, active_backend, header, prologue
+
+N_WARPS = 4  # 128 threads per group: enough warps to overlap loads, small merge
+# Split-K only when B * n_kv_heads groups would leave the GPU idle: aim for about
+# this many groups (an H100 has 132 SMs, an M-series GPU up to 80 cores) ...
+TARGET_GROUPS = 512
+# ... but keep at least this many tokens per partition, so each warp still has
+# several chunks to stream and the per-partition fixed cost stays small.
+MIN_PARTITION_TOKENS = 128
+HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+_INPUTS = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale"]
+
+# The shared body. Template constants: T (dtype), HEAD_DIM, GROUP_SIZE, KV_BLOCK
+# (tokens per cache block), N_WARPS. Sizes read at run time come from the
+# input shapes, so a growing block table never triggers a recompile.
+_BODY = """
+  constexpr int DPL = HEAD_DIM / 32;  // V elements per lane in P.V: lane + 32 * i
+  constexpr float NEG = -1.0e30f;     // finite "minus infinity": exp(NEG - m) == 0, no NaN
+  constexpr int VROWS = 8;            // V rows loaded before any is used
+  // Metal wants thread-group arrays at the top scope of the kernel. sm_buf holds the
+  // group's scaled queries during the walk, then the merged accumulator.
+  KSHARED float sm_buf[GROUP_SIZE * HEAD_DIM];
+  KSHARED float sm_m[N_WARPS * GROUP_SIZE];
+  KSHARED float sm_l[N_WARPS * GROUP_SIZE];
+  const int batch = context_lens_shape[0];
+  const int n_kv = k_pool_shape[2];
+  const int max_blocks = block_tables_shape[1];
+  const int n_parts = groups_z / batch;
+  const int seq = group_z / n_parts;
+  const int part = group_z - seq * n_parts;
+  const int kvh = group_y;
+  // The grid is exact, but a group past the data must not touch memory. The test is
+  // uniform over the group, so returning here cannot strand a barrier.
+  if (seq >= batch || kvh >= n_kv) return;
+  const int n_heads = n_kv * GROUP_SIZE;
+  const int ctx = context_lens[seq];
+  const int part_blocks = (max_blocks + n_parts - 1) / n_parts;
+  const int t_begin = part * part_blocks * KV_BLOCK;
+  const int t_end = kmini(ctx, t_begin + part_blocks * KV_BLOCK);
+  const size_t head0 = static_cast<size_t>(seq) * n_heads + kvh * GROUP_SIZE;
+
+  // The group's GROUP_SIZE query heads are consecutive rows of q.
+  const float sc = scale[0];
+  for (int j = tid; j < GROUP_SIZE * HEAD_DIM; j += N_WARPS * 32) {
+    sm_buf[j] = sc * kload(q[head0 * HEAD_DIM + j]);
+  }
+  ksync();
+
+  float m[GROUP_SIZE];  // running max, the same in every lane
+  float l[GROUP_SIZE];  // this lane's share of the softmax denominator
+  float acc[GROUP_SIZE][DPL];
+  for (int g = 0; g < GROUP_SIZE; ++g) {
+    m[g] = NEG;
+    l[g] = 0.0f;
+    for (int i = 0; i < DPL; ++i) acc[g][i] = 0.0f;
+  }
+
+  // Each warp takes 32 consecutive tokens at a time, one per lane.
+  for (int base = t_begin + warp * 32; base < t_end; base += N_WARPS * 32) {
+    const int n_valid = kmini(32, t_end - base);  // warp-uniform
+    const bool mine = lane < n_valid;  // lanes past the context read nothing
+    const int t = base + lane;
+    int row = 0;  // pool row (block * KV_BLOCK + offset) of this lane's token
+    float s[GROUP_SIZE];  // scores, then probabilities, of this lane's token
+    for (int g = 0; g < GROUP_SIZE; ++g) s[g] = 0.0f;
+    if (mine) {
+      row = block_tables[seq * max_blocks + t / KV_BLOCK] * KV_BLOCK + t % KV_BLOCK;
+      const size_t k_off = (static_cast<size_t>(row) * n_kv + kvh) * HEAD_DIM;
+      for (int d0 = 0; d0 < HEAD_DIM; d0 += 8) {
+        float kf[8];
+        kload8(k_pool + k_off + d0, kf);  // one wide load per 8 elements
+        for (int g = 0; g < GROUP_SIZE; ++g) {
+          for (int j = 0; j < 8; ++j) s[g] += sm_buf[g * HEAD_DIM + d0 + j] * kf[j];
+        }
+      }
+    }
+    for (int g = 0; g < GROUP_SIZE; ++g) {
+      const float m_new = kmax(m[g], kwarp_max(mine ? s[g] : NEG));
+      const float corr = kexp(m[g] - m_new);
+      s[g] = mine ? kexp(s[g] - m_new) : 0.0f;
+      l[g] = l[g] * corr + s[g];
+      for (int i = 0; i < DPL; ++i) acc[g][i] *= corr;
+      m[g] = m_new;
+    }
+    // P.V with lanes over head_dim: token u's pool row and probabilities come from
+    // lane u, so each V row is one coalesced read shared by the whole group. Rows are
+    // fetched VROWS at a time so their loads are in flight together.
+    for (int u0 = 0; u0 < n_valid; u0 += VROWS) {
+      float vr[VROWS][DPL];
+      for (int k = 0; k < VROWS; ++k) {
+        const int r = kshfl(row, u0 + k);  // u0 + k < 32: n_valid <= 32, VROWS | 32
+        const size_t v_off = (static_cast<size_t>(r) * n_kv + kvh) * HEAD_DIM + lane;
+        for (int i = 0; i < DPL; ++i) {
+          vr[k][i] = u0 + k < n_valid ? kload(v_pool[v_off + 32 * i]) : 0.0f;
+        }
+      }
+      for (int k = 0; k < VROWS; ++k) {
+        for (int g = 0; g < GROUP_SIZE; ++g) {
+          const float p = kshfl(s[g], u0 + k);  // 0 from lanes past the context
+          for (int i = 0; i < DPL; ++i) acc[g][i] += p * vr[k][i];
+        }
+      }
+    }
+  }
+
+  // Merge the warps: rescale each to the group-wide max, then sum through shared
+  // memory one warp at a time (no float atomics needed on either backend).
+  for (int g = 0; g < GROUP_SIZE; ++g) l[g] = kwarp_sum(l[g]);
+  if (lane == 0) {
+    for (int g = 0; g < GROUP_SIZE; ++g) {
+      sm_m[warp * GROUP_SIZE + g] = m[g];
+      sm_l[warp * GROUP_SIZE + g] = l[g];
+    }
+  }
+  ksync();  // every warp is past its walk: sm_buf's queries may be overwritten
+  for (int g = 0; g < GROUP_SIZE; ++g) {
+    float top = NEG;
+    for (int w = 0; w < N_WARPS; ++w) top = kmax(top, sm_m[w * GROUP_SIZE + g]);
+    const float f = kexp(m[g] - top);
+    for (int i = 0; i < DPL; ++i) acc[g][i] *= f;
+  }
+  for (int w = 0; w < N_WARPS; ++w) {
+    if (warp == w) {
+      for (int g = 0; g < GROUP_SIZE; ++g) {
+        for (int i = 0; i < DPL; ++i) {
+          const int j = g * HEAD_DIM + lane + 32 * i;
+          sm_buf[j] = (w == 0 ? 0.0f : sm_buf[j]) + acc[g][i];
+        }
+      }
+    }
+    ksync();
+  }
+  // Per query head, the group's max and denominator into sm_m[g], sm_l[g]: thread g
+  // reads and writes column g alone, so in place is safe.
+  for (int g = tid; g < GROUP_SIZE; g += N_WARPS * 32) {
+    float top = NEG;
+    for (int w = 0; w < N_WARPS; ++w) top = kmax(top, sm_m[w * GROUP_SIZE + g]);
+    float den = 0.0f;
+    for (int w = 0; w < N_WARPS; ++w) {
+      den += sm_l[w * GROUP_SIZE + g] * kexp(sm_m[w * GROUP_SIZE + g] - top);
+    }
+    sm_m[g] = top;
+    sm_l[g] = den;
+  }
+  ksync();
+"""
+
+# Epilogue of the one-partition kernel: normalise and write (B, n_heads, 1, D).
+_FINAL = """
+  for (int j = tid; j < GROUP_SIZE * HEAD_DIM; j += N_WARPS * 32) {
+    const float den = sm_l[j / HEAD_DIM];
+    out[head0 * HEAD_DIM + j] = kstore<T>(den > 0.0f ? sm_buf[j] / den : 0.0f);
+  }
+"""
+
+# Epilogue of the split kernel: this partition's (acc, [m, l]) relative to its own
+# max m, as float32 (B, n_heads, P, D) and (B, n_heads, P, 2). An empty partition
+# writes m = NEG, l = 0, acc = 0, which the combine weighs by exp(NEG - M) == 0.
+_PARTIAL = """
+  for (int j = tid; j < GROUP_SIZE * HEAD_DIM; j += N_WARPS * 32) {
+    const size_t h = head0 + j / HEAD_DIM;
+    part_acc[(h * n_parts + part) * HEAD_DIM + j % HEAD_DIM] = sm_buf[j];
+  }
+  for (int g = tid; g < GROUP_SIZE; g += N_WARPS * 32) {
+    part_ml[((head0 + g) * n_parts + part) * 2] = sm_m[g];
+    part_ml[((head0 + g) * n_parts + part) * 2 + 1] = sm_l[g];
+  }
+"""
+
+# Merge the partitions, one thread per output element (seq, head, d) =
+# (group_z, group_y, tid): out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
+_COMBINE = """
+  constexpr float NEG = -1.0e30f;
+  const int n_heads = part_ml_shape[1];
+  const int n_parts = part_ml_shape[2];
+  if (group_z >= part_ml_shape[0] || group_y >= n_heads || tid >= HEAD_DIM) return;
+  const size_t head = static_cast<size_t>(group_z) * n_heads + group_y;
+  float top = NEG;
+  for (int p = 0; p < n_parts; ++p) top = kmax(top, part_ml[(head * n_parts + p) * 2]);
+  float num = 0.0f;
+  float den = 0.0f;
+  for (int p = 0; p < n_parts; ++p) {
+    const float w = kexp(part_ml[(head * n_parts + p) * 2] - top);
+    den += w * part_ml[(head * n_parts + p) * 2 + 1];
+    num += w * part_acc[(head * n_parts + p) * HEAD_DIM + tid];
+  }
+  out[head * HEAD_DIM + tid] = kstore<T>(den > 0.0f ? num / den : 0.0f);
+"""
+
+
+def source(backend: Backend, split: bool) -> str:
+    """The kernel body MLX wraps into a function: prologue, shared body, epilogue."""
+    return prologue(backend) + _BODY + (_PARTIAL if split else _FINAL)
+
+
+def build_kernels(backend: Backend) -> tuple[object, object, object]:
+    """(one-partition, split-K, combine) kernel objects for ``backend``.
+
+    Construction compiles nothing (MLX compiles on first call, per template), and
+    it works for Metal on any platform, which ``kernels.metal_check`` relies on.
+    """
+    make = {"cuda": mx.fast.cuda_kernel, "metal": mx.fast.metal_kernel}[backend]
+    parts = ["part_acc", "part_ml"]
+    specs = [  # (name suffix, inputs, outputs, source)
+        ("", _INPUTS, ["out"], source(backend, split=False)),
+        ("_split", _INPUTS, parts, source(backend, split=True)),
+        ("_combine", parts, ["out"], prologue(backend) + _COMBINE),
+    ]
+    final, split, combine = (
+        make(
+            name=f"paged_decode_attention{suffix}",
+            input_names=inputs,
+            output_names=outputs,
+            source=src,
+            header=header(backend),
+        )
+        for suffix, inputs, outputs, src in specs
+    )
+    return final, split, combine
+
+
+BACKEND: Backend = active_backend()
+# Built once at import, and only for the backend that can run them.
+_KERNELS = build_kernels(BACKEND) if BACKEND != "cpu" else None
+
+
+@functools.lru_cache(maxsize=8)
+def _scale_array(scale: float) -> mx.array:
+    # One small device array per distinct scale, not a fresh upload every layer.
+    return mx.array([scale], dtype=mx.float32)
+
+
+def supports(q: mx.array, k_pool: mx.array) -> bool:
+    """Whether the kernel takes these shapes and dtype (the dispatcher falls back if not)."""
+    n_heads, head_dim = q.shape[1], q.shape[3]
+    return (
+        head_dim in HEAD_DIMS
+        and q.dtype in DTYPES
+        and k_pool.shape[3] == head_dim
+        and n_heads % k_pool.shape[2] == 0
+    )
+
+
+def num_partitions(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -> int:
+    """Context partitions per (sequence, KV head): 1 unless the batch leaves the GPU idle."""
+    by_length = math.ceil(max_blocks * block_size / MIN_PARTITION_TOKENS)
+    by_occupancy = math.ceil(TARGET_GROUPS / (batch * n_kv_heads))
+    return max(1, min(by_length, by_occupancy, max_blocks))
+
+
+def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int) -> dict:
+    """Template, grid and thread group of one launch (also used by the Metal check)."""
+    batch, n_heads, _, head_dim = q.shape
+    _, block_size, n_kv, _ = k_pool.shape
+    return {
+        "template": [
+            ("T", q.dtype),
+            ("HEAD_DIM", head_dim),
+            ("GROUP_SIZE", n_heads // n_kv),
+            ("KV_BLOCK", block_size),
+            ("N_WARPS", N_WARPS),
+        ],
+        # In threads on both backends: exactly one group per (kv head, sequence x part).
+        "grid": (N_WARPS * WARP, n_kv, batch * n_parts),
+        "threadgroup": (N_WARPS * WARP, 1, 1),
+    }
+
+
+def combine_call_args(q: mx.array) -> dict:
+    """Template, grid and thread group of the combine launch."""
+    batch, n_heads, _, head_dim = q.shape
+    return {
+        "template": [("T", q.dtype), ("HEAD_DIM", head_dim)],
+        "grid": (head_dim, n_heads, batch),
+        "threadgroup": (head_dim, 1, 1),
+    }
+
+
+def paged_decode_attention(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    context_lens: mx.array,
+    scale: float,
+) -> mx.array:
+    """Attention of one query token per sequence over its cache; see the module doc."""
+    if _KERNELS is None:
+        raise RuntimeError("paged_decode_attention needs a GPU backend (Metal or CUDA)")
+    batch, n_heads, t, head_dim = q.shape
+    if t != 1 or not supports(q, k_pool):
+        raise ValueError(f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape}; see supports()")
+    n_kv, max_blocks = k_pool.shape[2], block_tables.shape[1]
+    n_parts = num_partitions(batch, n_kv, max_blocks, k_pool.shape[1])
+    inputs = [
+        q,
+        k_pool.astype(q.dtype),
+        v_pool.astype(q.dtype),
+        block_tables.astype(mx.int32),
+        context_lens.astype(mx.int32),
+        _scale_array(float(scale)),
+    ]
+    launch = kernel_call_args(q, k_pool, n_parts)
+    final, split, combine = _KERNELS
+    if n_parts == 1:
+        return final(
+            inputs=inputs,
+            output_shapes=[(batch, n_heads, 1, head_dim)],
+            output_dtypes=[q.dtype],
+            **launch,
+        )[0]
+    part_acc, part_ml = split(
+        inputs=inputs,
+        output_shapes=[(batch, n_heads, n_parts, head_dim), (batch, n_heads, n_parts, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+        **launch,
+    )
+    return combine(
+        inputs=[part_acc, part_ml],
+        output_shapes=[(batch, n_heads, 1, head_dim)],
+        output_dtypes=[q.dtype],
+        **combine_call_args(q),
+    )[0]

@@ -1,0 +1,233 @@
+"""Paged decode attention against a slow, obvious reference (vLLM's kernel-test style).
+
+The reference walks each sequence's block table one token at a time in float64.
+Inputs are poisoned so the grid catches the classic paged-attention bugs: every
+pool slot no sequence owns (the tail of a last block, spare blocks, the block the
+tables are padded with) holds NaN, and each table lists its blocks shuffled
+across the pool, so reading past ``context_len`` or through the wrong table entry
+changes the answer. Every case is a batch of mixed lengths.
+
+On the CPU backend the ops twin (``paged_attention_ops``) runs the grid on a
+subset of lengths; the custom kernel runs the whole grid on Metal or CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kernels import paged_decode_attention as pda
+from kernels.paged_attention import paged_attention, paged_attention_ops
+from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
+
+ON_GPU = pda.BACKEND != "cpu"
+NO_GPU = "no GPU backend (needs Metal or CUDA)"
+
+HEAD_DIMS: list[int] = [64, 128]
+HEAD_COUNTS: list[tuple[int, int]] = [(32, 4), (32, 8), (8, 8), (32, 1)]  # (q heads, kv heads)
+BLOCK_SIZES: list[int] = [8, 16, 32]
+# The longest sequence of each case's batch; "bs" is the block size.
+SEQ_LENS: list[str] = ["1", "bs-1", "bs", "bs+1", "1000", "2048"]
+DTYPES: list[str] = ["float16", "bfloat16", "float32"]
+# The ops twin is the CPU path and the kernel's oracle, already checked end to end by
+# the parity suites: here it gets the block-edge lengths and one long one, which
+# keeps the CPU grid to seconds.
+OPS_SEQ_LENS: list[str] = ["1", "bs-1", "bs", "bs+1", "1000"]
+
+
+@dataclass
+class Case:
+    q: mx.array  # (B, n_heads, 1, D)
+    k_pool: mx.array  # (num_blocks, block_size, n_kv_heads, D)
+    v_pool: mx.array
+    block_tables: mx.array  # (B, max_blocks) int32
+    context_lens: mx.array  # (B,) int32
+    positions: mx.array  # (B, 1) int32: context_len - 1
+    scale: float
+
+
+def seq_len(spec: str, block_size: int) -> int:
+    """Resolve a SEQ_LENS entry: bs+1 -> block_size + 1, 1000 -> 1000."""
+    if spec.startswith("bs"):
+        return block_size + int(spec[2:] or 0)
+    return int(spec)
+
+
+def batch_lengths(longest: int, block_size: int) -> list[int]:
+    """A mixed batch: the case's length, one about half of it and one just past a block."""
+    return [longest, max(1, longest // 2), block_size + 1]
+
+
+def make_case(
+    lengths: list[int],
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    block_size: int,
+    dtype: str,
+    seed: int = 0,
+) -> Case:
+    rng = np.random.default_rng(seed)
+    needs = [math.ceil(n / block_size) for n in lengths]
+    num_blocks = sum(needs) + 3  # spare blocks stay all-NaN; the last one pads the tables
+    order = rng.permutation(num_blocks - 1)  # shuffled: neighbours in a table are not in the pool
+    shape = (num_blocks, block_size, n_kv, head_dim)
+    k_pool, v_pool = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    poison_block = num_blocks - 1
+    tables = np.full((len(lengths), max(needs)), poison_block, np.int32)
+    start = 0
+    for b, n in enumerate(lengths):
+        tables[b, : needs[b]] = order[start : start + needs[b]]
+        start += needs[b]
+        for t in range(n):
+            row = (tables[b, t // block_size], t % block_size)
+            k_pool[row] = rng.standard_normal((n_kv, head_dim))
+            v_pool[row] = rng.standard_normal((n_kv, head_dim))
+    q = rng.standard_normal((len(lengths), n_heads, 1, head_dim)).astype(np.float32)
+    dt = getattr(mx, dtype)
+    ctx = mx.array(lengths, dtype=mx.int32)
+    return Case(
+        q=mx.array(q).astype(dt),
+        k_pool=mx.array(k_pool).astype(dt),
+        v_pool=mx.array(v_pool).astype(dt),
+        block_tables=mx.array(tables),
+        context_lens=ctx,
+        positions=(ctx - 1)[:, None],
+        scale=head_dim**-0.5,
+    )
+
+
+def to_f64(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32)).astype(np.float64)
+
+
+def reference_decode_attention(case: Case) -> np.ndarray:
+    """Deliberately slow: gather each sequence's K/V token by token through its table."""
+    q, k_pool, v_pool = to_f64(case.q), to_f64(case.k_pool), to_f64(case.v_pool)
+    tables, lengths = np.array(case.block_tables), np.array(case.context_lens)
+    block_size, n_kv = k_pool.shape[1], k_pool.shape[2]
+    group = q.shape[1] // n_kv
+    out = np.zeros(q.shape)
+    for b, n in enumerate(lengths):
+        keys, values = [], []
+        for t in range(n):
+            block, offset = tables[b, t // block_size], t % block_size
+            keys.append(k_pool[block, offset])  # (n_kv, D)
+            values.append(v_pool[block, offset])
+        k, v = np.stack(keys), np.stack(values)  # (n, n_kv, D)
+        for h in range(q.shape[1]):
+            scores = k[:, h // group] @ q[b, h, 0] * case.scale  # (n,)
+            p = np.exp(scores - scores.max())
+            out[b, h, 0] = (p / p.sum()) @ v[:, h // group]
+    return out
+
+
+def assert_matches_reference(got: mx.array, case: Case, dtype: str) -> None:
+    assert got.dtype == case.q.dtype and got.shape == case.q.shape
+    np.testing.assert_allclose(
+        to_f64(got),
+        reference_decode_attention(case),
+        atol=KERNEL_ATOL[dtype],
+        rtol=KERNEL_RTOL[dtype],
+    )
+
+
+def ops_args(case: Case) -> tuple:
+    """The arguments of ``paged_attention`` / ``paged_attention_ops``, in order."""
+    c = case
+    return (c.q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, c.positions, c.scale)
+
+
+def run_ops(case: Case) -> mx.array:
+    return paged_attention_ops(*ops_args(case))
+
+
+def run_kernel(case: Case) -> mx.array:
+    return pda.paged_decode_attention(
+        case.q, case.k_pool, case.v_pool, case.block_tables, case.context_lens, case.scale
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", OPS_SEQ_LENS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("heads", HEAD_COUNTS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_ops_twin(
+    head_dim: int, heads: tuple[int, int], block_size: int, length: str, dtype: str
+) -> None:
+    lengths = batch_lengths(seq_len(length, block_size), block_size)
+    case = make_case(lengths, *heads, head_dim, block_size, dtype)
+    assert_matches_reference(run_ops(case), case, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", SEQ_LENS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("heads", HEAD_COUNTS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_kernel(
+    head_dim: int, heads: tuple[int, int], block_size: int, length: str, dtype: str
+) -> None:
+    lengths = batch_lengths(seq_len(length, block_size), block_size)
+    case = make_case(lengths, *heads, head_dim, block_size, dtype)
+    assert_matches_reference(run_kernel(case), case, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("n_parts", [1, 2, 3, 16, 200])
+def test_kernel_any_partition_count(monkeypatch, n_parts: int) -> None:
+    """Split-K gives the same answer however the context is cut, even into empty parts."""
+    monkeypatch.setattr(pda, "num_partitions", lambda *_: n_parts)
+    case = make_case([700, 1, 64, 300], 32, 4, 64, 16, "float32", seed=3)
+    assert_matches_reference(run_kernel(case), case, "float32")
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_kernel_large_batch_context_8192() -> None:
+    case = make_case([8192, 5, 4097] + [33] * 61, 32, 4, 128, 16, "bfloat16", seed=4)
+    assert_matches_reference(run_kernel(case), case, "bfloat16")
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_dispatch(t: int) -> None:
+    """paged_attention: the kernel for GPU decode, the ops twin for prefill and on CPU."""
+    case = make_case([40, 7], 8, 2, 64, 16, "float32", seed=5)
+    q = mx.repeat(case.q, t, axis=2)  # (B, n_heads, T, D)
+    positions = case.context_lens[:, None] - t + mx.arange(t)[None, :]
+    args = (case.k_pool, case.v_pool, case.block_tables, case.context_lens, positions, case.scale)
+    got, ops = paged_attention(q, *args), paged_attention_ops(q, *args)
+    if ON_GPU and t == 1:
+        np.testing.assert_allclose(to_f64(got), to_f64(ops), atol=KERNEL_ATOL["float32"])
+    else:
+        assert mx.array_equal(got, ops).item()  # the very same ops ran
+
+
+def test_dispatch_falls_back_for_unsupported_head_dim() -> None:
+    case = make_case([20], 4, 2, 16, 8, "float32")
+    assert not pda.supports(case.q, case.k_pool)
+    assert mx.array_equal(paged_attention(*ops_args(case)), run_ops(case)).item()
+
+
+# The poison and the shuffle must be able to catch the bugs they are there for:
+# inject each bug into the ops twin and watch the reference comparison fail.
+def test_poison_catches_reading_past_context_len() -> None:
+    for lengths in ([13, 7], [16, 8]):  # past a partial block, and into the padding block
+        case = make_case(lengths, 8, 2, 64, 8, "float32", seed=6)
+        over = {"context_lens": case.context_lens + 1, "positions": case.positions + 1}
+        got = run_ops(Case(**{**case.__dict__, **over}))
+        with pytest.raises(AssertionError):
+            assert_matches_reference(got, case, "float32")
+
+
+def test_shuffled_tables_catch_ignoring_the_table() -> None:
+    case = make_case([40, 9], 8, 2, 64, 8, "float32", seed=7)
+    in_pool_order = mx.sort(case.block_tables, axis=1)  # right blocks, wrong order
+    got = run_ops(Case(**{**case.__dict__, "block_tables": in_pool_order}))
+    with pytest.raises(AssertionError):
+        assert_matches_reference(got, case, "float32")
