@@ -80,13 +80,16 @@ class LlamaConfig:
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies, one per rotated pair, after any scaling.
 
-        Computed in float32 with MLX's pow, which agrees bit for bit with torch's on
-        these inputs (numpy's does not): a 1-ulp difference in a frequency becomes an
+        Computed in float32 with MLX's CPU pow, which agrees bit for bit with torch's
+        on these inputs (numpy's does not): a 1-ulp difference in a frequency becomes an
         angle error that grows with the position it multiplies.
         """
         d = self.dim_per_head
-        exponent = mx.arange(0, d, 2).astype(mx.float32) / d
-        inv = np.array(1.0 / (mx.array(self.rope_theta, dtype=mx.float32) ** exponent))
+        # On the CPU stream whatever the default device: CUDA's powf differs from the
+        # CPU's by an ulp on some inputs (seen on an H100), and HF computes on the CPU.
+        with mx.stream(mx.cpu):
+            exponent = mx.arange(0, d, 2).astype(mx.float32) / d
+            inv = np.array(1.0 / (mx.array(self.rope_theta, dtype=mx.float32) ** exponent))
         s = self.rope_scaling
         if s.rope_type == "default":
             return inv
