@@ -39,6 +39,7 @@ fi
 [ "${GRID:-run}" = only ] && exit $status
 run suites python3 -m pytest suites/ -q -p no:cacheprovider -rs --ignore=suites/test_kernels.py
 cp results/parity.json "$OUT/parity-gpu.json" 2>/dev/null
+[ "${BENCH:-run}" = skip ] && exit $status
 run kernel-bench python3 tools/gpu_kernels_check.py
 run model-bench python3 tools/gpu_bench.py --out "$OUT/gpu-bench.json"
 exit $status
