@@ -87,10 +87,14 @@ class _BatchDecode:
             self.cache.release(s)
 
 
-class _Track(_Decode):
+class _Track:
     """Throughput and memory at context 512, as tracked numbers with units."""
 
     params = (["float32", "float16"], [512])
+    param_names = ["dtype", "context"]
+    preset = "small"
+    setup = _Decode.setup
+    step = _Decode.step
 
     def track_decode_tokens_per_s(self, dtype, context):
         self.step()  # warm
