@@ -54,8 +54,13 @@ class Departure:
 def first_departure(
     ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], num_layers: int, limit: float
 ) -> Departure | None:
-    """ours/ref: name -> (positions, hidden). None when every activation is in tolerance."""
+    """ours/ref: name -> (positions, hidden). None when every activation is in tolerance.
+
+    Names ``ours`` did not record (an engine may trace a subset) are passed over.
+    """
     for name in trace_order(num_layers):
+        if name not in ours:
+            continue
         a, b = ours[name], ref[name]
         total = nmse(a, b)
         if total > limit:

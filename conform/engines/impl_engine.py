@@ -1,0 +1,126 @@
+"""This project's engine (``impl/``) behind the engine interface: a paged KV cache
+that stores only the K/V heads, with block accounting."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from conform.engines import BlockFacts, Engine, EngineCache, Greedy, Trace, check_dtype
+from impl import engine as impl_engine
+from impl.loader import load
+from impl.model import Model
+from impl.paged_cache import PagedKVCache
+
+DEFAULT_BLOCK_SIZE = 16  # the block size of `conform validate` and the parity suite
+
+
+class ImplCache(EngineCache):
+    """A PagedKVCache. A sequence holds whole blocks, so
+    kv_bytes(seq) == blocks_used(seq) * (pool bytes / num_blocks)."""
+
+    def __init__(self, paged: PagedKVCache) -> None:
+        self.paged = paged
+        self.granularity = paged.block_size
+
+    def add_sequence(self, seq: Hashable) -> None:
+        self.paged.add_sequence(seq)
+
+    def release(self, seq: Hashable) -> None:
+        self.paged.release(seq)
+
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        self.paged.fork(parent, child)
+
+    def tokens(self, seq: Hashable) -> int:
+        return self.paged.tokens(seq)
+
+    def kv_bytes(self, seq: Hashable) -> int:
+        return self.paged.blocks_used(seq) * (self.paged.nbytes // self.paged.num_blocks)
+
+    def block_facts(self, seq: Hashable) -> BlockFacts:
+        return BlockFacts(
+            block_size=self.paged.block_size,
+            blocks_used=self.paged.blocks_used(seq),
+            num_blocks=self.paged.num_blocks,
+            num_free=self.paged.allocator.num_free,
+        )
+
+
+class ImplEngine(Engine):
+    name = "impl"
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: str) -> ImplEngine:
+        return cls(load(model_dir, check_dtype(dtype)))
+
+    @property
+    def version(self) -> str:
+        return f"conform {importlib.metadata.version('conform')}"
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    def new_cache(
+        self, max_tokens: int, max_sequences: int = 1, block_size: int | None = None
+    ) -> ImplCache:
+        bs = block_size or DEFAULT_BLOCK_SIZE
+        blocks = max_sequences * -(-max_tokens // bs)
+        return ImplCache(PagedKVCache(self.model.config, blocks, bs, self.dtype))
+
+    def prefill(
+        self,
+        cache: ImplCache,
+        seq: Hashable,
+        tokens: Sequence[int],
+        *,
+        chunk_size: int | None = None,
+        trace: Trace | None = None,
+    ) -> np.ndarray:
+        step: dict[str, list[mx.array]] | None = {} if trace is not None else None
+        out = impl_engine.prefill(self.model, cache.paged, seq, tokens, chunk_size, step)
+        _join(step, trace)
+        return impl_engine.to_numpy(out)
+
+    def decode(
+        self, cache: ImplCache, seq: Hashable, token: int, *, trace: Trace | None = None
+    ) -> np.ndarray:
+        step: dict[str, list[mx.array]] | None = {} if trace is not None else None
+        out = impl_engine.decode(self.model, cache.paged, [seq], [token], step)
+        _join(step, trace)
+        return impl_engine.to_numpy(out)[0]
+
+    def greedy(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        cache: ImplCache | None = None,
+        seq: Hashable = 0,
+    ) -> Greedy:
+        """Through impl.engine.generate, so its loop is what the suites check."""
+        gen = impl_engine.generate(
+            self.model,
+            prompt,
+            max_new_tokens,
+            cache=cache.paged if cache is not None else None,
+            seq=seq,
+            eos_token_ids=[],
+            keep_logits=True,
+        )
+        return Greedy(gen.tokens, gen.logits[len(prompt) - 1 :])
+
+
+def _join(step: dict[str, list[mx.array]] | None, trace: Trace | None) -> None:
+    """impl's trace holds (1, T, hidden) arrays per forward call; ours (T, hidden)."""
+    if step is None or trace is None:
+        return
+    for name, arrays in step.items():
+        trace.setdefault(name, []).extend(impl_engine.to_numpy(a[0]) for a in arrays)

@@ -1,0 +1,196 @@
+"""mlx-lm behind the engine interface (needs the ``peers`` extra).
+
+mlx-lm's cache is one ``KVCache`` per layer per sequence: a (1, kv_heads, slots,
+head_dim) buffer for K and one for V that grows by ``KVCache.step`` (256) slots
+when full. It is not paged, so it has no block accounting.
+
+The trace is taken by putting recorders in front of each layer and its
+sub-modules for the duration of one call; the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.utils import load_model
+
+from conform.engines import Engine, EngineCache, NotApplicable, Trace, check_dtype
+
+# Versions measured to ignore config.json's `rope_parameters` (transformers 5's layout)
+# and run RoPE with the defaults (base 10000, no scaling): 0.32.2 on 2026-11-27.
+ROPE_PARAMETERS_IGNORED = {"0.32.2"}
+_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+class MlxLmCache(EngineCache):
+    granularity = KVCache.step
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.layers: dict[Hashable, list[KVCache]] = {}
+
+    def add_sequence(self, seq: Hashable) -> None:
+        if seq in self.layers:
+            raise KeyError(f"sequence {seq!r} already exists")
+        self.layers[seq] = make_prompt_cache(self.model)
+
+    def release(self, seq: Hashable) -> None:
+        del self.layers[self._check(seq)]
+
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        if child in self.layers:
+            raise KeyError(f"sequence {child!r} already exists")
+        copies = []
+        for c in self.layers[self._check(parent)]:
+            new = KVCache()
+            if c.keys is not None:
+                # New array objects: KVCache writes into its buffers in place.
+                new.keys, new.values = mx.array(c.keys), mx.array(c.values)
+            new.offset = c.offset
+            copies.append(new)
+        self.layers[child] = copies
+
+    def tokens(self, seq: Hashable) -> int:
+        offsets = {c.offset for c in self.layers[self._check(seq)]}
+        if len(offsets) != 1:
+            raise AssertionError(f"sequence {seq!r}: layers disagree on tokens cached {offsets}")
+        return offsets.pop()
+
+    def kv_bytes(self, seq: Hashable) -> int:
+        return sum(c.nbytes for c in self.layers[self._check(seq)])
+
+    def _check(self, seq: Hashable) -> Hashable:
+        if seq not in self.layers:
+            raise KeyError(f"unknown sequence {seq!r}")
+        return seq
+
+
+class MlxLmEngine(Engine):
+    name = "mlx-lm"
+
+    def __init__(self, model, config: dict) -> None:
+        self.model = model
+        self.config = config
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: str) -> MlxLmEngine:
+        model, config = load_model(Path(model_dir))
+        model.set_dtype(getattr(mx, check_dtype(dtype)))
+        mx.eval(model.parameters())
+        return cls(model, config)
+
+    @property
+    def version(self) -> str:
+        return f"mlx-lm {mlx_lm.__version__}"
+
+    def new_cache(
+        self, max_tokens: int, max_sequences: int = 1, block_size: int | None = None
+    ) -> MlxLmCache:
+        if block_size is not None:
+            raise NotApplicable("unpaged cache, no block size")
+        return MlxLmCache(self.model)
+
+    def prefill(
+        self,
+        cache: MlxLmCache,
+        seq: Hashable,
+        tokens: Sequence[int],
+        *,
+        chunk_size: int | None = None,
+        trace: Trace | None = None,
+    ) -> np.ndarray:
+        ids = list(tokens)
+        step = chunk_size or len(ids)
+        out = [
+            self._forward(cache, seq, ids[i : i + step], trace) for i in range(0, len(ids), step)
+        ]
+        return np.concatenate(out)
+
+    def decode(
+        self, cache: MlxLmCache, seq: Hashable, token: int, *, trace: Trace | None = None
+    ) -> np.ndarray:
+        return self._forward(cache, seq, [token], trace)[0]
+
+    def _forward(
+        self, cache: MlxLmCache, seq: Hashable, ids: list[int], trace: Trace | None
+    ) -> np.ndarray:
+        layers = cache.layers[cache._check(seq)]
+        with _recording(self.model, trace) as step:
+            logits = self.model(mx.array(ids)[None], cache=layers)  # (1, T, vocab)
+            mx.eval(logits, [c.state for c in layers], step)
+        if trace is not None:
+            for name, value in step.items():
+                trace.setdefault(name, []).append(np.array(value[0].astype(mx.float32)))
+        return np.array(logits[0].astype(mx.float32))
+
+    def known_issue(self, model_dir: Path) -> str | None:
+        """mlx-lm's ModelArgs reads `rope_theta` / `rope_scaling` at the top level only."""
+        version = mlx_lm.__version__
+        if version not in ROPE_PARAMETERS_IGNORED:
+            return None
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        params = raw.get("rope_parameters") or {}
+        theta = params.get("rope_theta", 10000.0)
+        rope_type = params.get("rope_type", "default")
+        if "rope_theta" in raw or (theta == 10000.0 and rope_type == "default"):
+            return None
+        return (
+            f"mlx-lm {version}: ignores config.json's rope_parameters (rope_type {rope_type}, "
+            f"rope_theta {theta:g}) and runs RoPE with base 10000 and no scaling"
+        )
+
+
+class _Recorder:
+    """Calls the wrapped module and keeps its output (and, for layer 0, its input)."""
+
+    def __init__(self, inner, name: str, sink: dict, input_name: str | None = None) -> None:
+        self.inner, self.name, self.sink, self.input_name = inner, name, sink, input_name
+
+    def __call__(self, x, *args, **kwargs):
+        if self.input_name:
+            self.sink[self.input_name] = x
+        out = self.inner(x, *args, **kwargs)
+        self.sink[self.name] = out
+        return out
+
+    def __getattr__(self, key: str):
+        return getattr(self.inner, key)
+
+
+@contextmanager
+def _recording(model, trace: Trace | None) -> Iterator[dict[str, mx.array]]:
+    """Recorders in front of every traced module while the block runs.
+
+    Sub-modules get an instance attribute that shadows the module's own entry (MLX
+    modules look children up in their dict only when normal lookup fails); layers
+    are swapped in the model's list. Both are undone on exit.
+    """
+    sink: dict[str, mx.array] = {}
+    if trace is None:
+        yield sink
+        return
+    inner = model.model
+    layers = list(inner.layers)
+    shadowed = [(inner, "norm", _Recorder(inner.norm, "norm", sink))]
+    for i, layer in enumerate(layers):
+        for part in _SUBMODULES:
+            shadowed.append(
+                (layer, part, _Recorder(getattr(layer, part), f"layers.{i}.{part}", sink))
+            )
+        first = "embed_tokens" if i == 0 else None  # layer 0's input is the embedding
+        inner.layers[i] = _Recorder(layer, f"layers.{i}", sink, input_name=first)
+    for module, attr, recorder in shadowed:
+        object.__setattr__(module, attr, recorder)
+    try:
+        yield sink
+    finally:
+        inner.layers[:] = layers
+        for module, attr, _ in shadowed:
+            del vars(module)[attr]
