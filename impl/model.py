@@ -2,8 +2,9 @@
 
 Follows HF transformers' ``modeling_llama.py`` (the reference in ``reference/``):
 parameter names are HF's, so a checkpoint loads without renaming and a parity
-failure names the same tensor on both sides. Attention and the cache write go
-through ``kernels`` so custom kernels can replace them without touching this file.
+failure names the same tensor on both sides. Attention, the cache write and each
+residual add with the RMSNorm after it go through ``kernels``, so custom kernels
+replace them without touching this file.
 """
 
 from __future__ import annotations
@@ -79,17 +80,27 @@ class DecoderLayer(nn.Module):
 
     def __call__(
         self,
-        x: mx.array,
+        h: mx.array,
+        pending: mx.array | None,
         layer: int,
         cache: PagedKVCache,
         plan: StepPlan,
         inv_freq: mx.array,
         trace: dict[str, mx.array] | None = None,
-    ) -> mx.array:
-        normed = self.input_layernorm(x)
+    ) -> tuple[mx.array, mx.array]:
+        """h: the residual stream; pending: the previous layer's MLP output, not yet
+        added to it (None for the first layer). Each residual add is fused with the
+        RMSNorm that follows it (``kernels.add_rms_norm``). Returns (h, mlp): this
+        layer's output is h + mlp, left for the next norm to add.
+        """
+        ln = self.input_layernorm
+        if pending is None:
+            normed = ln(h)
+        else:
+            h, normed = kernels.add_rms_norm(h, pending, ln.weight, ln.eps)
         attn = self.self_attn(normed, layer, cache, plan, inv_freq)
-        h = x + attn
-        normed_h = self.post_attention_layernorm(h)
+        ln = self.post_attention_layernorm
+        h, normed_h = kernels.add_rms_norm(h, attn, ln.weight, ln.eps)
         mlp = self.mlp(normed_h)
         if trace is not None:
             # Execution order, so the first entry off tolerance is where a fault begins.
@@ -97,7 +108,7 @@ class DecoderLayer(nn.Module):
             trace[f"layers.{layer}.self_attn"] = attn
             trace[f"layers.{layer}.post_attention_layernorm"] = normed_h
             trace[f"layers.{layer}.mlp"] = mlp
-        return h + mlp
+        return h, mlp
 
 
 class LlamaModel(nn.Module):
@@ -131,14 +142,16 @@ class Model(nn.Module):
         and its attention/MLP branches under HF-style names, for localizing a
         parity failure.
         """
-        x = self.model.embed_tokens(tokens)  # (B, T, hidden)
+        h = self.model.embed_tokens(tokens)  # (B, T, hidden)
         if trace is not None:
-            trace["embed_tokens"] = x
+            trace["embed_tokens"] = h
+        mlp = None  # the latest MLP output, added to h by the next norm
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, i, cache, plan, self._inv_freq, trace)
+            h, mlp = layer(h, mlp, i, cache, plan, self._inv_freq, trace)
             if trace is not None:
-                trace[f"layers.{i}"] = x
-        x = self.model.norm(x)
+                trace[f"layers.{i}"] = h + mlp  # the same rounding as the fused add
+        norm = self.model.norm
+        x = norm(h) if mlp is None else kernels.add_rms_norm(h, mlp, norm.weight, norm.eps)[1]
         if trace is not None:
             trace["norm"] = x
         if self.config.tie_word_embeddings:

@@ -6,7 +6,8 @@ only the names exported here, so a Metal or CUDA kernel can replace an op
 without touching ``impl/``.
 """
 
+from kernels.add_rms_norm import add_rms_norm
 from kernels.paged_attention import paged_attention
 from kernels.rope_cache_write import rope, rope_and_cache_write
 
-__all__ = ["paged_attention", "rope", "rope_and_cache_write"]
+__all__ = ["add_rms_norm", "paged_attention", "rope", "rope_and_cache_write"]

@@ -8,11 +8,14 @@ the Metal Shading Language, against these names:
   group_y, group_z     the thread group's position in the grid
   groups_z             number of thread groups along z
   KSHARED              qualifier of a thread-group (shared memory) array
+  KDEVICE              address space of a device buffer (empty on CUDA): an input
+                       is written in place through ``const_cast<KDEVICE T*>(p)``
   ksync()              barrier across the thread group, shared memory visible after it
   kwarp_sum(x)         sum of x over the 32 lanes, the same value in every lane
   kwarp_max(x)         max of x over the 32 lanes, likewise
   kshfl(x, src)        lane src's x (float or int), in every lane
   kexp(x), kmax(a, b)  float32 exp and max
+  krsqrt(x)            float32 1 / sqrt(x)
   kmini(a, b)          int min (CUDA's and Metal's spellings differ)
   kload(x)             one element of any input dtype widened to float32
   kload8(p, out)       out[0..8) = p[0..8) widened to float32; p 16-byte aligned
@@ -48,6 +51,7 @@ def active_backend() -> Backend:
 # may be called that.
 CUDA_HEADER = """
 #define KSHARED __shared__
+#define KDEVICE
 __device__ inline void ksync() { __syncthreads(); }
 __device__ inline float kwarp_sum(float x) {
   // Butterfly: every lane adds the same two operands at each step, so all 32
@@ -63,6 +67,7 @@ __device__ inline float kshfl(float x, int src) { return __shfl_sync(0xffffffffu
 __device__ inline int kshfl(int x, int src) { return __shfl_sync(0xffffffffu, x, src); }
 __device__ inline float kexp(float x) { return expf(x); }
 __device__ inline float kmax(float a, float b) { return fmaxf(a, b); }
+__device__ inline float krsqrt(float x) { return rsqrtf(x); }
 __device__ inline int kmini(int a, int b) { return a < b ? a : b; }
 __device__ inline float kload(float x) { return x; }
 __device__ inline float kload(__half x) { return __half2float(x); }
@@ -114,6 +119,7 @@ CUDA_PROLOGUE = """
 
 METAL_HEADER = """
 #define KSHARED threadgroup
+#define KDEVICE device
 inline void ksync() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
 inline float kwarp_sum(float x) { return metal::simd_sum(x); }
 inline float kwarp_max(float x) { return metal::simd_max(x); }
@@ -121,6 +127,7 @@ inline float kshfl(float x, int src) { return metal::simd_shuffle(x, static_cast
 inline int kshfl(int x, int src) { return metal::simd_shuffle(x, static_cast<ushort>(src)); }
 inline float kexp(float x) { return metal::exp(x); }
 inline float kmax(float a, float b) { return metal::max(a, b); }
+inline float krsqrt(float x) { return metal::precise::rsqrt(x); }
 inline int kmini(int a, int b) { return a < b ? a : b; }
 template <typename U> inline float kload(U x) { return static_cast<float>(x); }
 template <typename U> inline U kstore(float x) { return static_cast<U>(x); }

@@ -58,4 +58,7 @@ float exp(float);
 float fast_exp(float);
 float sqrt(float);
 float rsqrt(float);
+namespace precise {
+float rsqrt(float);
+}
 }  // namespace metal

@@ -15,7 +15,8 @@ from kernels import paged_decode_attention as pda
 
 CLANG = metal_check.clang_path()
 needs_clang = pytest.mark.skipif(
-    CLANG is None, reason="clang is not installed (apt-get install clang) to parse Metal source"
+    CLANG is None,
+    reason="neither clang nor libclang to parse Metal source (pip install -e '.[test]')",
 )
 
 HEAD_DIMS: list[int] = list(pda.HEAD_DIMS)
@@ -29,18 +30,21 @@ def sources(dtype: str, head_dim: int, n_heads: int, n_kv: int, block_size: int)
     dt = getattr(mx, dtype)
     q = mx.zeros((2, n_heads, 1, head_dim), dtype=dt)
     k_pool = mx.zeros((4, block_size, n_kv, head_dim), dtype=dt)
-    return metal_check.metal_sources(q, k_pool, mx.zeros((2, 2), dtype=mx.int32))
+    decode = metal_check.metal_sources(q, k_pool, mx.zeros((2, 2), dtype=mx.int32))
+    return decode + metal_check.fused_metal_sources(dt, head_dim, n_heads, n_kv)
 
 
 def test_export_holds_the_generated_kernels() -> None:
     """Runs without clang: the text is captured whole, template instantiation included."""
     found = sources("float16", 64, 32, 4, 16)
-    for kernel in ("", "_split", "_combine"):
-        name = f"[[kernel]] void custom_kernel_paged_decode_attention{kernel}__"
+    kernels = [f"paged_decode_attention{s}" for s in ("", "_split", "_combine")]
+    for kernel in [*kernels, "rope_cache_write", "add_rms_norm"]:
+        name = f"[[kernel]] void custom_kernel_{kernel}__"
         assert sum(name in src for src in found) == 1, name
     for src in found:
         assert "template [[host_name(" in src  # the instantiation clang must see
         assert "metal::simd_sum" in src  # the Metal header came along
+    for src in found[:3] + found[4:]:  # the kernels that use warp lanes
         assert "thread_index_in_simdgroup [[thread_index_in_simdgroup]]" in src
 
 
@@ -58,6 +62,8 @@ def test_metal_source_parses(dtype: str, head_dim: int, shape: tuple[int, int, i
 INJECTED: list[tuple[str, str, str]] = [
     ("kexp(m[g] - m_new)", "kexpp(m[g] - m_new)", "undeclared identifier"),
     ("ksync();", "__syncthreads();", "undeclared identifier"),  # CUDA spelling
+    # Writing the pool without casting its const away: Metal rejects it too.
+    ("kp[dst] = ", "k_pool[dst] = ", "no viable overloaded"),
     (
         "kmax(top, sm_m[w * GROUP_SIZE + g])",
         "kmax(sm_m[w * GROUP_SIZE + g])",
@@ -67,7 +73,7 @@ INJECTED: list[tuple[str, str, str]] = [
 
 
 @needs_clang
-@pytest.mark.parametrize("bug", INJECTED, ids=["misspelt", "cuda-barrier", "arity"])
+@pytest.mark.parametrize("bug", INJECTED, ids=["misspelt", "cuda-barrier", "const-write", "arity"])
 def test_check_catches_an_injected_error(bug: tuple[str, str, str]) -> None:
     good, bad, diagnostic = bug
     src = next(src for src in sources("float16", 64, 32, 4, 16) if good in src)

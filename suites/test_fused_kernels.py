@@ -1,0 +1,285 @@
+"""The fused RoPE + cache-write and residual-add + RMSNorm kernels, and their ops
+twins, against slow float64 references (vLLM's kernel-test style).
+
+RoPE + cache write: each case is a batch of sequences, each adding T tokens at
+its own offset, written through a shuffled block table into pools poisoned with
+NaN. The reference rotates token by token from the formula and fills the pool row
+by row; every row no new token owns must still hold its NaN afterwards, so a
+write through a wrong slot, or past the new tokens, fails the case.
+
+On the CPU backend the twins run the grid; the kernels run it on Metal or CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import kernels.rope_cache_write as rcw
+from kernels import add_rms_norm_kernel, rope_cache_write_kernel
+from kernels.add_rms_norm import add_rms_norm, add_rms_norm_ops
+from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
+
+ON_GPU = rope_cache_write_kernel.BACKEND != "cpu"
+NO_GPU = "no GPU backend (needs Metal or CUDA)"
+
+HEAD_DIMS: list[int] = [64, 128]
+HEAD_COUNTS: list[tuple[int, int]] = [(32, 4), (32, 8), (8, 8), (32, 1)]  # (q heads, kv heads)
+BLOCK_SIZES: list[int] = [8, 16, 32]
+# New tokens per sequence in one call: decode, and prefill chunks around a block.
+NEW_TOKENS: list[str] = ["1", "bs-1", "bs", "bs+1"]
+DTYPES: list[str] = ["float16", "bfloat16", "float32"]
+HIDDEN: list[int] = [64, 2048, 5632]  # 5632: TinyLlama's MLP width, not a power of two
+ROWS: list[int] = [1, 7, 512]
+
+
+def count(spec: str, block_size: int) -> int:
+    return block_size + int(spec[2:] or 0) if spec.startswith("bs") else int(spec)
+
+
+def to_f64(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32)).astype(np.float64)
+
+
+@dataclass
+class RopeCase:
+    q: mx.array  # (B, T, n_heads, D)
+    k: mx.array  # (B, T, n_kv, D)
+    v: mx.array
+    positions: mx.array  # (B, T) int32
+    inv_freq: mx.array  # (D/2,) float32
+    k_pool: mx.array  # (num_blocks, block_size, n_kv, D), NaN everywhere
+    v_pool: mx.array
+    slots: mx.array  # (B * T,) int32
+
+
+def make_rope_case(
+    t: int, n_heads: int, n_kv: int, head_dim: int, block_size: int, dtype: str, seed: int = 0
+) -> RopeCase:
+    """Three sequences at offsets 0, block_size - 1 and 2000 add t tokens each."""
+    rng = np.random.default_rng(seed)
+    starts = [0, block_size - 1, 2000]
+    blocks_each = [math.ceil((s + t) / block_size) for s in starts]
+    num_blocks = sum(blocks_each) + 2  # spare blocks: no slot may land there
+    order = rng.permutation(num_blocks)
+    tables, at = [], 0
+    for n in blocks_each:
+        tables.append(order[at : at + n])
+        at += n
+    positions = np.array([[s + i for i in range(t)] for s in starts], np.int32)
+    slots = [
+        tables[b][p // block_size] * block_size + p % block_size
+        for b in range(len(starts))
+        for p in positions[b]
+    ]
+    dt = getattr(mx, dtype)
+
+    def normal(*shape: int) -> mx.array:
+        return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+
+    poisoned = np.full((num_blocks, block_size, n_kv, head_dim), np.nan, np.float32)
+    inv_freq = 10000.0 ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    return RopeCase(
+        q=normal(len(starts), t, n_heads, head_dim),
+        k=normal(len(starts), t, n_kv, head_dim),
+        v=normal(len(starts), t, n_kv, head_dim),
+        positions=mx.array(positions),
+        inv_freq=mx.array(inv_freq.astype(np.float32)),
+        # Two buffers from numpy: the kernel writes its pools in place.
+        k_pool=mx.array(poisoned).astype(dt),
+        v_pool=mx.array(poisoned).astype(dt),
+        slots=mx.array(np.array(slots, np.int32)),
+    )
+
+
+def reference_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Slow: rotate each token's pairs from the formula, angles in float32 as HF takes them."""
+    out = np.empty_like(x)
+    half = x.shape[-1] // 2
+    for b, t in np.ndindex(positions.shape):
+        angle = (np.float32(positions[b, t]) * inv_freq).astype(np.float64)  # (D/2,)
+        c, s = np.cos(angle), np.sin(angle)
+        first, second = x[b, t, :, :half], x[b, t, :, half:]
+        out[b, t, :, :half] = first * c - second * s
+        out[b, t, :, half:] = second * c + first * s
+    return out
+
+
+def pool_rows(pool: mx.array) -> np.ndarray:
+    return to_f64(pool).reshape(-1, *pool.shape[2:])  # (num_blocks * block_size, n_kv, D)
+
+
+def assert_rope_write_matches(
+    got: tuple[mx.array, mx.array, mx.array], case: RopeCase, dtype: str
+) -> None:
+    q_rot, k_pool, v_pool = got
+    pos, inv = np.array(case.positions), np.array(case.inv_freq)
+    tol = dict(atol=KERNEL_ATOL[dtype], rtol=KERNEL_RTOL[dtype])
+    assert q_rot.shape == case.q.shape and q_rot.dtype == case.q.dtype
+    np.testing.assert_allclose(to_f64(q_rot), reference_rope(to_f64(case.q), pos, inv), **tol)
+    k_rows, v_rows = pool_rows(k_pool), pool_rows(v_pool)
+    slots = np.array(case.slots)
+    k_new = reference_rope(to_f64(case.k), pos, inv).reshape(-1, *case.k.shape[2:])
+    np.testing.assert_allclose(k_rows[slots], k_new, **tol)
+    np.testing.assert_array_equal(v_rows[slots], to_f64(case.v).reshape(-1, *case.v.shape[2:]))
+    untouched = np.ones(k_rows.shape[0], bool)
+    untouched[slots] = False
+    assert np.isnan(k_rows[untouched]).all() and np.isnan(v_rows[untouched]).all()
+
+
+def rope_args(case: RopeCase) -> tuple:
+    c = case
+    return (c.q, c.k, c.v, c.positions, c.inv_freq, c.k_pool, c.v_pool, c.slots)
+
+
+def run_rope_kernel(case: RopeCase) -> tuple[mx.array, mx.array, mx.array]:
+    cos, sin = rcw.rope_cos_sin(case.positions, case.inv_freq)
+    c = case
+    return rope_cache_write_kernel.rope_cache_write(
+        c.q, c.k, c.v, cos, sin, c.k_pool, c.v_pool, c.slots
+    )
+
+
+ROPE_GRID = [
+    pytest.mark.parametrize("dtype", DTYPES),
+    pytest.mark.parametrize("new", NEW_TOKENS),
+    pytest.mark.parametrize("block_size", BLOCK_SIZES),
+    pytest.mark.parametrize("heads", HEAD_COUNTS, ids=lambda h: f"{h[0]}q{h[1]}kv"),
+    pytest.mark.parametrize("head_dim", HEAD_DIMS),
+]
+
+
+def grid(marks: list):
+    def wrap(fn):
+        for mark in marks:
+            fn = mark(fn)
+        return fn
+
+    return wrap
+
+
+@grid(ROPE_GRID)
+def test_rope_write_ops_twin(head_dim, heads, block_size, new, dtype) -> None:
+    case = make_rope_case(count(new, block_size), *heads, head_dim, block_size, dtype)
+    assert_rope_write_matches(rcw.rope_and_cache_write_ops(*rope_args(case)), case, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@grid(ROPE_GRID)
+def test_rope_write_kernel(head_dim, heads, block_size, new, dtype) -> None:
+    case = make_rope_case(count(new, block_size), *heads, head_dim, block_size, dtype)
+    got = run_rope_kernel(case)
+    assert_rope_write_matches(got, case, dtype)
+    twin = rcw.rope_and_cache_write_ops(
+        *rope_args(make_rope_case(count(new, block_size), *heads, head_dim, block_size, dtype))
+    )
+    for a, b in zip(got, twin):  # same rounding steps as the twin: equal to its tolerance
+        np.testing.assert_allclose(to_f64(a), to_f64(b), atol=KERNEL_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_rope_write_kernel_writes_in_place_in_order() -> None:
+    """The returned pools are the same buffers, ordered after the write: reading them
+    (and attention does) sees the new rows, whichever op MLX schedules first."""
+    case = make_rope_case(3, 8, 2, 64, 16, "float16", seed=1)
+    q_rot, k_pool, _ = run_rope_kernel(case)
+    gathered = k_pool.reshape(-1, 2, 64)[case.slots]  # a reader that does not use q_rot
+    assert not np.isnan(to_f64(gathered)).any()
+    mx.eval(q_rot)
+
+
+def test_rope_dispatch() -> None:
+    """rope_and_cache_write: the kernel on a GPU, the very same twin ops on the CPU."""
+    case = make_rope_case(2, 8, 2, 64, 8, "float32", seed=2)
+    got = rcw.rope_and_cache_write(*rope_args(case))
+    assert_rope_write_matches(got, case, "float32")
+    if not ON_GPU:
+        twin = rcw.rope_and_cache_write_ops(*rope_args(case))
+        assert all(mx.array_equal(a, b, equal_nan=True).item() for a, b in zip(got, twin))
+
+
+# The checks must be able to fail: inject the faults they guard against.
+def test_rope_check_catches_a_position_off_by_one(monkeypatch) -> None:
+    case = make_rope_case(1, 8, 2, 64, 8, "float32", seed=3)
+    real = rcw.rope_cos_sin
+    monkeypatch.setattr(rcw, "rope_cos_sin", lambda p, inv: real(p + 1, inv))
+    with pytest.raises(AssertionError):
+        assert_rope_write_matches(rcw.rope_and_cache_write(*rope_args(case)), case, "float32")
+
+
+def test_rope_check_catches_a_write_to_the_wrong_slot() -> None:
+    case = make_rope_case(4, 8, 2, 64, 8, "float32", seed=4)
+    wrong = RopeCase(**{**case.__dict__, "slots": case.slots + 1})
+    got = rcw.rope_and_cache_write_ops(*rope_args(wrong))
+    with pytest.raises(AssertionError):
+        assert_rope_write_matches(got, case, "float32")
+
+
+# -- residual add + RMSNorm ---------------------------------------------------------------
+def make_norm_case(rows: int, hidden: int, dtype: str, seed: int = 0) -> tuple[mx.array, ...]:
+    rng = np.random.default_rng(seed)
+    dt = getattr(mx, dtype)
+    x = rng.standard_normal((rows, hidden)).astype(np.float32)
+    residual = rng.standard_normal((rows, hidden)).astype(np.float32)
+    weight = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    return mx.array(x).astype(dt), mx.array(residual).astype(dt), mx.array(weight).astype(dt)
+
+
+EPS = 1e-5
+
+
+def assert_norm_matches(
+    got: tuple[mx.array, mx.array], x: mx.array, residual: mx.array, weight: mx.array, dtype: str
+) -> None:
+    """Reference: the sum in float64 from the dtype-rounded inputs, then the norm of the
+    dtype-rounded sum (the kernel stores h in the dtype and normalises what it stored)."""
+    h, normed = got
+    tol = dict(atol=KERNEL_ATOL[dtype], rtol=KERNEL_RTOL[dtype])
+    np.testing.assert_allclose(to_f64(h), to_f64(x) + to_f64(residual), **tol)
+    h_stored = to_f64(x + residual)
+    rms = np.sqrt((h_stored**2).mean(axis=-1, keepdims=True) + EPS)
+    np.testing.assert_allclose(to_f64(normed), to_f64(weight) * h_stored / rms, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_add_rms_norm_ops_twin(hidden: int, rows: int, dtype: str) -> None:
+    x, r, w = make_norm_case(rows, hidden, dtype)
+    assert_norm_matches(add_rms_norm_ops(x, r, w, EPS), x, r, w, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_add_rms_norm_kernel(hidden: int, rows: int, dtype: str) -> None:
+    x, r, w = make_norm_case(rows, hidden, dtype)
+    got = add_rms_norm_kernel.add_rms_norm(x, r, w, EPS)
+    assert_norm_matches(got, x, r, w, dtype)
+    for a, b in zip(got, add_rms_norm_ops(x, r, w, EPS)):
+        np.testing.assert_allclose(to_f64(a), to_f64(b), atol=KERNEL_ATOL[dtype], rtol=0)
+
+
+def test_add_rms_norm_dispatch() -> None:
+    x, r, w = make_norm_case(3, 64, "float32", seed=5)
+    got = add_rms_norm(x[None], r[None], w, EPS)  # any leading shape
+    assert got[0].shape == got[1].shape == (1, 3, 64)
+    assert_norm_matches((got[0][0], got[1][0]), x, r, w, "float32")
+
+
+def test_add_rms_norm_check_catches_a_dropped_residual() -> None:
+    x, r, w = make_norm_case(4, 64, "float32", seed=6)
+    with pytest.raises(AssertionError):
+        assert_norm_matches(add_rms_norm_ops(x, mx.zeros_like(r), w, EPS), x, r, w, "float32")
+
+
+def test_add_rms_norm_check_catches_a_norm_of_the_wrong_tensor() -> None:
+    x, r, w = make_norm_case(4, 64, "float32", seed=7)
+    wrong = (x + r, mx.fast.rms_norm(x, w, EPS))  # normalises the input, not the sum
+    with pytest.raises(AssertionError):
+        assert_norm_matches(wrong, x, r, w, "float32")
