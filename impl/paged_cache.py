@@ -164,6 +164,25 @@ class PagedKVCache:
             self.allocator.decref(b)
         del self._tokens[seq]
 
+    def trim(self, seq: Hashable, n: int) -> int:
+        """Forget the last ``n`` tokens of ``seq`` (all of them if it holds fewer), as
+        after rejected speculative tokens; returns how many were dropped.
+
+        Blocks past ``ceil(tokens / block_size)`` go back to the allocator (or lose a
+        reference, if shared); the rows left behind in a kept block are overwritten
+        by the next tokens, and no reader looks past ``tokens(seq)``.
+        """
+        if n < 0:
+            raise ValueError(f"cannot trim a negative number of tokens ({n})")
+        table = self._tables[self._check(seq)]
+        n = min(n, self._tokens[seq])
+        self._tokens[seq] -= n
+        keep = math.ceil(self._tokens[seq] / self.block_size)
+        for b in table[keep:]:
+            self.allocator.decref(b)
+        del table[keep:]
+        return n
+
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """``child`` starts as a copy of ``parent`` sharing all its blocks.
 

@@ -334,3 +334,64 @@ def test_state_machine_catches_a_missing_copy_on_write(monkeypatch):
                 max_examples=300, stateful_step_count=30, deadline=None, database=None
             ),
         )
+
+
+# -- trim: dropping a sequence's last tokens ----------------------------------------------
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("have,drop", [(17, 1), (17, 2), (16, 16), (33, 17), (5, 9)])
+def test_trim_counts_exactly(block_size: int, have: int, drop: int) -> None:
+    cache = PagedKVCache(CFG, 40, block_size)
+    cache.add_sequence("s")
+    cache.plan(["s"], have)
+    free = cache.allocator.num_free
+    assert cache.trim("s", drop) == min(drop, have)
+    left = max(0, have - drop)
+    assert cache.tokens("s") == left
+    freed = math.ceil(have / block_size) - math.ceil(left / block_size)
+    assert cache.allocator.num_free == free + freed
+    check_invariants(cache)
+
+
+def test_trim_then_append_overwrites_the_dropped_rows() -> None:
+    cache = PagedKVCache(CFG, 8, 4)
+    cache.add_sequence("s")
+    fill(cache, "s", 6, [1, 2, 3, 4, 5, 6])
+    cache.trim("s", 3)
+    fill(cache, "s", 2, [7, 8])
+    np.testing.assert_array_equal(rows(cache, "s")[:, 0, 0], [1, 2, 3, 7, 8])
+
+
+def test_trim_into_a_shared_block_copies_it_on_the_next_write() -> None:
+    cache = PagedKVCache(CFG, 8, 4)
+    cache.add_sequence("a")
+    fill(cache, "a", 8, list(range(1, 9)))
+    cache.fork("a", "b")
+    cache.trim("b", 1)  # b's last block is now a shared partial block
+    fill(cache, "b", 1, [9])
+    np.testing.assert_array_equal(rows(cache, "a")[:, 0, 0], range(1, 9))  # a intact
+    np.testing.assert_array_equal(rows(cache, "b")[:, 0, 0], [1, 2, 3, 4, 5, 6, 7, 9])
+    check_invariants(cache)
+
+
+def test_trim_rejects_bad_input_and_changes_nothing() -> None:
+    cache = PagedKVCache(CFG, 8, 4)
+    cache.add_sequence("s")
+    cache.plan(["s"], 5)
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="negative"):
+        cache.trim("s", -1)
+    with pytest.raises(KeyError, match="unknown sequence"):
+        cache.trim("t", 1)
+    assert snapshot(cache) == before
+
+
+def test_trim_check_catches_blocks_kept_after_trim(monkeypatch) -> None:
+    """A trim that lowers the count but keeps its blocks must fail the counts check."""
+
+    def leaky(self, seq, n):
+        self._tokens[seq] -= n
+        return n
+
+    monkeypatch.setattr(PagedKVCache, "trim", leaky)
+    with pytest.raises(AssertionError):
+        test_trim_counts_exactly(4, 17, 2)
