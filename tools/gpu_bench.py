@@ -52,20 +52,20 @@ def copy_gbps() -> float:
 
 
 def ours_decode(model, contexts: list[int]) -> float:
-    """One decode step for len(contexts) sequences at those contexts."""
+    """One decode step for len(contexts) sequences at those contexts, rolled back
+    (``trim``) after each timed step so every repetition sees the same contexts."""
     bs = common.BLOCK_SIZE
-    blocks = sum(-(-c // bs) + 1 for c in contexts)
+    blocks = sum(-(-c // bs) for c in contexts)
     cache = PagedKVCache(model.config, blocks, bs, common.DTYPES[DTYPE])
     for i, c in enumerate(contexts):
         cache.add_sequence(i)
         cache.plan([i], c - 1)
+    seqs = list(range(len(contexts)))
 
     def step():
-        for i in range(len(contexts)):
-            cache.fork(i, ("s", i))
-        decode(model, cache, [("s", i) for i in range(len(contexts))], [5] * len(contexts))
-        for i in range(len(contexts)):
-            cache.release(("s", i))
+        decode(model, cache, seqs, [5] * len(seqs))
+        for i in seqs:
+            cache.trim(i, 1)
 
     return median_ms(step)
 
@@ -82,15 +82,22 @@ def ours_prefill(model, n: int) -> float:
     return median_ms(run, reps=10)
 
 
-def mlx_lm_decode(model, context: int) -> float:
-    from mlx_lm.models.cache import make_prompt_cache
+def mlx_lm_decode(model, contexts: list[int]) -> float:
+    """mlx-lm's decode step at these contexts: its KVCache for one sequence, its
+    left-padded BatchKVCache for a batch; rolled back with its own ``trim``."""
+    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
     args = model.args
-    shape = (1, args.num_key_value_heads, context - 1, args.hidden_size // args.num_attention_heads)
-    cache = make_prompt_cache(model)
+    head_dim = args.hidden_size // args.num_attention_heads
+    longest = max(contexts) - 1
+    shape = (len(contexts), args.num_key_value_heads, longest, head_dim)
+    if len(contexts) == 1:
+        cache = make_prompt_cache(model)
+    else:
+        cache = [BatchKVCache([longest - (c - 1) for c in contexts]) for _ in model.layers]
     for c in cache:
         c.update_and_fetch(mx.zeros(shape, mx.float16), mx.zeros(shape, mx.float16))
-    tok = mx.array([[5]])
+    tok = mx.array([[5]] * len(contexts))
 
     def step():
         mx.eval(model(tok, cache=cache))
@@ -124,11 +131,12 @@ def main() -> int:
     floor_ms = weight_bytes / (gbps * 1e9) * 1e3
     rows = []
     for c in CONTEXTS:
-        rows.append((f"decode b=1 ctx={c} ms", ours_decode(ours, [c]), mlx_lm_decode(peer, c)))
+        rows.append((f"decode b=1 ctx={c} ms", ours_decode(ours, [c]), mlx_lm_decode(peer, [c])))
     rows.append(("prefill 512 ms", ours_prefill(ours, 512), mlx_lm_prefill(peer, 512)))
     for b in BATCHES:
-        ms = ours_decode(ours, mixed_contexts(b))
-        rows.append((f"decode b={b} mixed tokens/s", b / (ms / 1e3), None))
+        ctx = mixed_contexts(b)
+        tok_s = [b / (ms / 1e3) for ms in (ours_decode(ours, ctx), mlx_lm_decode(peer, ctx))]
+        rows.append((f"decode b={b} mixed tokens/s", *tok_s))
     device = f"{mx.default_device()} {platform.node()}"
     print(
         f"device {device}; weights {weight_bytes / 1e9:.2f} GB; copy {gbps:.0f} GB/s;"
