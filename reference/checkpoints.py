@@ -2,9 +2,9 @@
 
 No model can be downloaded here, so shapes are made locally: ``tinyllama-1.1b`` is
 the real TinyLlama-1.1B shape; the ``tiny-*`` shapes are small enough for unit
-tests and cover MHA, GQA 4:1 and 8:1, MQA, head_dim 64 and 128 and Llama 3 RoPE
-scaling. Each tensor is drawn from its own generator seeded by (seed, index), so
-a checkpoint is the same bytes on every machine and run.
+tests and cover MHA, GQA 4:1 and 8:1, MQA, head_dim 64 and 128, Llama 3 RoPE
+scaling and a RoPE base of 500000. Each tensor is drawn from its own generator
+seeded by (seed, index), so a checkpoint is the same bytes on every machine and run.
 
 Random weights give near-flat logits; parity here means numerics, not behaviour.
 """
@@ -56,6 +56,16 @@ SHAPES: dict[str, dict] = {
             high_freq_factor=4.0,
             original_max_position_embeddings=64,
         ),
+    ),
+    # A RoPE base other than the default, stored only under rope_parameters (as
+    # transformers 5 writes every config): engines that read a top-level rope_theta
+    # alone fall back to 10000 without a word.
+    "tiny-rope-500k": dict(
+        _TINY,
+        hidden_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", rope_theta=500000.0),
     ),
 }
 # Shapes slow enough (seconds to minutes, GBs) to deserve a progress bar.

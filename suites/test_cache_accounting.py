@@ -1,4 +1,6 @@
-"""Paged cache accounting: block allocation, fork / copy-on-write, release, and the
+"""Cache accounting. Through the engine under test: tokens cached after greedy
+generation (P + G - 1), block accounting where the cache is paged, and forks. Of
+impl's paged cache: block allocation, fork / copy-on-write, release, and the
 all-or-nothing behaviour when the pool runs out. Integers are compared exactly."""
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from conform.engines import NotApplicable
 from impl.config import LlamaConfig
 from impl.paged_cache import BlockAllocator, CacheFullError, PagedKVCache
+from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
 CFG = LlamaConfig(
     hidden_size=32,
@@ -33,6 +37,8 @@ CFG = LlamaConfig(
 )
 BLOCK_SIZES = [1, 4, 16]
 TOKEN_COUNTS = [1, 3, 4, 5, 15, 16, 17, 33]
+IMPL_ONLY = pytest.mark.impl_only("tests impl's paged-cache allocator")
+ENGINE_SHAPE = "tiny-gqa8"
 
 
 def snapshot(cache: PagedKVCache) -> tuple:
@@ -80,6 +86,7 @@ def rows(cache: PagedKVCache, seq, layer: int = 0) -> np.ndarray:
     return flat[slots]
 
 
+@IMPL_ONLY
 def test_allocator_free_list_and_refcounts():
     a = BlockAllocator(4)
     got = a.allocate(3)
@@ -95,6 +102,7 @@ def test_allocator_free_list_and_refcounts():
     assert a.num_free == 2
 
 
+@IMPL_ONLY
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("tokens", TOKEN_COUNTS)
 def test_blocks_used_is_ceil_tokens_over_block_size(block_size: int, tokens: int):
@@ -108,6 +116,7 @@ def test_blocks_used_is_ceil_tokens_over_block_size(block_size: int, tokens: int
     check_invariants(cache)
 
 
+@IMPL_ONLY
 def test_plan_slots_positions_and_tables():
     cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
     cache.add_sequence("a")
@@ -121,6 +130,7 @@ def test_plan_slots_positions_and_tables():
     assert plan.context_lens.tolist() == [7, 4]
 
 
+@IMPL_ONLY
 def test_release_returns_every_block():
     cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
     cache.add_sequence("a")
@@ -131,6 +141,7 @@ def test_release_returns_every_block():
     check_invariants(cache)
 
 
+@IMPL_ONLY
 def test_fork_shares_full_blocks_and_copies_partial_on_write():
     cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
     cache.add_sequence("parent")
@@ -157,6 +168,7 @@ def test_fork_shares_full_blocks_and_copies_partial_on_write():
     check_invariants(cache)
 
 
+@IMPL_ONLY
 def test_fork_at_block_boundary_needs_no_copy():
     cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
     cache.add_sequence("p")
@@ -168,6 +180,7 @@ def test_fork_at_block_boundary_needs_no_copy():
     check_invariants(cache)
 
 
+@IMPL_ONLY
 def test_release_of_a_forked_parent_keeps_shared_blocks():
     cache = PagedKVCache(CFG, num_blocks=8, block_size=4)
     cache.add_sequence("p")
@@ -179,6 +192,7 @@ def test_release_of_a_forked_parent_keeps_shared_blocks():
     check_invariants(cache)
 
 
+@IMPL_ONLY
 @pytest.mark.parametrize("shared_partial", [False, True])
 def test_out_of_blocks_raises_and_changes_nothing(shared_partial: bool):
     cache = PagedKVCache(CFG, num_blocks=4, block_size=4)
@@ -199,6 +213,7 @@ def test_out_of_blocks_raises_and_changes_nothing(shared_partial: bool):
     check_invariants(cache)
 
 
+@IMPL_ONLY
 def test_bad_sequence_arguments_are_refused_without_changes():
     cache = PagedKVCache(CFG, num_blocks=4, block_size=4)
     cache.add_sequence("a")
@@ -214,6 +229,7 @@ def test_bad_sequence_arguments_are_refused_without_changes():
     assert snapshot(cache) == before
 
 
+@IMPL_ONLY
 def test_pool_stores_only_kv_heads():
     cache = PagedKVCache(CFG, num_blocks=3, block_size=4, dtype=mx.float16)
     assert cache.k[0].shape == (3, 4, CFG.num_key_value_heads, CFG.dim_per_head)
@@ -221,22 +237,74 @@ def test_pool_stores_only_kv_heads():
     assert cache.nbytes == expected
 
 
+@pytest.mark.conformance("token accounting P+G-1")
 @pytest.mark.parametrize("prompt_len", [1, 5, 16])
 @pytest.mark.parametrize("generated", [1, 5, 17])
-def test_cached_tokens_after_generate_is_prompt_plus_generated_minus_one(
-    checkpoint, model_factory, prompt_len, generated
+def test_cached_tokens_after_greedy_is_prompt_plus_generated_minus_one(
+    checkpoint, engine_factory, metric, prompt_len, generated
 ):
     """The rule in impl.paged_cache's docstring: the last generated token is never fed."""
-    from impl.engine import generate
-
-    model = model_factory(checkpoint("tiny-gqa8"))
-    cache = PagedKVCache.for_tokens(model.config, prompt_len + generated, block_size=4)
+    engine = engine_factory(checkpoint(ENGINE_SHAPE))
+    cache = engine.new_cache(prompt_len + generated)
     cache.add_sequence(0)
-    prompt = list(range(3, 3 + prompt_len))
-    gen = generate(model, prompt, generated, cache=cache, eos_token_ids=[])
+    assert cache.tokens(0) == 0
+    gen = engine.greedy(list(range(3, 3 + prompt_len)), generated, cache=cache, seq=0)
     assert len(gen.tokens) == generated
+    metric("|tokens - (P+G-1)|", abs(cache.tokens(0) - (prompt_len + generated - 1)))
     assert cache.tokens(0) == prompt_len + generated - 1
-    assert cache.blocks_used(0) == math.ceil((prompt_len + generated - 1) / 4)
+
+
+@pytest.mark.conformance("block accounting")
+@pytest.mark.parametrize("tokens", [1, 15, 16, 17, 40])
+def test_blocks_used_after_prefill_and_decode(checkpoint, engine_factory, metric, tokens):
+    """blocks_used == ceil(tokens / block_size); released blocks return to the pool."""
+    engine = engine_factory(checkpoint(ENGINE_SHAPE))
+    cache = engine.new_cache(tokens, max_sequences=2)
+    cache.add_sequence(0)
+    try:
+        empty = cache.block_facts(0)
+    except NotApplicable as e:
+        pytest.skip(f"engine {engine.name}: {e}")
+    assert (empty.blocks_used, empty.num_free) == (0, empty.num_blocks)
+    ids = list(range(3, 3 + tokens))
+    engine.prefill(cache, 0, ids[:-1] or ids)
+    if tokens > 1:
+        engine.decode(cache, 0, ids[-1])
+    facts = cache.block_facts(0)
+    want = math.ceil(tokens / facts.block_size)
+    metric("|blocks - ceil(tokens / block_size)|", abs(facts.blocks_used - want))
+    assert facts.blocks_used == want
+    assert facts.num_free == facts.num_blocks - want
+    cache.release(0)
+    cache.add_sequence(1)
+    assert cache.block_facts(1).num_free == facts.num_blocks
+
+
+@pytest.mark.conformance("fork keeps history")
+def test_fork_continues_like_its_parent_and_leaves_it_alone(checkpoint, engine_factory, metric):
+    """After a fork at 21 tokens (a partial block for impl), the child and the parent
+    each decode a different token; both must equal a fresh prefill of their history."""
+    engine = engine_factory(checkpoint(ENGINE_SHAPE))
+    ids = list(range(3, 24))
+    cache = engine.new_cache(len(ids) + 1, max_sequences=2)
+    cache.add_sequence("parent")
+    engine.prefill(cache, "parent", ids)
+    try:
+        cache.fork("parent", "child")
+    except NotApplicable as e:
+        pytest.skip(f"engine {engine.name}: {e}")
+    assert cache.tokens("child") == cache.tokens("parent") == len(ids)
+    child = engine.decode(cache, "child", 100)  # writes first, into what it shares
+    parent = engine.decode(cache, "parent", 200)
+    worst = 0.0
+    for got, last in ((child, 100), (parent, 200)):
+        fresh = engine.new_cache(len(ids) + 1)
+        fresh.add_sequence(0)
+        want = engine.prefill(fresh, 0, [*ids, last])[-1]
+        worst = max(worst, float(np.abs(got - want).max()))
+        np.testing.assert_allclose(got, want, atol=FP32_SAME_ENGINE_ATOL, rtol=0)
+    metric("max|dlogit|", worst)
+    assert cache.tokens("child") == cache.tokens("parent") == len(ids) + 1
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -316,9 +384,10 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
-test_cache_state_machine = CacheMachine.TestCase
+test_cache_state_machine = IMPL_ONLY(CacheMachine.TestCase)
 
 
+@IMPL_ONLY
 def test_state_machine_catches_a_missing_copy_on_write(monkeypatch):
     """Inject the bug: appends write into a block the sequence shares with a fork."""
     real = PagedKVCache._block_needs

@@ -4,6 +4,10 @@ bytes = 2 (K and V) x layers x kv_heads x head_dim x itemsize x (blocks x block_
 The unpaged lower bound puts tokens in place of blocks x block_size. The seed
 engine claimed the GQA saving while storing repeated heads; ``check_kv_memory``
 is the check that would have caught it, and a test below proves it does.
+
+For any engine, the bytes its cache holds for one sequence follow the same formula
+with slots = ceil(tokens / g) x g, where g is the cache's allocation granularity:
+impl's block size, or mlx-lm's growth step (KVCache.step, 256 slots).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ BLOCK_SIZES = [8, 16, 32]
 # 1, 3, 64 and 129 blocks). The slack allows an allocator that rounds each buffer
 # up to a 16 KiB page, as GPU allocators do; a repeated-heads pool is 2x-32x over.
 ALLOC_SLACK_PER_ARRAY = 16 * 1024
+IMPL_ONLY = pytest.mark.impl_only("sizes impl's paged pool")
+# Around mlx-lm's 256-slot growth step and impl's 16-token blocks.
+PROMPT_LENS = [1, 16, 255, 256, 300]
 
 
 def config(shape: str) -> LlamaConfig:
@@ -46,6 +53,7 @@ def check_kv_memory(cache: PagedKVCache, model_cfg: LlamaConfig) -> None:
     assert cache.nbytes == kv_bytes(model_cfg, cache.dtype.size, slots)
 
 
+@IMPL_ONLY
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("shape", ["tinyllama-1.1b", "tiny-mqa", "tiny-hd128"])
@@ -57,6 +65,7 @@ def test_pool_nbytes_equal_the_formula(shape, block_size, dtype):
     assert cache.nbytes == per_token * DTYPES[dtype].size * 5 * block_size
 
 
+@IMPL_ONLY
 def test_allocated_memory_matches_the_formula():
     """MLX's own active-memory counter grows by the formula when a pool is made."""
     cfg = config("tinyllama-1.1b")
@@ -70,6 +79,7 @@ def test_allocated_memory_matches_the_formula():
     del cache
 
 
+@pytest.mark.impl_only("the seed report's figures from the formula, not an engine")
 def test_tinyllama_figures_from_the_seed_report():
     cfg = config("tinyllama-1.1b")
     one_layer = dataclasses.replace(cfg, num_hidden_layers=1)
@@ -94,6 +104,7 @@ def repeated_heads_cache(monkeypatch):
     monkeypatch.setattr(impl.paged_cache.PagedKVCache, "__init__", init)
 
 
+@IMPL_ONLY
 def test_memory_check_fails_when_repeated_heads_are_stored(repeated_heads_cache):
     cfg = config("tiny-gqa8")
     cache = PagedKVCache(cfg, num_blocks=4, block_size=16)
@@ -101,6 +112,7 @@ def test_memory_check_fails_when_repeated_heads_are_stored(repeated_heads_cache)
         check_kv_memory(cache, cfg)
 
 
+@IMPL_ONLY
 @pytest.mark.parametrize("lengths", [[1], [15, 16, 17], [1, 100, 257, 33]])
 def test_paging_waste_is_under_one_block_per_sequence(lengths):
     cfg = config("tiny-gqa4")
@@ -116,3 +128,28 @@ def test_paging_waste_is_under_one_block_per_sequence(lengths):
     lower = kv_bytes(cfg, 4, sum(lengths))
     per_block_all_layers = kv_bytes(cfg, 4, bs)
     assert lower <= held < lower + len(lengths) * per_block_all_layers
+
+
+@pytest.mark.conformance("KV bytes vs formula")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("prompt_len", PROMPT_LENS)
+def test_engine_kv_bytes_follow_the_formula(checkpoint, engine_factory, metric, dtype, prompt_len):
+    """After a prefill of P tokens and one decode step (n = P + 1 tokens), the sequence
+    holds exactly kv_bytes(ceil(n / g) x g slots), g = the cache's granularity."""
+    path = checkpoint("tiny-gqa8")  # GQA 8:1: repeated heads would be 8x over
+    cfg = LlamaConfig.from_dir(path)
+    engine = engine_factory(path, dtype)
+    cache = engine.new_cache(prompt_len + 1)
+    cache.add_sequence(0)
+    ids = list(range(3, 3 + prompt_len))
+    engine.prefill(cache, 0, ids)
+    engine.decode(cache, 0, 5)
+    n, g = prompt_len + 1, cache.granularity
+    want = kv_bytes(cfg, DTYPES[dtype].size, math.ceil(n / g) * g)
+    held = cache.kv_bytes(0)
+    metric("held - formula (bytes)", held - want)
+    assert cache.tokens(0) == n
+    assert held == want, (
+        f"{held} bytes held for {n} tokens; the formula at {g}-token granularity gives {want} "
+        f"({held / kv_bytes(cfg, DTYPES[dtype].size, n):.2f}x the unpadded bytes)"
+    )
