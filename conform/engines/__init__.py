@@ -102,9 +102,10 @@ class Engine(ABC):
     @abstractmethod
     def load(cls, model_dir: Path, dtype: str) -> Engine: ...
 
-    @property
+    @classmethod
     @abstractmethod
-    def version(self) -> str: ...
+    def version(cls) -> str:
+        """Engine name and release, e.g. "mlx-lm 0.32.2"."""
 
     @abstractmethod
     def new_cache(

@@ -61,8 +61,8 @@ class ImplEngine(Engine):
     def load(cls, model_dir: Path, dtype: str) -> ImplEngine:
         return cls(load(model_dir, check_dtype(dtype)))
 
-    @property
-    def version(self) -> str:
+    @classmethod
+    def version(cls) -> str:
         return f"conform {importlib.metadata.version('conform')}"
 
     @property

@@ -86,8 +86,8 @@ class MlxLmEngine(Engine):
         mx.eval(model.parameters())
         return cls(model, config)
 
-    @property
-    def version(self) -> str:
+    @classmethod
+    def version(cls) -> str:
         return f"mlx-lm {mlx_lm.__version__}"
 
     def new_cache(
