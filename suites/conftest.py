@@ -2,8 +2,8 @@
 models and engines, references; the parity and conformance reports.
 
 ``--engine NAME`` picks the engine (default ``impl``; see conform.engines). Tests
-about impl's internals carry ``@pytest.mark.impl_only(reason)`` or sit in a file of
-IMPL_ONLY_FILES; with another engine they are skipped with that reason.
+about impl's internals carry ``@pytest.mark.impl_only(reason)`` or sit in a file
+outside ENGINE_SUITES; with another engine they are skipped with that reason.
 """
 
 from __future__ import annotations
@@ -22,13 +22,24 @@ from suites import engine_report
 # The random shapes every parity case runs on; see reference/checkpoints.py.
 TINY_SHAPES = ["tiny-mha", "tiny-gqa4", "tiny-gqa8", "tiny-mqa", "tiny-hd64", "tiny-hd128"]
 
-# Whole files about impl's internals (files we do not mark one test at a time).
+# Files whose tests go through the engine interface (impl-internal tests in them carry
+# the impl_only mark). Every other file is about impl's internals and, with another
+# engine, is skipped whole: a new file is never run quietly against the wrong engine.
+ENGINE_SUITES = {
+    "test_logits_parity.py",
+    "test_rope_offsets.py",
+    "test_rope_base.py",
+    "test_cache_accounting.py",
+    "test_memory_math.py",
+    "test_tinyllama_slow.py",
+}
 IMPL_ONLY_FILES = {
     "test_kernels.py": "tests impl's attention kernels (kernels/), not an engine",
     "test_metal_source.py": "checks impl's Metal kernel source, not an engine",
     "test_loader.py": "tests impl's checkpoint loader and its errors",
     "test_api.py": "tests impl's Python API (impl.engine, impl.paged_cache)",
     "test_cli.py": "tests the conform command, which runs impl",
+    "test_engines.py": "tests engine selection (the harness), not an engine",
 }
 _ENGINE = pytest.StashKey[type[Engine]]()
 
@@ -59,7 +70,12 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     for item in items:
         mark = item.get_closest_marker("impl_only")
-        reason = mark.args[0] if mark else IMPL_ONLY_FILES.get(item.path.name)
+        if mark:
+            reason = mark.args[0]
+        elif item.path.name not in ENGINE_SUITES:
+            reason = IMPL_ONLY_FILES.get(item.path.name, "tests impl's internals")
+        else:
+            reason = None
         if reason:
             item.add_marker(pytest.mark.skip(reason=f"engine {name}: {reason}"))
 

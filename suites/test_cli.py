@@ -77,7 +77,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_python_example_runs(monkeypatch, capsys):
-    block = readme().split("## Python API", 1)[1]
+    block = readme().split("## Python API", 1)[1].split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", block, flags=re.S)
     assert len(code) == 2
     monkeypatch.chdir(REPO_ROOT)
