@@ -8,8 +8,6 @@ the Metal Shading Language, against these names:
   group_y, group_z     the thread group's position in the grid
   groups_z             number of thread groups along z
   KSHARED              qualifier of a thread-group (shared memory) array
-  KDEVICE              address space of a device buffer (empty on CUDA): an input
-                       is written in place through ``const_cast<KDEVICE T*>(p)``
   ksync()              barrier across the thread group, shared memory visible after it
   kwarp_sum(x)         sum of x over the 32 lanes, the same value in every lane
   kwarp_max(x)         max of x over the 32 lanes, likewise
@@ -51,7 +49,6 @@ def active_backend() -> Backend:
 # may be called that.
 CUDA_HEADER = """
 #define KSHARED __shared__
-#define KDEVICE
 __device__ inline void ksync() { __syncthreads(); }
 __device__ inline float kwarp_sum(float x) {
   // Butterfly: every lane adds the same two operands at each step, so all 32
@@ -119,7 +116,6 @@ CUDA_PROLOGUE = """
 
 METAL_HEADER = """
 #define KSHARED threadgroup
-#define KDEVICE device
 inline void ksync() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
 inline float kwarp_sum(float x) { return metal::simd_sum(x); }
 inline float kwarp_max(float x) { return metal::simd_max(x); }

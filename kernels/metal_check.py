@@ -129,21 +129,20 @@ def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list
 
 
 def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int) -> list[str]:
-    """The Metal text of the RoPE + cache-write and the add + RMSNorm kernels."""
+    """The Metal text of the Q/K RoPE and the add + RMSNorm kernels."""
     rope_kernel, norm_kernel = rcw.build_kernel("metal"), arn.build_kernel("metal")
     q = mx.zeros((2, 3, n_heads, head_dim), dtype=dtype)
     k = mx.zeros((2, 3, n_kv, head_dim), dtype=dtype)
     cos = mx.zeros((2, 3, head_dim // 2), dtype=mx.float32)
-    pool = mx.zeros((4, 16, n_kv, head_dim), dtype=dtype)
     x = mx.zeros((6, n_heads * head_dim), dtype=dtype)
     weight, eps = mx.zeros((n_heads * head_dim,), dtype=dtype), mx.array([1e-5])
-    inputs = [q, k, cos, mx.zeros((6,), dtype=mx.int32), pool, x, weight, eps]
+    inputs = [q, k, cos, x, weight, eps]
 
-    def run(q, k, cos, slots, pool, x, weight, eps) -> list[mx.array]:
+    def run(q, k, cos, x, weight, eps) -> list[mx.array]:
         one = rope_kernel(
-            inputs=[q, k, k, cos, cos, slots, pool, pool],
-            output_shapes=[q.shape],
-            output_dtypes=[dtype],
+            inputs=[q, k, cos, cos],
+            output_shapes=[q.shape, k.shape],
+            output_dtypes=[dtype, dtype],
             **rcw.call_args(q, k),
         )
         two = norm_kernel(

@@ -1,10 +1,12 @@
 """Rotary embedding of the new Q/K at their absolute positions, then the K/V write
 into the paged pools through a slot mapping.
 
-``rope_and_cache_write`` dispatches: on a GPU backend (CUDA or Metal) the fused
-kernel (``kernels.rope_cache_write_kernel``) rotates Q and K and writes K/V into
-their pool rows in one launch; on the CPU backend, or for shapes the kernel does
-not take, the ops twin below runs. The twin is also the kernel's oracle.
+``rope_and_cache_write`` dispatches: on a GPU backend (CUDA or Metal) one custom
+kernel (``kernels.rope_cache_write_kernel``) rotates Q and K together, and two MLX
+scatters write K and V into their pool rows (in place: the cache's pools can be
+donated); on the CPU backend, or for shapes the kernel does not take, the ops twin
+below runs. The twin is also the kernel's oracle. That kernel's docstring says why
+the write is not inside it.
 
 Ops twin. The rotation is HF's rotate-half convention: the two halves of each head
 form the (x, y) pairs, ``x' = x cos - y sin``, ``y' = y cos + x sin`` with angle
@@ -71,12 +73,12 @@ def rope_and_cache_write(
     pools: (num_blocks, block_size, n_kv_heads, D); slots: (B * T,) int32 rows of the
     pools seen as (num_blocks * block_size, n_kv_heads, D).
 
-    Callers must use the returned pools from here on and treat the ones passed in
-    as consumed: the twin leaves them unchanged, the kernel writes into them.
+    Callers use the returned pools from here on; the arrays passed in are left as
+    they were (MLX reuses their buffers for the new pools when nothing else holds them).
     """
-    if fused.BACKEND != "cpu" and fused.supports(q, k, v, k_pool, v_pool):
-        cos, sin = _step_cos_sin(positions, inv_freq)
-        return fused.rope_cache_write(q, k, v, cos, sin, k_pool, v_pool, slots)
+    if fused.BACKEND != "cpu" and fused.supports(q, k):
+        q, k = fused.rope_qk(q, k, *_step_cos_sin(positions, inv_freq))
+        return q, write_rows(k_pool, k, slots), write_rows(v_pool, v, slots)
     return rope_and_cache_write_ops(q, k, v, positions, inv_freq, k_pool, v_pool, slots)
 
 
@@ -90,12 +92,13 @@ def rope_and_cache_write_ops(
     v_pool: mx.array,
     slots: mx.array,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """The ops twin of ``rope_and_cache_write``; the input pools are not modified."""
+    """The ops twin of ``rope_and_cache_write``."""
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
-    flat_shape = (-1, *k_pool.shape[2:])
-    new_pools = []
-    for pool, rows in ((k_pool, k), (v_pool, v)):
-        flat = pool.reshape(flat_shape)  # a new array object: the caller's pool is untouched
-        flat[slots] = rows.reshape(-1, *rows.shape[2:]).astype(pool.dtype)
-        new_pools.append(flat.reshape(pool.shape))
-    return q, new_pools[0], new_pools[1]
+    return q, write_rows(k_pool, k, slots), write_rows(v_pool, v, slots)
+
+
+def write_rows(pool: mx.array, rows: mx.array, slots: mx.array) -> mx.array:
+    """``pool`` with ``rows`` (B, T, n_kv_heads, D) written at ``slots`` (B * T,)."""
+    flat = pool.reshape(-1, *pool.shape[2:])  # a new array object: the caller's pool is untouched
+    flat[slots] = rows.reshape(-1, *rows.shape[2:]).astype(pool.dtype)
+    return flat.reshape(pool.shape)

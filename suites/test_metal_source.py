@@ -38,7 +38,7 @@ def test_export_holds_the_generated_kernels() -> None:
     """Runs without clang: the text is captured whole, template instantiation included."""
     found = sources("float16", 64, 32, 4, 16)
     kernels = [f"paged_decode_attention{s}" for s in ("", "_split", "_combine")]
-    for kernel in [*kernels, "rope_cache_write", "add_rms_norm"]:
+    for kernel in [*kernels, "rope_qk", "add_rms_norm"]:
         name = f"[[kernel]] void custom_kernel_{kernel}__"
         assert sum(name in src for src in found) == 1, name
     for src in found:
@@ -62,8 +62,7 @@ def test_metal_source_parses(dtype: str, head_dim: int, shape: tuple[int, int, i
 INJECTED: list[tuple[str, str, str]] = [
     ("kexp(m[g] - m_new)", "kexpp(m[g] - m_new)", "undeclared identifier"),
     ("ksync();", "__syncthreads();", "undeclared identifier"),  # CUDA spelling
-    # Writing the pool without casting its const away: Metal rejects it too.
-    ("kp[dst] = ", "k_pool[dst] = ", "no viable overloaded"),
+    ("k_rot[at] = first;", "k_rot[at] = frist;", "undeclared identifier"),
     (
         "kmax(top, sm_m[w * GROUP_SIZE + g])",
         "kmax(sm_m[w * GROUP_SIZE + g])",
@@ -73,7 +72,9 @@ INJECTED: list[tuple[str, str, str]] = [
 
 
 @needs_clang
-@pytest.mark.parametrize("bug", INJECTED, ids=["misspelt", "cuda-barrier", "const-write", "arity"])
+@pytest.mark.parametrize(
+    "bug", INJECTED, ids=["misspelt", "cuda-barrier", "misspelt-rope", "arity"]
+)
 def test_check_catches_an_injected_error(bug: tuple[str, str, str]) -> None:
     good, bad, diagnostic = bug
     src = next(src for src in sources("float16", 64, 32, 4, 16) if good in src)

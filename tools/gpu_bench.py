@@ -51,11 +51,13 @@ def copy_gbps() -> float:
     return 2 * x.nbytes / (ms / 1e3) / 1e9
 
 
-def ours_decode(model, contexts: list[int]) -> float:
+def ours_decode(model, contexts: list[int], spare_blocks: int = 0) -> float:
     """One decode step for len(contexts) sequences at those contexts, rolled back
-    (``trim``) after each timed step so every repetition sees the same contexts."""
+    (``trim``) after each timed step so every repetition sees the same contexts.
+    ``spare_blocks`` enlarges the pool: the step time must not grow with it, or the
+    cache write copies the pool instead of updating it in place."""
     bs = common.BLOCK_SIZE
-    blocks = sum(-(-c // bs) for c in contexts)
+    blocks = sum(-(-c // bs) for c in contexts) + spare_blocks
     cache = PagedKVCache(model.config, blocks, bs, common.DTYPES[DTYPE])
     for i, c in enumerate(contexts):
         cache.add_sequence(i)
@@ -68,6 +70,43 @@ def ours_decode(model, contexts: list[int]) -> float:
             cache.trim(i, 1)
 
     return median_ms(step)
+
+
+def build_ms(model, context: int, peer: bool) -> float:
+    """Host time to build one decode step's graph (no evaluation), batch 1: the part of
+    a step that is Python and MLX bookkeeping rather than GPU work."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    times = []
+    if peer:
+        args = model.args
+        shape = (
+            1,
+            args.num_key_value_heads,
+            context - 1,
+            args.hidden_size // args.num_attention_heads,
+        )
+        cache = make_prompt_cache(model)
+        for c in cache:
+            c.update_and_fetch(mx.zeros(shape, mx.float16), mx.zeros(shape, mx.float16))
+    else:
+        cache = PagedKVCache.for_tokens(model.config, context, common.BLOCK_SIZE, mx.float16)
+        cache.add_sequence(0)
+        cache.plan([0], context - 1)
+    tok = mx.array([[5]])
+    for _ in range(23):
+        t0 = time.perf_counter()
+        if peer:
+            out = model(tok, cache=cache)
+        else:
+            out = model(tok, cache, cache.plan([0], 1))
+        times.append((time.perf_counter() - t0) * 1e3)
+        mx.eval(out, *([c.keys for c in cache] if peer else cache.k + cache.v))
+        for c in cache if peer else []:
+            c.trim(1)
+        if not peer:
+            cache.trim(0, 1)
+    return statistics.median(times[3:])
 
 
 def ours_prefill(model, n: int) -> float:
@@ -133,6 +172,11 @@ def main() -> int:
     for c in CONTEXTS:
         rows.append((f"decode b=1 ctx={c} ms", ours_decode(ours, [c]), mlx_lm_decode(peer, [c])))
     rows.append(("prefill 512 ms", ours_prefill(ours, 512), mlx_lm_prefill(peer, 512)))
+    rows.append(
+        ("graph build b=1 ctx=512 ms", build_ms(ours, 512, False), build_ms(peer, 512, True))
+    )
+    big = ours_decode(ours, [512], spare_blocks=8192)
+    rows.append(("decode b=1 ctx=512 +8192 blocks ms", big, None))
     for b in BATCHES:
         ctx = mixed_contexts(b)
         tok_s = [b / (ms / 1e3) for ms in (ours_decode(ours, ctx), mlx_lm_decode(peer, ctx))]
