@@ -63,7 +63,10 @@ class ImplEngine(Engine):
 
     @classmethod
     def version(cls) -> str:
-        return f"conform {importlib.metadata.version('conform')}"
+        try:  # a source tree on PYTHONPATH (the GPU machine) has no installed metadata
+            return f"conform {importlib.metadata.version('conform')}"
+        except importlib.metadata.PackageNotFoundError:
+            return "conform (source tree)"
 
     @property
     def dtype(self) -> mx.Dtype:
