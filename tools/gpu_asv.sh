@@ -6,7 +6,8 @@
 # The device gets a copy of the working tree without .git, so the commit comes as a
 # bundle made here: mkdir -p .gpurepo && git bundle create .gpurepo/main.bundle main
 set -euo pipefail
-results=${1:?results folder}
+out=${1:?where the results tarball goes}
+results=/tmp/asv-results
 machine=${ASV_MACHINE:-lent-h100-mlx-cuda}
 git clone -q .gpurepo/main.bundle /tmp/conform-repo
 hash=$(git -C /tmp/conform-repo rev-parse main)
@@ -23,3 +24,4 @@ python3 -m asv machine --config asv-gpu.conf.json --yes --machine "$machine"
 python3 -m asv run --config asv-gpu.conf.json --python=same --set-commit-hash "$hash" \
   --machine "$machine" --bench "${ASV_BENCH:-TinyLlama}" --show-stderr
 rm -f asv-gpu.conf.json
+tar cf "$out" -C "$results" .  # one file: the device tool brings back at most 8

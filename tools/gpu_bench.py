@@ -109,6 +109,25 @@ def build_ms(model, context: int, peer: bool) -> float:
     return statistics.median(times[3:])
 
 
+def profile_build(model, context: int = 512, steps: int = 20) -> None:
+    """Print where the host time of building our decode graphs goes (cProfile)."""
+    import cProfile
+    import pstats
+
+    cache = PagedKVCache.for_tokens(model.config, context, common.BLOCK_SIZE, mx.float16)
+    cache.add_sequence(0)
+    cache.plan([0], context - 1)
+    tok = mx.array([[5]])
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        prof.enable()
+        out = model(tok, cache, cache.plan([0], 1))
+        prof.disable()
+        mx.eval(out, cache.k, cache.v)
+        cache.trim(0, 1)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def ours_prefill(model, n: int) -> float:
     cache = PagedKVCache.for_tokens(model.config, n, common.BLOCK_SIZE, common.DTYPES[DTYPE])
     prompt = common.tokens(n, model.config.vocab_size)
@@ -192,6 +211,7 @@ def main() -> int:
         vs_floor = f"{a / floor_ms:.2f}" if name.endswith("ms") and "decode" in name else "-"
         peer_ms = f"{b:10.3f}" if b is not None else f"{'-':>10s}"
         print(f"{name:32s} {a:10.3f} {peer_ms} {ratio:>10s} {vs_floor:>10s}")
+    profile_build(ours)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

@@ -56,7 +56,7 @@ for step in $STEPS; do
       cp results/parity.json "$OUT/parity-gpu.json" 2>/dev/null ;;
     kernel-bench) run kernel-bench python3 tools/gpu_kernels_check.py --skip-tests ;;
     model-bench) run model-bench python3 tools/gpu_bench.py --out "$OUT/gpu-bench.json" ;;
-    asv) run asv bash tools/gpu_asv.sh "$OUT/asv" ;;
+    asv) run asv bash tools/gpu_asv.sh "$OUT/asv-results.tar" ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
