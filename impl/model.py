@@ -54,6 +54,7 @@ class Attention(nn.Module):
             plan.context_lens,
             plan.positions,
             self.scale,
+            plan.fresh,
         )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 

@@ -90,6 +90,9 @@ class StepPlan:
     slots: mx.array  # (B * T,) int32, pool row = block * block_size + offset
     block_tables: mx.array  # (B, max_blocks) int32, padded with 0 past each table
     context_lens: mx.array  # (B,) int32, tokens cached after this step
+    # Every sequence was empty before this step, so its new tokens are its whole
+    # context (a prompt's first chunk): attention needs no cached prefix.
+    fresh: bool = False
 
 
 class PagedKVCache:
@@ -217,6 +220,7 @@ class PagedKVCache:
             table.extend(self.allocator.allocate(new))
 
         bs = self.block_size
+        fresh = all(self._tokens[s] == 0 for s in seqs)
         positions, slots = [], []
         for s in seqs:
             start, table = self._tokens[s], self._tables[s]
@@ -231,6 +235,7 @@ class PagedKVCache:
             slots=mx.array(slots, dtype=mx.int32),
             block_tables=mx.array(tables, dtype=mx.int32),
             context_lens=mx.array([self._tokens[s] for s in seqs], dtype=mx.int32),
+            fresh=fresh,
         )
 
     def ensure_room(self, seqs: Sequence[Hashable], num_new: int) -> None:

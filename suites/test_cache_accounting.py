@@ -464,3 +464,14 @@ def test_trim_check_catches_blocks_kept_after_trim(monkeypatch) -> None:
     monkeypatch.setattr(PagedKVCache, "trim", leaky)
     with pytest.raises(AssertionError):
         test_trim_counts_exactly(4, 17, 2)
+
+
+def test_plan_is_fresh_only_when_every_sequence_was_empty() -> None:
+    cache = PagedKVCache(CFG, 8, 4)
+    cache.add_sequence("a")
+    cache.add_sequence("b")
+    assert cache.plan(["a"], 5).fresh
+    assert not cache.plan(["a"], 1).fresh
+    assert not cache.plan(["a", "b"], 1).fresh  # b is empty, a is not
+    cache.trim("a", 6)
+    assert cache.plan(["a"], 2).fresh  # trimmed back to nothing: empty again
