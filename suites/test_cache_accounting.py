@@ -473,5 +473,5 @@ def test_plan_is_fresh_only_when_every_sequence_was_empty() -> None:
     assert cache.plan(["a"], 5).fresh
     assert not cache.plan(["a"], 1).fresh
     assert not cache.plan(["a", "b"], 1).fresh  # b is empty, a is not
-    cache.trim("a", 6)
+    cache.trim("a", cache.tokens("a"))
     assert cache.plan(["a"], 2).fresh  # trimmed back to nothing: empty again
