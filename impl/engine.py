@@ -88,15 +88,26 @@ def decode(
     seqs: Sequence[Hashable],
     tokens: Sequence[int] | np.ndarray,
     trace: dict[str, list[mx.array]] | None = None,
+    compiled: bool = False,
 ) -> mx.array:
-    """Feed one token to each sequence in ``seqs`` in one batch; logits (B, vocab)."""
+    """Feed one token to each sequence in ``seqs`` in one batch; logits (B, vocab).
+
+    ``compiled`` runs the step as an ``mx.compile``d graph (see ``_compiled_step``):
+    the same ops, without rebuilding the graph in Python every step. It is off by
+    default because a compiled graph keeps what it traced: code patched afterwards
+    (the suites inject faults that way) would not reach it.
+    """
     ids = _check_tokens(model, tokens, "decode tokens")
     if ids.size != len(seqs):
         raise InputError(f"decode: {len(seqs)} sequences but {ids.size} tokens")
     for s in seqs:
         _check_room(model, cache, s, 1)
     plan = cache.plan(list(seqs), 1)
-    out = _forward(model, mx.array(ids)[:, None], cache, plan, trace)  # (B, 1, vocab)
+    tok = mx.array(ids)[:, None]
+    if compiled and trace is None and not plan.fresh:
+        out = _compiled_forward(model, tok, cache, plan)
+    else:
+        out = _forward(model, tok, cache, plan, trace)  # (B, 1, vocab)
     return out[:, 0]
 
 
@@ -113,6 +124,52 @@ def _forward(
     if trace is not None:
         for name, value in step.items():
             trace.setdefault(name, []).append(value)
+    return out
+
+
+@dataclass
+class _Pools:
+    """What the model reads and writes of a cache inside a compiled step: the pools."""
+
+    k: list[mx.array]
+    v: list[mx.array]
+
+    def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
+        self.k[layer], self.v[layer] = k_pool, v_pool
+
+
+def _compiled_step(model: Model):
+    """The model's forward over explicit arrays, compiled once per model.
+
+    MLX traces it again for each new set of input shapes (a batch size, a block
+    table width), keeps every trace, and replays them without running Python. The
+    model's arrays (weights, RoPE frequencies) are implicit inputs, so loading new
+    weights reaches the compiled graph.
+    """
+    step = model.__dict__.get("_compiled_decode")
+    if step is None:
+
+        def forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools):
+            pools = _Pools(list(k_pools), list(v_pools))
+            plan = StepPlan(positions, slots, block_tables, context_lens)
+            return model(tokens, pools, plan), pools.k, pools.v
+
+        step = mx.compile(forward, inputs=model.state)
+        model.__dict__["_compiled_decode"] = step
+    return step
+
+
+def _compiled_forward(
+    model: Model, tokens: mx.array, cache: PagedKVCache, plan: StepPlan
+) -> mx.array:
+    step = _compiled_step(model)
+    p = plan
+    out, k_pools, v_pools = step(
+        tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
+    )
+    for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
+        cache.update_layer(layer, k_pool, v_pool)
+    mx.eval(out, cache.k, cache.v)
     return out
 
 
@@ -174,12 +231,14 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     block_size: int = 16,
     keep_logits: bool = False,
+    compiled: bool = False,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``.
 
     The last generated token is returned but never fed back, so the cache ends
     with ``len(prompt) + len(tokens) - 1`` tokens (see ``impl.paged_cache``).
     Without a ``cache``, one sized for prompt + max_new_tokens is made.
+    ``compiled`` is passed to every ``decode`` step.
     """
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -206,7 +265,7 @@ def generate(
     decode_ms: list[float] = []
     while len(out) < max_new_tokens and out[-1] not in eos:
         t0 = time.perf_counter()
-        logits = decode(model, cache, [seq], [out[-1]])
+        logits = decode(model, cache, [seq], [out[-1]], compiled=compiled)
         out.append(sampler(to_numpy(logits[0])))
         decode_ms.append((time.perf_counter() - t0) * 1e3)
         if keep_logits:

@@ -16,8 +16,6 @@ rounding, reading back the h values it wrote itself.
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 
 from kernels.backend import WARP, Backend, active_backend, header, prologue
@@ -72,11 +70,6 @@ BACKEND: Backend = active_backend()
 _KERNEL = build_kernel(BACKEND) if BACKEND != "cpu" else None
 
 
-@functools.lru_cache(maxsize=8)
-def _eps_array(eps: float) -> mx.array:
-    return mx.array([eps], dtype=mx.float32)
-
-
 def supports(x: mx.array, residual: mx.array, weight: mx.array) -> bool:
     """Whether the kernel takes these inputs (the dispatcher falls back if not)."""
     return (
@@ -107,7 +100,8 @@ def add_rms_norm(
     if not supports(x, residual, weight):
         raise ValueError(f"unsupported x {x.shape} {x.dtype} / weight {weight.shape}")
     h, normed = _KERNEL(
-        inputs=[x, residual, weight, _eps_array(float(eps))],
+        inputs=[x, residual, weight, mx.array([eps], dtype=mx.float32)],  # per call: see
+        # paged_decode_attention on mx.compile
         output_shapes=[x.shape, x.shape],
         output_dtypes=[x.dtype, x.dtype],
         **call_args(x),

@@ -37,7 +37,6 @@ Apple's simdgroups are 32 lanes wide too):
 
 from __future__ import annotations
 
-import functools
 import math
 
 import mlx.core as mx
@@ -270,12 +269,6 @@ BACKEND: Backend = active_backend()
 _KERNELS = build_kernels(BACKEND) if BACKEND != "cpu" else None
 
 
-@functools.lru_cache(maxsize=8)
-def _scale_array(scale: float) -> mx.array:
-    # One small device array per distinct scale, not a fresh upload every layer.
-    return mx.array([scale], dtype=mx.float32)
-
-
 def supports(q: mx.array, k_pool: mx.array) -> bool:
     """Whether the kernel takes these shapes and dtype (the dispatcher falls back if not)."""
     n_heads, head_dim = q.shape[1], q.shape[3]
@@ -344,7 +337,9 @@ def paged_decode_attention(
         v_pool.astype(q.dtype),
         block_tables.astype(mx.int32),
         context_lens.astype(mx.int32),
-        _scale_array(float(scale)),
+        # Made per call, not cached: inside mx.compile an array from outside the traced
+        # function would be an uncaptured input.
+        mx.array([scale], dtype=mx.float32),
     ]
     launch = kernel_call_args(q, k_pool, n_parts)
     final, split, combine = _KERNELS

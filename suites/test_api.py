@@ -158,3 +158,39 @@ def test_logits_as_numpy_are_float32(checkpoint, model_factory):
     out = to_numpy(prefill(m16, cache, 0, ids(4)))
     assert out.dtype == np.float32 and out.shape == (4, m16.config.vocab_size)
     assert cache.k[0].dtype == mx.float16
+
+
+# -- compiled decode (decode(..., compiled=True)) -----------------------------------------
+def decode_run(model, compiled: bool, dtype=mx.float32) -> np.ndarray:
+    """Two sequences of different lengths decode 20 steps together, crossing several
+    4-token blocks, so the compiled step is traced again as the tables widen."""
+    cache = PagedKVCache(model.config, 24, 4, dtype)
+    for seq, n in (("a", 5), ("b", 9)):
+        cache.add_sequence(seq)
+        prefill(model, cache, seq, ids(n, seed=n))
+    steps = []
+    for i in range(20):
+        got = decode(model, cache, ["a", "b"], [3 + i, 7 + i], compiled=compiled)
+        steps.append(to_numpy(got))
+    return np.stack(steps)
+
+
+def test_compiled_decode_equals_eager(model):
+    np.testing.assert_array_equal(decode_run(model, True), decode_run(model, False))
+
+
+def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, monkeypatch):
+    import impl.engine
+
+    def forgetful(model, tokens, cache, plan):  # computes, but never installs the pools
+        step = impl.engine._compiled_step(model)
+        p = plan
+        out, _, _ = step(
+            tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
+        )
+        mx.eval(out)
+        return out
+
+    monkeypatch.setattr(impl.engine, "_compiled_forward", forgetful)
+    with pytest.raises(AssertionError):
+        test_compiled_decode_equals_eager(model)

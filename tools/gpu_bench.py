@@ -51,7 +51,7 @@ def copy_gbps() -> float:
     return 2 * x.nbytes / (ms / 1e3) / 1e9
 
 
-def ours_decode(model, contexts: list[int], spare_blocks: int = 0) -> float:
+def ours_decode(model, contexts: list[int], spare_blocks: int = 0, compiled: bool = False) -> float:
     """One decode step for len(contexts) sequences at those contexts, rolled back
     (``trim``) after each timed step so every repetition sees the same contexts.
     ``spare_blocks`` enlarges the pool: the step time must not grow with it, or the
@@ -65,7 +65,7 @@ def ours_decode(model, contexts: list[int], spare_blocks: int = 0) -> float:
     seqs = list(range(len(contexts)))
 
     def step():
-        decode(model, cache, seqs, [5] * len(seqs))
+        decode(model, cache, seqs, [5] * len(seqs), compiled=compiled)
         for i in seqs:
             cache.trim(i, 1)
 
@@ -200,17 +200,27 @@ def main() -> int:
         ctx = mixed_contexts(b)
         tok_s = [b / (ms / 1e3) for ms in (ours_decode(ours, ctx), mlx_lm_decode(peer, ctx))]
         rows.append((f"decode b={b} mixed tokens/s", *tok_s))
+    # decode(..., compiled=True): the same step as one mx.compile'd graph.
+    for c in CONTEXTS:
+        ms = ours_decode(ours, [c], compiled=True)
+        rows.append((f"compiled decode b=1 ctx={c} ms", ms, mlx_lm_decode(peer, [c])))
+    big = ours_decode(ours, [512], spare_blocks=8192, compiled=True)
+    rows.append(("compiled decode b=1 ctx=512 +8192 blocks ms", big, None))
+    for b in BATCHES:
+        ctx = mixed_contexts(b)
+        ms = ours_decode(ours, ctx, compiled=True)
+        rows.append((f"compiled decode b={b} mixed tokens/s", b / (ms / 1e3), None))
     device = f"{mx.default_device()} {platform.node()}"
     print(
         f"device {device}; weights {weight_bytes / 1e9:.2f} GB; copy {gbps:.0f} GB/s;"
         f" weights-read floor {floor_ms:.3f} ms"
     )
-    print(f"{'point':32s} {'ours':>10s} {'mlx-lm':>10s} {'ours/peer':>10s} {'ours/floor':>10s}")
+    print(f"{'point':44s} {'ours':>10s} {'mlx-lm':>10s} {'ours/peer':>10s} {'ours/floor':>10s}")
     for name, a, b in rows:
         ratio = f"{a / b:.2f}" if b else "-"
         vs_floor = f"{a / floor_ms:.2f}" if name.endswith("ms") and "decode" in name else "-"
         peer_ms = f"{b:10.3f}" if b is not None else f"{'-':>10s}"
-        print(f"{name:32s} {a:10.3f} {peer_ms} {ratio:>10s} {vs_floor:>10s}")
+        print(f"{name:44s} {a:10.3f} {peer_ms} {ratio:>10s} {vs_floor:>10s}")
     profile_build(ours)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
