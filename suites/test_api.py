@@ -176,7 +176,11 @@ def decode_run(model, compiled: bool, dtype=mx.float32) -> np.ndarray:
 
 
 def test_compiled_decode_equals_eager(model):
-    np.testing.assert_array_equal(decode_run(model, True), decode_run(model, False))
+    # Same ops, but mx.compile fuses element-wise chains into one kernel, whose float
+    # arithmetic may round differently: equal on the CPU, ~1e-7 apart on the H100.
+    np.testing.assert_allclose(
+        decode_run(model, True), decode_run(model, False), atol=FP32_SAME_ENGINE_ATOL, rtol=0
+    )
 
 
 def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, monkeypatch):

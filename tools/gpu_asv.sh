@@ -9,8 +9,8 @@ set -euo pipefail
 out=${1:?where the results tarball goes}
 results=/tmp/asv-results
 machine=${ASV_MACHINE:-lent-h100-mlx-cuda}
-git clone -q .gpurepo/main.bundle /tmp/conform-repo
-hash=$(git -C /tmp/conform-repo rev-parse main)
+rm -rf /tmp/conform-repo && git clone -q -b main .gpurepo/main.bundle /tmp/conform-repo
+hash=$(git -C /tmp/conform-repo rev-parse HEAD)
 # The same configuration as asv.conf.json, but the repository is the bundle's clone
 # and results go where the device tool brings them back.
 python3 - "$results" <<'PY'
@@ -19,6 +19,9 @@ conf = json.load(open("asv.conf.json"))
 conf.update(repo="/tmp/conform-repo", results_dir=sys.argv[1], html_dir="/tmp/asv-html")
 json.dump(conf, open("/tmp/asv-gpu.json", "w"), indent=2)
 PY
+# asv drops PYTHONPATH from the benchmark processes' environment but passes
+# ASV_PYTHONPATH on as PYTHONPATH.
+export ASV_PYTHONPATH=$PYTHONPATH
 cp /tmp/asv-gpu.json asv-gpu.conf.json  # benchmark_dir is relative to the config's folder
 python3 -m asv machine --config asv-gpu.conf.json --yes --machine "$machine"
 python3 -m asv run --config asv-gpu.conf.json --python=same --set-commit-hash "$hash" \
