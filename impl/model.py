@@ -42,7 +42,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        q, k_pool, v_pool = kernels.rope_and_cache_write(
+        q, k, k_pool, v_pool = kernels.rope_and_cache_write(
             q, k, v, plan.positions, inv_freq, cache.k[layer], cache.v[layer], plan.slots
         )
         cache.update_layer(layer, k_pool, v_pool)
@@ -54,7 +54,7 @@ class Attention(nn.Module):
             plan.context_lens,
             plan.positions,
             self.scale,
-            plan.fresh,
+            own_kv=(k, v) if plan.fresh else None,  # the new tokens are the whole context
         )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 

@@ -3,10 +3,11 @@
 ``paged_attention`` dispatches: on a GPU backend (CUDA or Metal) a decode step
 (T == 1) of a shape the custom kernel supports runs it
 (``kernels.paged_decode_attention``); a step whose sequences were all empty (a
-prompt's first chunk, ``fresh``) is plain causal attention over its own tokens and
-runs MLX's fused causal attention on them; everything else (chunked prefill after
-the first chunk, other head sizes, the CPU backend) runs the ops twin below, which
-is also the oracle the kernel is tested against.
+prompt's first chunk) passes its own new keys and values (``own_kv``), which are
+the whole context, and runs MLX's fused causal attention on them without reading
+the pools; everything else (chunked prefill after the first chunk, other head
+sizes, the CPU backend) runs the ops twin below, which is also the oracle the
+kernel is tested against.
 
 Ops twin: gathers each sequence's blocks through its block table and calls MLX's
 fused attention with K/V at ``num_key_value_heads`` (never tiled to the query
@@ -30,38 +31,28 @@ def paged_attention(
     context_lens: mx.array,
     positions: mx.array,
     scale: float,
-    fresh: bool = False,
+    own_kv: tuple[mx.array, mx.array] | None = None,
 ) -> mx.array:
     """Same contract as ``paged_attention_ops``; the custom kernel serves GPU decode.
 
     A decode step's single query sits at ``context_len - 1`` (``PagedKVCache.plan``
-    builds it so), which is why the kernel needs no ``positions``. ``fresh`` promises
-    that every sequence holds exactly its T new tokens, at positions 0..T-1.
+    builds it so), which is why the kernel needs no ``positions``. ``own_kv``, the
+    step's new (k, v) as (B, T, n_kv_heads, head_dim), promises that every sequence
+    holds exactly those T tokens, at positions 0..T-1.
     """
     if BACKEND != "cpu" and q.shape[2] == 1 and supports(q, k_pool):
         return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
-    if fresh:
-        return causal_attention_fresh(q, k_pool, v_pool, block_tables, scale)
+    if own_kv is not None:
+        return causal_self_attention(q, *own_kv, scale)
     return paged_attention_ops(q, k_pool, v_pool, block_tables, context_lens, positions, scale)
 
 
-def causal_attention_fresh(
-    q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array, scale: float
-) -> mx.array:
-    """Causal attention of T queries over the same T tokens, read back from the pools.
+def causal_self_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Causal attention of T queries over the same T tokens' keys and values.
 
-    Each table lists exactly ceil(T / block_size) blocks, all holding this step's
-    tokens, so the first T gathered rows are the whole context and MLX's fused causal
-    mask (no mask array, no padding) applies.
+    q: (B, n_heads, T, D); k, v: (B, T, n_kv_heads, D), K/V heads not repeated.
     """
-    batch, _, t, head_dim = q.shape
-    n_kv = k_pool.shape[2]
-
-    def gather(pool: mx.array) -> mx.array:
-        rows = pool[block_tables].reshape(batch, -1, n_kv, head_dim)[:, :t]
-        return rows.transpose(0, 2, 1, 3)  # (B, n_kv_heads, T, head_dim)
-
-    k, v = gather(k_pool), gather(v_pool)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, n_kv_heads, T, D)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
 
 

@@ -67,8 +67,8 @@ def rope_and_cache_write(
     k_pool: mx.array,
     v_pool: mx.array,
     slots: mx.array,
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Rotate q and k, write k and v to their slots; return (q_rot, k_pool', v_pool').
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """Rotate q and k, write k and v to their slots; return (q_rot, k_rot, k_pool', v_pool').
 
     q: (B, T, n_heads, D); k, v: (B, T, n_kv_heads, D); positions: (B, T);
     pools: (num_blocks, block_size, n_kv_heads, D); slots: (B * T,) int32 rows of the
@@ -80,7 +80,7 @@ def rope_and_cache_write(
     """
     if fused.BACKEND != "cpu" and fused.supports(q, k):
         q, k = fused.rope_qk(q, k, *_per_step("angles", (positions, inv_freq), rope_cos_sin))
-        return q, write_rows(k_pool, k, slots), write_rows(v_pool, v, slots)
+        return q, k, write_rows(k_pool, k, slots), write_rows(v_pool, v, slots)
     return rope_and_cache_write_ops(q, k, v, positions, inv_freq, k_pool, v_pool, slots)
 
 
@@ -93,10 +93,10 @@ def rope_and_cache_write_ops(
     k_pool: mx.array,
     v_pool: mx.array,
     slots: mx.array,
-) -> tuple[mx.array, mx.array, mx.array]:
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """The ops twin of ``rope_and_cache_write``."""
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
-    return q, write_rows(k_pool, k, slots), write_rows(v_pool, v, slots)
+    return q, k, write_rows(k_pool, k, slots), write_rows(v_pool, v, slots)
 
 
 def write_rows(pool: mx.array, rows: mx.array, slots: mx.array) -> mx.array:

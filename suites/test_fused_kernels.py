@@ -114,16 +114,18 @@ def pool_rows(pool: mx.array) -> np.ndarray:
 
 
 def assert_rope_write_matches(
-    got: tuple[mx.array, mx.array, mx.array], case: RopeCase, dtype: str
+    got: tuple[mx.array, mx.array, mx.array, mx.array], case: RopeCase, dtype: str
 ) -> None:
-    q_rot, k_pool, v_pool = got
+    q_rot, k_rot, k_pool, v_pool = got
     pos, inv = np.array(case.positions), np.array(case.inv_freq)
     tol = dict(atol=KERNEL_ATOL[dtype], rtol=KERNEL_RTOL[dtype])
     assert q_rot.shape == case.q.shape and q_rot.dtype == case.q.dtype
     np.testing.assert_allclose(to_f64(q_rot), reference_rope(to_f64(case.q), pos, inv), **tol)
     k_rows, v_rows = pool_rows(k_pool), pool_rows(v_pool)
     slots = np.array(case.slots)
-    k_new = reference_rope(to_f64(case.k), pos, inv).reshape(-1, *case.k.shape[2:])
+    k_ref = reference_rope(to_f64(case.k), pos, inv)
+    np.testing.assert_allclose(to_f64(k_rot), k_ref, **tol)  # returned for the fresh path
+    k_new = k_ref.reshape(-1, *case.k.shape[2:])
     np.testing.assert_allclose(k_rows[slots], k_new, **tol)
     np.testing.assert_array_equal(v_rows[slots], to_f64(case.v).reshape(-1, *case.v.shape[2:]))
     untouched = np.ones(k_rows.shape[0], bool)
@@ -136,7 +138,7 @@ def rope_args(case: RopeCase) -> tuple:
     return (c.q, c.k, c.v, c.positions, c.inv_freq, c.k_pool, c.v_pool, c.slots)
 
 
-def run_rope_kernel(case: RopeCase) -> tuple[mx.array, mx.array, mx.array]:
+def run_rope_kernel(case: RopeCase) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """The GPU path: the rotation kernel, then the scatter writes."""
     assert rope_cache_write_kernel.supports(case.q, case.k)
     return rcw.rope_and_cache_write(*rope_args(case))
@@ -182,7 +184,7 @@ def test_rope_write_readers_see_the_new_rows() -> None:
     """A reader of the returned pools that does not use q_rot (as the prefill gather)
     still runs after the write. The first kernel, which wrote in place, failed this."""
     case = make_rope_case(3, 8, 2, 64, 16, "float16", seed=1)
-    _, k_pool, _ = run_rope_kernel(case)
+    _, _, k_pool, _ = run_rope_kernel(case)
     gathered = k_pool.reshape(-1, 2, 64)[case.slots]
     assert not np.isnan(to_f64(gathered)).any()
 

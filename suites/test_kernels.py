@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from kernels import paged_decode_attention as pda
-from kernels.paged_attention import causal_attention_fresh, paged_attention, paged_attention_ops
+from kernels.paged_attention import causal_self_attention, paged_attention, paged_attention_ops
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
 
 ON_GPU = pda.BACKEND != "cpu"
@@ -233,21 +233,29 @@ def test_shuffled_tables_catch_ignoring_the_table() -> None:
         assert_matches_reference(got, case, "float32")
 
 
-# A prompt's first chunk (every sequence empty before the step) takes MLX's fused
-# causal attention over the first T pool rows instead of the masked twin.
-def fresh_case(t: int, lengths: list[int] | None = None) -> tuple[Case, mx.array, mx.array]:
+# A prompt's first chunk (every sequence empty before the step) attends over its own
+# new keys and values with MLX's fused causal attention instead of the masked twin.
+def fresh_case(t: int, lengths: list[int] | None = None) -> tuple[Case, mx.array, tuple]:
+    """A case, T queries per sequence, and each sequence's first T cached rows as
+    (B, T, n_kv_heads, D) keys and values, read through its table."""
     case = make_case(lengths or [t, t], 8, 2, 64, 16, "float32", seed=8)
     q = mx.array(np.random.default_rng(9).standard_normal((2, 8, t, 64)).astype(np.float32))
-    positions = mx.broadcast_to(mx.arange(t, dtype=mx.int32)[None], (2, t))
-    return case, q, positions
+    tables, bs = np.array(case.block_tables), case.k_pool.shape[1]
+    rows = [[(tables[b, i // bs], i % bs) for i in range(t)] for b in range(2)]
+    own = tuple(
+        mx.array(np.stack([[np.array(pool)[blk, off] for blk, off in r] for r in rows]))
+        for pool in (case.k_pool, case.v_pool)
+    )
+    return case, q, own
 
 
 @pytest.mark.parametrize("t", [1, 7, 16, 17, 40])
 def test_fresh_prefill_path_equals_the_twin(t: int) -> None:
-    case, q, positions = fresh_case(t)
+    case, q, own = fresh_case(t)
     c = case
+    positions = mx.broadcast_to(mx.arange(t, dtype=mx.int32)[None], (2, t))
     args = (c.k_pool, c.v_pool, c.block_tables, c.context_lens, positions, c.scale)
-    got = paged_attention(q, *args, fresh=True)
+    got = paged_attention(q, *args, own_kv=own)
     np.testing.assert_allclose(
         to_f64(got), to_f64(paged_attention_ops(q, *args)), atol=KERNEL_ATOL["float32"], rtol=0
     )
@@ -255,12 +263,12 @@ def test_fresh_prefill_path_equals_the_twin(t: int) -> None:
 
 def test_fresh_path_check_catches_a_sequence_with_a_prefix() -> None:
     """Taking the fresh path for a sequence that already held tokens must fail the check."""
-    case, q, positions = fresh_case(7, lengths=[7, 12])  # the second holds 5 earlier tokens
+    case, q, own = fresh_case(7, lengths=[7, 12])  # the second holds 5 earlier tokens
     c = case
     positions = mx.array([list(range(7)), list(range(5, 12))], dtype=mx.int32)
     want = paged_attention_ops(
         q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, positions, c.scale
     )
-    got = causal_attention_fresh(q, c.k_pool, c.v_pool, c.block_tables, c.scale)
+    got = causal_self_attention(q, *own, c.scale)
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(to_f64(got), to_f64(want), atol=KERNEL_ATOL["float32"], rtol=0)
