@@ -158,6 +158,28 @@ class TinyLlamaTrack(_Track):
     processes = 1
 
 
+# decode / prefill with compiled=True: the same steps as one mx.compile'd graph each.
+# asv's warm-up runs trace them before any timed sample.
+class TinyLlamaPrefillCompiled(TinyLlamaPrefill):
+    def time_prefill(self, dtype, prompt_len):
+        self.cache.add_sequence(0)
+        prefill(self.model, self.cache, 0, self.prompt, compiled=True)
+        self.cache.release(0)
+
+
+class TinyLlamaDecodeCompiled(TinyLlamaDecode):
+    def step(self) -> None:
+        decode(self.model, self.cache, ["ctx"], [5], compiled=True)
+        self.cache.trim("ctx", 1)
+
+
+class TinyLlamaBatchDecodeCompiled(TinyLlamaBatchDecode):
+    def time_batch_decode(self, dtype):
+        decode(self.model, self.cache, self.ids, [5] * len(self.ids), compiled=True)
+        for i in self.ids:
+            self.cache.trim(i, 1)
+
+
 class GatePrefill(_Prefill):
     """The regression gate's quick subset (conform gate): float32, one length."""
 

@@ -59,12 +59,15 @@ def prefill(
     tokens: Sequence[int] | np.ndarray,
     chunk_size: int | None = None,
     trace: dict[str, list[mx.array]] | None = None,
+    compiled: bool = False,
 ) -> mx.array:
     """Feed ``tokens`` to ``seq`` (after whatever it has cached); logits (T, vocab).
 
     With ``chunk_size``, the prompt goes through the model ``chunk_size`` tokens at a
     time, each chunk attending to the cached chunks before it. ``trace``, when given,
     collects each chunk's per-layer activations (see ``Model.__call__``) by name.
+    ``compiled`` is as for ``decode``; MLX traces once per chunk length, so it pays
+    off for prompts of repeating lengths (fixed-size chunks), not one-off prompts.
     """
     ids = _check_tokens(model, tokens, f"prompt for sequence {seq!r}")
     _check_room(model, cache, seq, ids.size)
@@ -77,7 +80,11 @@ def prefill(
     logits = []
     for chunk in chunks:
         plan = cache.plan([seq], chunk.size)
-        out = _forward(model, mx.array(chunk)[None], cache, plan, trace)  # (1, t, vocab)
+        tok = mx.array(chunk)[None]
+        if compiled and trace is None:
+            out = _compiled_forward(model, tok, cache, plan)
+        else:
+            out = _forward(model, tok, cache, plan, trace)  # (1, t, vocab)
         logits.append(out[0])
     return logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0)
 
@@ -104,7 +111,7 @@ def decode(
         _check_room(model, cache, s, 1)
     plan = cache.plan(list(seqs), 1)
     tok = mx.array(ids)[:, None]
-    if compiled and trace is None and not plan.fresh:
+    if compiled and trace is None:
         out = _compiled_forward(model, tok, cache, plan)
     else:
         out = _forward(model, tok, cache, plan, trace)  # (B, 1, vocab)
@@ -138,31 +145,31 @@ class _Pools:
         self.k[layer], self.v[layer] = k_pool, v_pool
 
 
-def _compiled_step(model: Model):
-    """The model's forward over explicit arrays, compiled once per model.
+def _compiled_step(model: Model, fresh: bool):
+    """The model's forward over explicit arrays, compiled once per model and per
+    ``StepPlan.fresh`` (a Python flag, so it selects a graph rather than feeding one).
 
-    MLX traces it again for each new set of input shapes (a batch size, a block
-    table width), keeps every trace, and replays them without running Python. The
-    model's arrays (weights, RoPE frequencies) are implicit inputs, so loading new
-    weights reaches the compiled graph.
+    MLX traces it again for each new set of input shapes (a batch size, a chunk
+    length, a block table width), keeps every trace, and replays them without
+    running Python. The model's arrays (weights, RoPE frequencies) are implicit
+    inputs, so loading new weights reaches the compiled graph.
     """
-    step = model.__dict__.get("_compiled_decode")
-    if step is None:
+    steps = model.__dict__.setdefault("_compiled_steps", {})
+    if fresh not in steps:
 
         def forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools):
             pools = _Pools(list(k_pools), list(v_pools))
-            plan = StepPlan(positions, slots, block_tables, context_lens)
+            plan = StepPlan(positions, slots, block_tables, context_lens, fresh)
             return model(tokens, pools, plan), pools.k, pools.v
 
-        step = mx.compile(forward, inputs=model.state)
-        model.__dict__["_compiled_decode"] = step
-    return step
+        steps[fresh] = mx.compile(forward, inputs=model.state)
+    return steps[fresh]
 
 
 def _compiled_forward(
     model: Model, tokens: mx.array, cache: PagedKVCache, plan: StepPlan
 ) -> mx.array:
-    step = _compiled_step(model)
+    step = _compiled_step(model, plan.fresh)
     p = plan
     out, k_pools, v_pools = step(
         tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v

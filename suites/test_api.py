@@ -160,19 +160,21 @@ def test_logits_as_numpy_are_float32(checkpoint, model_factory):
     assert cache.k[0].dtype == mx.float16
 
 
-# -- compiled decode (decode(..., compiled=True)) -----------------------------------------
+# -- compiled steps (prefill / decode with compiled=True) -----------------------------------------
 def decode_run(model, compiled: bool, dtype=mx.float32) -> np.ndarray:
-    """Two sequences of different lengths decode 20 steps together, crossing several
-    4-token blocks, so the compiled step is traced again as the tables widen."""
+    """Two prompts (one also continued in 2-token chunks), then 20 decode steps of both
+    together, crossing several 4-token blocks, so the compiled steps are traced again
+    as the lengths change and the tables widen. All logits, in order."""
     cache = PagedKVCache(model.config, 24, 4, dtype)
+    steps = []
     for seq, n in (("a", 5), ("b", 9)):
         cache.add_sequence(seq)
-        prefill(model, cache, seq, ids(n, seed=n))
-    steps = []
+        steps.append(to_numpy(prefill(model, cache, seq, ids(n, seed=n), compiled=compiled)))
+    steps.append(to_numpy(prefill(model, cache, "b", ids(3), chunk_size=2, compiled=compiled)))
     for i in range(20):
         got = decode(model, cache, ["a", "b"], [3 + i, 7 + i], compiled=compiled)
         steps.append(to_numpy(got))
-    return np.stack(steps)
+    return np.concatenate(steps)
 
 
 def test_compiled_decode_equals_eager(model):
@@ -187,7 +189,7 @@ def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, 
     import impl.engine
 
     def forgetful(model, tokens, cache, plan):  # computes, but never installs the pools
-        step = impl.engine._compiled_step(model)
+        step = impl.engine._compiled_step(model, plan.fresh)
         p = plan
         out, _, _ = step(
             tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
