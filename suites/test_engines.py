@@ -71,7 +71,7 @@ def test_entry_point_engine_resolves(user_module, tmp_path):
     "spec,message",
     [
         ("user_engines:NotAnEngine", "is not a subclass of conform.engines.Engine"),
-        ("user_engines:Missing", "is not a subclass of conform.engines.Engine"),
+        ("user_engines:Missing", "has no attribute 'Missing'"),
         ("no_such_module_xyz:Engine", "cannot import no_such_module_xyz"),
     ],
 )

@@ -196,7 +196,9 @@ def resolve(spec: str) -> type[Engine]:
     except ImportError as e:
         hint = " (pip install -e '.[peers]')" if spec == "mlx-lm" else ""
         raise EngineError(f"engine {spec!r}: cannot import {module_name} ({e}){hint}") from None
-    cls = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise EngineError(f"engine {spec!r}: module {module_name} has no attribute {attr!r}")
+    cls = getattr(module, attr)
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         raise EngineError(f"engine {spec!r}: {target} is not a subclass of conform.engines.Engine")
     if not isinstance(getattr(cls, "name", None), str):
