@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels.backend import WARP, Backend, active_backend, header, prologue
+from kernels.backend import WARP, Backend, active_backend, make_kernel
 
 N_WARPS = 8  # 256 threads: hidden 2048 gives each thread 8 elements
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -50,20 +50,9 @@ _BODY = """
 """
 
 
-def source(backend: Backend) -> str:
-    return prologue(backend) + _BODY
-
-
 def build_kernel(backend: Backend) -> object:
     """The kernel object for ``backend`` (construction compiles nothing)."""
-    make = {"cuda": mx.fast.cuda_kernel, "metal": mx.fast.metal_kernel}[backend]
-    return make(
-        name="add_rms_norm",
-        input_names=INPUTS,
-        output_names=["h", "normed"],
-        source=source(backend),
-        header=header(backend),
-    )
+    return make_kernel(backend, "add_rms_norm", INPUTS, ["h", "normed"], _BODY)
 
 
 BACKEND: Backend = active_backend()

@@ -152,3 +152,20 @@ def header(backend: Backend) -> str:
 def prologue(backend: Backend) -> str:
     """The index lines every kernel body starts with, for ``backend``."""
     return {"cuda": CUDA_PROLOGUE, "metal": METAL_PROLOGUE}[backend]
+
+
+def make_kernel(
+    backend: Backend, name: str, inputs: list[str], outputs: list[str], body: str
+) -> object:
+    """An MLX custom kernel for ``backend`` from a shared ``body``: the backend's
+    prologue goes in front of it and its helpers into the header. Construction
+    compiles nothing (MLX compiles on first call, per template) and works for Metal
+    on any platform, which ``kernels.metal_check`` relies on."""
+    make = {"cuda": mx.fast.cuda_kernel, "metal": mx.fast.metal_kernel}[backend]
+    return make(
+        name=name,
+        input_names=inputs,
+        output_names=outputs,
+        source=prologue(backend) + body,
+        header=header(backend),
+    )

@@ -41,7 +41,7 @@ import math
 
 import mlx.core as mx
 
-from kernels.backend import WARP, Backend, active_backend, header, prologue
+from kernels.backend import WARP, Backend, active_backend, make_kernel
 
 N_WARPS = 4  # 128 threads per group: enough warps to overlap loads, small merge
 # Split-K only when B * n_kv_heads groups would leave the GPU idle: aim for about
@@ -233,35 +233,14 @@ _COMBINE = """
 """
 
 
-def source(backend: Backend, split: bool) -> str:
-    """The kernel body MLX wraps into a function: prologue, shared body, epilogue."""
-    return prologue(backend) + _BODY + (_PARTIAL if split else _FINAL)
-
-
 def build_kernels(backend: Backend) -> tuple[object, object, object]:
-    """(one-partition, split-K, combine) kernel objects for ``backend``.
-
-    Construction compiles nothing (MLX compiles on first call, per template), and
-    it works for Metal on any platform, which ``kernels.metal_check`` relies on.
-    """
-    make = {"cuda": mx.fast.cuda_kernel, "metal": mx.fast.metal_kernel}[backend]
+    """(one-partition, split-K, combine) kernel objects for ``backend``."""
     parts = ["part_acc", "part_ml"]
-    specs = [  # (name suffix, inputs, outputs, source)
-        ("", _INPUTS, ["out"], source(backend, split=False)),
-        ("_split", _INPUTS, parts, source(backend, split=True)),
-        ("_combine", parts, ["out"], prologue(backend) + _COMBINE),
-    ]
-    final, split, combine = (
-        make(
-            name=f"paged_decode_attention{suffix}",
-            input_names=inputs,
-            output_names=outputs,
-            source=src,
-            header=header(backend),
-        )
-        for suffix, inputs, outputs, src in specs
+    return (
+        make_kernel(backend, "paged_decode_attention", _INPUTS, ["out"], _BODY + _FINAL),
+        make_kernel(backend, "paged_decode_attention_split", _INPUTS, parts, _BODY + _PARTIAL),
+        make_kernel(backend, "paged_decode_attention_combine", parts, ["out"], _COMBINE),
     )
-    return final, split, combine
 
 
 BACKEND: Backend = active_backend()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels.backend import Backend, active_backend, header, prologue
+from kernels.backend import Backend, active_backend, make_kernel
 
 HEAD_DIMS = (64, 128)  # D / 2 threads per group: whole warps
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -67,20 +67,9 @@ _BODY = """
 """
 
 
-def source(backend: Backend) -> str:
-    return prologue(backend) + _BODY
-
-
 def build_kernel(backend: Backend) -> object:
     """The kernel object for ``backend`` (construction compiles nothing)."""
-    make = {"cuda": mx.fast.cuda_kernel, "metal": mx.fast.metal_kernel}[backend]
-    return make(
-        name="rope_qk",
-        input_names=INPUTS,
-        output_names=["q_rot", "k_rot"],
-        source=source(backend),
-        header=header(backend),
-    )
+    return make_kernel(backend, "rope_qk", INPUTS, ["q_rot", "k_rot"], _BODY)
 
 
 BACKEND: Backend = active_backend()
