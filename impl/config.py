@@ -128,7 +128,7 @@ class LlamaConfig:
             v = raw.get(k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"{source}: field {k} must be a positive integer, got {v!r}")
-        theta, scaling = _rope_fields(raw, source)
+        theta, scaling = rope_fields(raw, source)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         try:
@@ -170,7 +170,7 @@ class LlamaConfig:
         return cls.from_dict(raw, source=str(path))
 
 
-def _rope_fields(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
+def rope_fields(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
     """RoPE base and scaling from either layout.
 
     transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``; older files

@@ -10,13 +10,13 @@ force the work measures nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
-from impl.model import Model
+from impl.model import KVPools, Model
 from impl.paged_cache import PagedKVCache, StepPlan
 
 
@@ -82,7 +82,7 @@ def prefill(
         plan = cache.plan([seq], chunk.size)
         tok = mx.array(chunk)[None]
         if compiled and trace is None:
-            out = _compiled_forward(model, tok, cache, plan)
+            out = CompiledSteps.of(model)(tok, cache, plan)
         else:
             out = _forward(model, tok, cache, plan, trace)  # (1, t, vocab)
         logits.append(out[0])
@@ -99,7 +99,7 @@ def decode(
 ) -> mx.array:
     """Feed one token to each sequence in ``seqs`` in one batch; logits (B, vocab).
 
-    ``compiled`` runs the step as an ``mx.compile``d graph (see ``_compiled_step``):
+    ``compiled`` runs the step as an ``mx.compile``d graph (see ``CompiledSteps``):
     the same ops, without rebuilding the graph in Python every step. It is off by
     default because a compiled graph keeps what it traced: code patched afterwards
     (the suites inject faults that way) would not reach it.
@@ -112,7 +112,7 @@ def decode(
     plan = cache.plan(list(seqs), 1)
     tok = mx.array(ids)[:, None]
     if compiled and trace is None:
-        out = _compiled_forward(model, tok, cache, plan)
+        out = CompiledSteps.of(model)(tok, cache, plan)
     else:
         out = _forward(model, tok, cache, plan, trace)  # (B, 1, vocab)
     return out[:, 0]
@@ -135,8 +135,9 @@ def _forward(
 
 
 @dataclass
-class _Pools:
-    """What the model reads and writes of a cache inside a compiled step: the pools."""
+class StepPools:
+    """The pools a compiled step reads and rewrites: a ``KVPools`` over the traced
+    function's own lists, so the cache itself is not touched inside the trace."""
 
     k: list[mx.array]
     v: list[mx.array]
@@ -145,39 +146,56 @@ class _Pools:
         self.k[layer], self.v[layer] = k_pool, v_pool
 
 
-def _compiled_step(model: Model, fresh: bool):
-    """The model's forward over explicit arrays, compiled once per model and per
+# forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools)
+#   -> (logits, k_pools, v_pools)
+StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
+
+
+class CompiledSteps:
+    """A model's forward over explicit arrays, ``mx.compile``d once per
     ``StepPlan.fresh`` (a Python flag, so it selects a graph rather than feeding one).
 
-    MLX traces it again for each new set of input shapes (a batch size, a chunk
+    MLX traces a graph again for each new set of input shapes (a batch size, a chunk
     length, a block table width), keeps every trace, and replays them without
     running Python. The model's arrays (weights, RoPE frequencies) are implicit
-    inputs, so loading new weights reaches the compiled graph.
+    inputs, so loading new weights reaches the compiled graph. Held by the model
+    (``Model.compiled_steps``), so its traces live as long as the model does.
     """
-    steps = model.__dict__.setdefault("_compiled_steps", {})
-    if fresh not in steps:
 
-        def forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools):
-            pools = _Pools(list(k_pools), list(v_pools))
-            plan = StepPlan(positions, slots, block_tables, context_lens, fresh)
-            return model(tokens, pools, plan), pools.k, pools.v
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.graphs: dict[bool, StepGraph] = {}
 
-        steps[fresh] = mx.compile(forward, inputs=model.state)
-    return steps[fresh]
+    @classmethod
+    def of(cls, model: Model) -> CompiledSteps:
+        """``model``'s compiled steps, made on first use."""
+        if model.compiled_steps is None:
+            model.compiled_steps = cls(model)
+        return model.compiled_steps
 
+    def graph(self, fresh: bool) -> StepGraph:
+        """The compiled forward for steps with this ``StepPlan.fresh``."""
+        if fresh not in self.graphs:
+            model = self.model
 
-def _compiled_forward(
-    model: Model, tokens: mx.array, cache: PagedKVCache, plan: StepPlan
-) -> mx.array:
-    step = _compiled_step(model, plan.fresh)
-    p = plan
-    out, k_pools, v_pools = step(
-        tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
-    )
-    for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
-        cache.update_layer(layer, k_pool, v_pool)
-    mx.eval(out, cache.k, cache.v)
-    return out
+            def forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools):
+                pools = StepPools(list(k_pools), list(v_pools))
+                plan = StepPlan(positions, slots, block_tables, context_lens, fresh)
+                return model(tokens, pools, plan), pools.k, pools.v
+
+            self.graphs[fresh] = mx.compile(forward, inputs=model.state)
+        return self.graphs[fresh]
+
+    def __call__(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
+        """One step through the compiled graph; installs the new pools in ``cache``."""
+        p = plan
+        out, k_pools, v_pools = self.graph(plan.fresh)(
+            tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
+        )
+        for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
+            cache.update_layer(layer, k_pool, v_pool)
+        mx.eval(out, cache.k, cache.v)
+        return out
 
 
 def to_numpy(logits: mx.array) -> np.ndarray:

@@ -9,12 +9,33 @@ replace them without touching this file.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
 import mlx.core as mx
 import mlx.nn as nn
 
 import kernels
 from impl.config import LlamaConfig
-from impl.paged_cache import PagedKVCache, StepPlan
+from impl.paged_cache import StepPlan
+
+if TYPE_CHECKING:
+    from impl.engine import CompiledSteps
+
+
+@runtime_checkable
+class KVPools(Protocol):
+    """What the model reads and writes of a KV cache: one K and one V pool per layer,
+    each (num_blocks, block_size, num_key_value_heads, head_dim).
+
+    ``impl.paged_cache.PagedKVCache`` is one; inside a compiled step the model gets
+    the step's own lists of pools (``impl.engine.StepPools``).
+    """
+
+    k: list[mx.array]
+    v: list[mx.array]
+
+    def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
+        """Install a layer's pools after the cache write (ops return new arrays)."""
 
 
 class Attention(nn.Module):
@@ -34,16 +55,16 @@ class Attention(nn.Module):
         self,
         x: mx.array,
         layer: int,
-        cache: PagedKVCache,
+        cache: KVPools,
         plan: StepPlan,
-        inv_freq: mx.array,
+        rope: kernels.RopeStep,
     ) -> mx.array:
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k, k_pool, v_pool = kernels.rope_and_cache_write(
-            q, k, v, plan.positions, inv_freq, cache.k[layer], cache.v[layer], plan.slots
+            q, k, v, rope, cache.k[layer], cache.v[layer]
         )
         cache.update_layer(layer, k_pool, v_pool)
         out = kernels.paged_attention(
@@ -84,9 +105,9 @@ class DecoderLayer(nn.Module):
         h: mx.array,
         pending: mx.array | None,
         layer: int,
-        cache: PagedKVCache,
+        cache: KVPools,
         plan: StepPlan,
-        inv_freq: mx.array,
+        rope: kernels.RopeStep,
         trace: dict[str, mx.array] | None = None,
     ) -> tuple[mx.array, mx.array]:
         """h: the residual stream; pending: the previous layer's MLP output, not yet
@@ -99,7 +120,7 @@ class DecoderLayer(nn.Module):
             normed = ln(h)
         else:
             h, normed = kernels.add_rms_norm(h, pending, ln.weight, ln.eps)
-        attn = self.self_attn(normed, layer, cache, plan, inv_freq)
+        attn = self.self_attn(normed, layer, cache, plan, rope)
         ln = self.post_attention_layernorm
         h, normed_h = kernels.add_rms_norm(h, attn, ln.weight, ln.eps)
         mlp = self.mlp(normed_h)
@@ -131,11 +152,15 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # A plain attribute (leading underscore) so it is not a loadable parameter.
         self._inv_freq = mx.array(cfg.inv_freq())
+        # The engine's mx.compile'd forward steps, made on first use (see
+        # impl.engine.CompiledSteps). Not a dict: nn.Module files a dict attribute
+        # among its children, where it would join the parameter tree.
+        self.compiled_steps: CompiledSteps | None = None
 
     def __call__(
         self,
         tokens: mx.array,
-        cache: PagedKVCache,
+        cache: KVPools,
         plan: StepPlan,
         trace: dict[str, mx.array] | None = None,
     ) -> mx.array:
@@ -146,9 +171,13 @@ class Model(nn.Module):
         h = self.model.embed_tokens(tokens)  # (B, T, hidden)
         if trace is not None:
             trace["embed_tokens"] = h
+        # RoPE angles and pool rows of the new tokens: the same for every layer, so
+        # computed once here. block_size from the pools: (num_blocks, block_size, ...).
+        block_size = cache.k[0].shape[1]
+        rope = kernels.rope_step(plan.positions, self._inv_freq, plan.slots, block_size)
         mlp = None  # the latest MLP output, added to h by the next norm
         for i, layer in enumerate(self.model.layers):
-            h, mlp = layer(h, mlp, i, cache, plan, self._inv_freq, trace)
+            h, mlp = layer(h, mlp, i, cache, plan, rope, trace)
             if trace is not None:
                 trace[f"layers.{i}"] = h + mlp  # the same rounding as the fused add
         norm = self.model.norm

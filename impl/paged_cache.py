@@ -50,6 +50,11 @@ class BlockAllocator:
         return len(self._free)
 
     @property
+    def free_list(self) -> list[int]:
+        """The free blocks, the next one handed out last (a copy)."""
+        return list(self._free)
+
+    @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
@@ -211,7 +216,7 @@ class PagedKVCache:
             raise ValueError(f"num_new must be positive, got {num_new}")
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"a sequence appears twice in one step: {list(seqs)}")
-        needs = self._block_needs(seqs, num_new)
+        needs = self.block_needs(seqs, num_new)
         self._raise_if_short(needs, seqs, num_new)
         for s, cow, new in needs:
             table = self._tables[s]
@@ -240,12 +245,16 @@ class PagedKVCache:
 
     def ensure_room(self, seqs: Sequence[Hashable], num_new: int) -> None:
         """Raise CacheFullError unless ``num_new`` more tokens fit in each of ``seqs``."""
-        self._raise_if_short(self._block_needs(seqs, num_new), seqs, num_new)
+        self._raise_if_short(self.block_needs(seqs, num_new), seqs, num_new)
 
-    def _block_needs(
+    def block_needs(
         self, seqs: Sequence[Hashable], num_new: int
     ) -> list[tuple[Hashable, bool, int]]:
-        """Per sequence: (seq, must copy its shared partial last block, new blocks)."""
+        """Per sequence: (seq, must copy its shared partial last block, new blocks).
+
+        What ``plan`` allocates for ``num_new`` more tokens in each of ``seqs``; public
+        so the suites can plant a missing copy-on-write here.
+        """
         bs = self.block_size
         needs = []
         for s in seqs:

@@ -1,13 +1,19 @@
 """The seam between the model and its attention/cache kernels.
 
-Each operation lives in its own module with an MLX-ops implementation (the CPU
-path, and the oracle every custom kernel is checked against). The model calls
-only the names exported here, so a Metal or CUDA kernel can replace an op
-without touching ``impl/``.
+One module per operation: ``add_rms_norm``, ``rope`` (RoPE of Q and K, then the
+paged cache write) and ``paged_attention`` (whose decode kernel's CUDA/Metal source
+is in ``paged_decode_source``). Each holds the custom kernel, built once at import,
+and an MLX-ops twin (the CPU path, and the oracle the kernel is checked against).
+The model calls only the names exported here, so a Metal or CUDA kernel can replace
+an op without touching ``impl/``.
+
+The exported functions ``add_rms_norm`` and ``paged_attention`` shadow their modules
+as attributes of this package (``import kernels.paged_attention as m`` gives the
+function): reach a module's other names with ``from kernels.paged_attention import ...``.
 """
 
 from kernels.add_rms_norm import add_rms_norm
 from kernels.paged_attention import paged_attention
-from kernels.rope_cache_write import rope, rope_and_cache_write
+from kernels.rope import RopeStep, rope_and_cache_write, rope_step
 
-__all__ = ["add_rms_norm", "paged_attention", "rope", "rope_and_cache_write"]
+__all__ = ["RopeStep", "add_rms_norm", "paged_attention", "rope_and_cache_write", "rope_step"]

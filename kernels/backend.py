@@ -160,7 +160,7 @@ def make_kernel(
     """An MLX custom kernel for ``backend`` from a shared ``body``: the backend's
     prologue goes in front of it and its helpers into the header. Construction
     compiles nothing (MLX compiles on first call, per template) and works for Metal
-    on any platform, which ``kernels.metal_check`` relies on."""
+    on any platform, which ``suites.metal_check`` relies on."""
     make = {"cuda": mx.fast.cuda_kernel, "metal": mx.fast.metal_kernel}[backend]
     return make(
         name=name,

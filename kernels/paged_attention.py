@@ -1,13 +1,14 @@
 """Attention of new query tokens over a paged KV cache, grouped-query aware.
 
 ``paged_attention`` dispatches: on a GPU backend (CUDA or Metal) a decode step
-(T == 1) of a shape the custom kernel supports runs it
-(``kernels.paged_decode_attention``); a step whose sequences were all empty (a
-prompt's first chunk) passes its own new keys and values (``own_kv``), which are
-the whole context, and runs MLX's fused causal attention on them without reading
-the pools; everything else (chunked prefill after the first chunk, other head
-sizes, the CPU backend) runs the ops twin below, which is also the oracle the
-kernel is tested against.
+(T == 1) of a shape the custom kernel supports runs it (``paged_decode_attention``,
+whose CUDA/Metal source and algorithm are in ``kernels.paged_decode_source``); a
+step whose sequences were all empty (a prompt's first chunk) passes its own new
+keys and values (``own_kv``), which are the whole context, and runs MLX's fused
+causal attention on them without reading the pools; everything else (chunked
+prefill after the first chunk, other head sizes, the CPU backend) runs the ops
+twin (``paged_attention_ops``), which is also the oracle the kernel is tested
+against.
 
 Ops twin: gathers each sequence's blocks through its block table and calls MLX's
 fused attention with K/V at ``num_key_value_heads`` (never tiled to the query
@@ -18,9 +19,128 @@ reach the output.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
-from kernels.paged_decode_attention import BACKEND, paged_decode_attention, supports
+from kernels.backend import WARP, Backend, active_backend
+from kernels.paged_decode_source import build_kernels
+
+N_WARPS = 4  # 128 threads per group: enough warps to overlap loads, small merge
+# Split-K only when B * n_kv_heads groups would leave the GPU idle: aim for about
+# this many groups (an H100 has 132 SMs, an M-series GPU up to 80 cores) ...
+TARGET_GROUPS = 512
+# ... but keep at least this many tokens per partition, so each warp still has
+# several chunks to stream and the per-partition fixed cost stays small.
+MIN_PARTITION_TOKENS = 128
+HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+BACKEND: Backend = active_backend()
+# Built once at import, and only for the backend that can run them.
+_KERNELS = build_kernels(BACKEND) if BACKEND != "cpu" else None
+
+
+def supports(q: mx.array, k_pool: mx.array) -> bool:
+    """Whether the kernel takes these shapes and dtype (the dispatcher falls back if not)."""
+    n_heads, head_dim = q.shape[1], q.shape[3]
+    return (
+        head_dim in HEAD_DIMS
+        and q.dtype in DTYPES
+        and k_pool.shape[3] == head_dim
+        and n_heads % k_pool.shape[2] == 0
+    )
+
+
+def num_partitions(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -> int:
+    """Context partitions per (sequence, KV head): 1 unless the batch leaves the GPU idle."""
+    by_length = math.ceil(max_blocks * block_size / MIN_PARTITION_TOKENS)
+    by_occupancy = math.ceil(TARGET_GROUPS / (batch * n_kv_heads))
+    return max(1, min(by_length, by_occupancy, max_blocks))
+
+
+def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int) -> dict:
+    """Template, grid and thread group of one launch (also used by the Metal check)."""
+    batch, n_heads, _, head_dim = q.shape
+    _, block_size, n_kv, _ = k_pool.shape
+    return {
+        "template": [
+            ("T", q.dtype),
+            ("HEAD_DIM", head_dim),
+            ("GROUP_SIZE", n_heads // n_kv),
+            ("KV_BLOCK", block_size),
+            ("N_WARPS", N_WARPS),
+        ],
+        # In threads on both backends: exactly one group per (kv head, sequence x part).
+        "grid": (N_WARPS * WARP, n_kv, batch * n_parts),
+        "threadgroup": (N_WARPS * WARP, 1, 1),
+    }
+
+
+def combine_call_args(q: mx.array) -> dict:
+    """Template, grid and thread group of the combine launch."""
+    batch, n_heads, _, head_dim = q.shape
+    return {
+        "template": [("T", q.dtype), ("HEAD_DIM", head_dim)],
+        "grid": (head_dim, n_heads, batch),
+        "threadgroup": (head_dim, 1, 1),
+    }
+
+
+def paged_decode_attention(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    context_lens: mx.array,
+    scale: float,
+    n_parts: int | None = None,
+) -> mx.array:
+    """The custom kernel: attention of one query token per sequence over its cache.
+
+    q: (B, n_heads, 1, D); the rest as for ``paged_attention_ops``. ``n_parts``, the
+    context partitions per (sequence, KV head), defaults to ``num_partitions``; any
+    count gives the same answer (the suites check it), only the speed differs.
+    """
+    if _KERNELS is None:
+        raise RuntimeError("paged_decode_attention needs a GPU backend (Metal or CUDA)")
+    batch, n_heads, t, head_dim = q.shape
+    if t != 1 or not supports(q, k_pool):
+        raise ValueError(f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape}; see supports()")
+    n_kv, max_blocks = k_pool.shape[2], block_tables.shape[1]
+    if n_parts is None:
+        n_parts = num_partitions(batch, n_kv, max_blocks, k_pool.shape[1])
+    inputs = [
+        q,
+        k_pool.astype(q.dtype),
+        v_pool.astype(q.dtype),
+        block_tables.astype(mx.int32),
+        context_lens.astype(mx.int32),
+        # Made per call, not cached: inside mx.compile an array from outside the traced
+        # function would be an uncaptured input.
+        mx.array([scale], dtype=mx.float32),
+    ]
+    launch = kernel_call_args(q, k_pool, n_parts)
+    final, split, combine = _KERNELS
+    if n_parts == 1:
+        return final(
+            inputs=inputs,
+            output_shapes=[(batch, n_heads, 1, head_dim)],
+            output_dtypes=[q.dtype],
+            **launch,
+        )[0]
+    part_acc, part_ml = split(
+        inputs=inputs,
+        output_shapes=[(batch, n_heads, n_parts, head_dim), (batch, n_heads, n_parts, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+        **launch,
+    )
+    return combine(
+        inputs=[part_acc, part_ml],
+        output_shapes=[(batch, n_heads, 1, head_dim)],
+        output_dtypes=[q.dtype],
+        **combine_call_args(q),
+    )[0]
 
 
 def paged_attention(

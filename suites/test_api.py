@@ -7,7 +7,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from impl.engine import InputError, Sampler, decode, generate, prefill, to_numpy
+import kernels.rope
+from impl.engine import (
+    CompiledSteps,
+    InputError,
+    Sampler,
+    StepPools,
+    decode,
+    generate,
+    prefill,
+    to_numpy,
+)
+from impl.model import KVPools
 from impl.paged_cache import CacheFullError, PagedKVCache
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
@@ -160,6 +171,24 @@ def test_logits_as_numpy_are_float32(checkpoint, model_factory):
     assert cache.k[0].dtype == mx.float16
 
 
+def test_rope_angles_are_made_once_a_step_for_all_layers(model, monkeypatch):
+    """The model's forward makes each step's RoPE angles once and hands them to every
+    layer (no memo of earlier calls), so a fault injected there reaches every layer."""
+    assert len(model.model.layers) > 1  # else once a step and once a layer agree
+    shapes = []
+    real = kernels.rope.rope_cos_sin
+
+    def counted(positions, inv_freq):
+        shapes.append(positions.shape)
+        return real(positions, inv_freq)
+
+    monkeypatch.setattr(kernels.rope, "rope_cos_sin", counted)
+    cache = fresh_cache(model)
+    prefill(model, cache, "s", ids(5), chunk_size=2)
+    decode(model, cache, ["s"], [1])
+    assert shapes == [(1, 2), (1, 2), (1, 1), (1, 1)]
+
+
 # -- compiled steps (prefill / decode with compiled=True) -----------------------------------------
 def decode_run(model, compiled: bool, dtype=mx.float32) -> np.ndarray:
     """Two prompts (one also continued in 2-token chunks), then 20 decode steps of both
@@ -186,17 +215,31 @@ def test_compiled_decode_equals_eager(model):
 
 
 def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, monkeypatch):
-    import impl.engine
-
-    def forgetful(model, tokens, cache, plan):  # computes, but never installs the pools
-        step = impl.engine._compiled_step(model, plan.fresh)
+    def forgetful(self, tokens, cache, plan):  # computes, but never installs the pools
         p = plan
-        out, _, _ = step(
+        out, _, _ = self.graph(plan.fresh)(
             tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
         )
         mx.eval(out)
         return out
 
-    monkeypatch.setattr(impl.engine, "_compiled_forward", forgetful)
+    monkeypatch.setattr(CompiledSteps, "__call__", forgetful)
     with pytest.raises(AssertionError):
         test_compiled_decode_equals_eager(model)
+
+
+def test_compiled_steps_are_held_by_the_model(model):
+    """One graph per StepPlan.fresh, on a declared attribute, outside the parameters."""
+    decode_run(model, True)
+    steps = model.compiled_steps
+    assert isinstance(steps, CompiledSteps) and CompiledSteps.of(model) is steps
+    assert sorted(steps.graphs) == [False, True]
+    assert "compiled_steps" not in model.parameters()
+    assert "compiled_steps" not in model  # nn.Module is a dict: not among its children
+
+
+def test_cache_and_step_pools_are_kv_pools(model):
+    """The model is typed against KVPools; both pool holders it is given must be one."""
+    cache = fresh_cache(model)
+    assert isinstance(cache, KVPools)
+    assert isinstance(StepPools(list(cache.k), list(cache.v)), KVPools)

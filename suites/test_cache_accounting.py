@@ -47,7 +47,7 @@ def snapshot(cache: PagedKVCache) -> tuple:
     return (
         {s: cache.block_table(s) for s in cache.sequences},
         {s: cache.tokens(s) for s in cache.sequences},
-        list(a._free),
+        a.free_list,
         [a.refcount(b) for b in range(a.num_blocks)],
     )
 
@@ -390,12 +390,12 @@ test_cache_state_machine = IMPL_ONLY(CacheMachine.TestCase)
 @IMPL_ONLY
 def test_state_machine_catches_a_missing_copy_on_write(monkeypatch):
     """Inject the bug: appends write into a block the sequence shares with a fork."""
-    real = PagedKVCache._block_needs
+    real = PagedKVCache.block_needs
 
     def no_cow(self, seqs, num_new):
         return [(s, False, new) for s, _, new in real(self, seqs, num_new)]
 
-    monkeypatch.setattr(PagedKVCache, "_block_needs", no_cow)
+    monkeypatch.setattr(PagedKVCache, "block_needs", no_cow)
     with pytest.raises(AssertionError):
         run_state_machine_as_test(
             CacheMachine,
@@ -457,11 +457,8 @@ def test_trim_rejects_bad_input_and_changes_nothing() -> None:
 def test_trim_check_catches_blocks_kept_after_trim(monkeypatch) -> None:
     """A trim that lowers the count but keeps its blocks must fail the counts check."""
 
-    def leaky(self, seq, n):
-        self._tokens[seq] -= n
-        return n
-
-    monkeypatch.setattr(PagedKVCache, "trim", leaky)
+    # The token count drops, but no block trim lets go of returns to the free list.
+    monkeypatch.setattr(BlockAllocator, "decref", lambda self, block: None)
     with pytest.raises(AssertionError):
         test_trim_counts_exactly(4, 17, 2)
 

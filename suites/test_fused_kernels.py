@@ -19,12 +19,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import kernels.rope_cache_write as rcw
-from kernels import add_rms_norm_kernel, rope_cache_write_kernel
-from kernels.add_rms_norm import add_rms_norm, add_rms_norm_ops
+from kernels import rope
+from kernels.add_rms_norm import add_rms_norm, add_rms_norm_kernel, add_rms_norm_ops
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
 
-ON_GPU = rope_cache_write_kernel.BACKEND != "cpu"
+ON_GPU = rope.BACKEND != "cpu"
 NO_GPU = "no GPU backend (needs Metal or CUDA)"
 
 HEAD_DIMS: list[int] = [64, 128]
@@ -134,14 +133,17 @@ def assert_rope_write_matches(
 
 
 def rope_args(case: RopeCase) -> tuple:
+    """The arguments of ``rope_and_cache_write`` / its twin; the step's angles come from
+    ``rope.rope_cos_sin`` when this runs, so a fault injected there reaches both."""
     c = case
-    return (c.q, c.k, c.v, c.positions, c.inv_freq, c.k_pool, c.v_pool, c.slots)
+    step = rope.rope_step(c.positions, c.inv_freq, c.slots, c.k_pool.shape[1])
+    return (c.q, c.k, c.v, step, c.k_pool, c.v_pool)
 
 
 def run_rope_kernel(case: RopeCase) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """The GPU path: the rotation kernel, then the scatter writes."""
-    assert rope_cache_write_kernel.supports(case.q, case.k)
-    return rcw.rope_and_cache_write(*rope_args(case))
+    assert rope.supports(case.q, case.k)
+    return rope.rope_and_cache_write(*rope_args(case))
 
 
 ROPE_GRID = [
@@ -165,7 +167,7 @@ def grid(marks: list):
 @grid(ROPE_GRID)
 def test_rope_write_ops_twin(head_dim, heads, block_size, new, dtype) -> None:
     case = make_rope_case(count(new, block_size), *heads, head_dim, block_size, dtype)
-    assert_rope_write_matches(rcw.rope_and_cache_write_ops(*rope_args(case)), case, dtype)
+    assert_rope_write_matches(rope.rope_and_cache_write_ops(*rope_args(case)), case, dtype)
 
 
 @pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
@@ -174,7 +176,7 @@ def test_rope_write_kernel(head_dim, heads, block_size, new, dtype) -> None:
     case = make_rope_case(count(new, block_size), *heads, head_dim, block_size, dtype)
     got = run_rope_kernel(case)
     assert_rope_write_matches(got, case, dtype)
-    twin = rcw.rope_and_cache_write_ops(*rope_args(case))
+    twin = rope.rope_and_cache_write_ops(*rope_args(case))
     for a, b in zip(got, twin):  # same rounding steps as the twin: equal to its tolerance
         np.testing.assert_allclose(to_f64(a), to_f64(b), atol=KERNEL_ATOL[dtype], rtol=0)
 
@@ -192,26 +194,26 @@ def test_rope_write_readers_see_the_new_rows() -> None:
 def test_rope_dispatch() -> None:
     """rope_and_cache_write: the kernel on a GPU, the very same twin ops on the CPU."""
     case = make_rope_case(2, 8, 2, 64, 8, "float32", seed=2)
-    got = rcw.rope_and_cache_write(*rope_args(case))
+    got = rope.rope_and_cache_write(*rope_args(case))
     assert_rope_write_matches(got, case, "float32")
     if not ON_GPU:
-        twin = rcw.rope_and_cache_write_ops(*rope_args(case))
+        twin = rope.rope_and_cache_write_ops(*rope_args(case))
         assert all(mx.array_equal(a, b, equal_nan=True).item() for a, b in zip(got, twin))
 
 
 # The checks must be able to fail: inject the faults they guard against.
 def test_rope_check_catches_a_position_off_by_one(monkeypatch) -> None:
     case = make_rope_case(1, 8, 2, 64, 8, "float32", seed=3)
-    real = rcw.rope_cos_sin
-    monkeypatch.setattr(rcw, "rope_cos_sin", lambda p, inv: real(p + 1, inv))
+    real = rope.rope_cos_sin
+    monkeypatch.setattr(rope, "rope_cos_sin", lambda p, inv: real(p + 1, inv))
     with pytest.raises(AssertionError):
-        assert_rope_write_matches(rcw.rope_and_cache_write(*rope_args(case)), case, "float32")
+        assert_rope_write_matches(rope.rope_and_cache_write(*rope_args(case)), case, "float32")
 
 
 def test_rope_check_catches_a_write_to_the_wrong_slot() -> None:
     case = make_rope_case(4, 8, 2, 64, 8, "float32", seed=4)
     wrong = RopeCase(**{**case.__dict__, "slots": case.slots + 1})
-    got = rcw.rope_and_cache_write_ops(*rope_args(wrong))
+    got = rope.rope_and_cache_write_ops(*rope_args(wrong))
     with pytest.raises(AssertionError):
         assert_rope_write_matches(got, case, "float32")
 
@@ -256,7 +258,7 @@ def test_add_rms_norm_ops_twin(hidden: int, rows: int, dtype: str) -> None:
 @pytest.mark.parametrize("hidden", HIDDEN)
 def test_add_rms_norm_kernel(hidden: int, rows: int, dtype: str) -> None:
     x, r, w = make_norm_case(rows, hidden, dtype)
-    got = add_rms_norm_kernel.add_rms_norm(x, r, w, EPS)
+    got = add_rms_norm_kernel(x, r, w, EPS)
     assert_norm_matches(got, x, r, w, dtype)
     for a, b in zip(got, add_rms_norm_ops(x, r, w, EPS)):
         np.testing.assert_allclose(to_f64(a), to_f64(b), atol=KERNEL_ATOL[dtype], rtol=0)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import impl.model
-import kernels.rope_cache_write
+import kernels.rope
 from conform.engines import Engine, NotApplicable
 from conform.localize import first_departure
 from conform.metrics import compare_logits, top_k
@@ -159,13 +159,13 @@ def inject(monkeypatch):
             # Rotating at cached_len + 1 (the length after the append). A shift of every
             # token alike would be invisible: RoPE scores depend on relative position.
             # Injected where the angles are made: the twin and the GPU kernel both see it.
-            real = kernels.rope_cache_write.rope_cos_sin
+            real = kernels.rope.rope_cos_sin
 
             def shifted(positions, inv_freq):
                 decode = positions.shape[1] == 1
                 return real(positions + 1 if decode else positions, inv_freq)
 
-            monkeypatch.setattr(kernels.rope_cache_write, "rope_cos_sin", shifted)
+            monkeypatch.setattr(kernels.rope, "rope_cos_sin", shifted)
         else:
             real_mlp = impl.model.MLP.__call__
             monkeypatch.setattr(

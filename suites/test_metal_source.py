@@ -1,6 +1,6 @@
-"""The Metal kernels' generated source parses as C++ against kernels/metal_stub.h.
+"""The Metal kernels' generated source parses as C++ against suites/metal_stub.h.
 
-Metal without a Mac (see ``kernels/metal_check.py`` for what this proves and what it
+Metal without a Mac (see ``suites/metal_check.py`` for what this proves and what it
 cannot): MLX on the CPU backend still builds the full Metal text of a custom kernel,
 and clang checks it. A second test injects an error and shows the check catches it.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from kernels import metal_check
-from kernels import paged_decode_attention as pda
+from kernels.paged_attention import HEAD_DIMS as KERNEL_HEAD_DIMS
+from suites import metal_check
 
 CLANG = metal_check.clang_path()
 needs_clang = pytest.mark.skipif(
@@ -19,7 +19,7 @@ needs_clang = pytest.mark.skipif(
     reason="neither clang nor libclang to parse Metal source (pip install -e '.[test]')",
 )
 
-HEAD_DIMS: list[int] = list(pda.HEAD_DIMS)
+HEAD_DIMS: list[int] = list(KERNEL_HEAD_DIMS)
 DTYPES: list[str] = ["float16", "bfloat16", "float32"]
 # (q heads, kv heads, block size): GQA 8:1 with the usual block, and MQA (the largest
 # register and threadgroup arrays) with a large block.

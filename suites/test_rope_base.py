@@ -95,7 +95,7 @@ def test_ignoring_rope_parameters_fails_and_is_localized(
     def top_level_only(raw, source):
         return float(raw.get("rope_theta", 10000.0)), impl.config.RopeScaling()
 
-    monkeypatch.setattr(impl.config, "_rope_fields", top_level_only)
+    monkeypatch.setattr(impl.config, "rope_fields", top_level_only)
     path = checkpoints["rope_parameters"]
     engine = ImplEngine.load(path, "float32")  # not the cached one: the config is read here
     run = engine_logits(engine, TOKENS, PREFILL_LEN)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import kernels.rope_cache_write
+import kernels.rope
 from conform.engines import Engine, NotApplicable
 from conform.engines.impl_engine import DEFAULT_BLOCK_SIZE as BLOCK_SIZE
 from impl.config import LlamaConfig
@@ -110,7 +110,7 @@ def test_rope_equals_formula(offset, shape):
     positions = np.arange(pos, pos + 3)
     x = np.random.default_rng(pos).standard_normal((1, 3, 4, cfg.dim_per_head)).astype(np.float32)
     inv = cfg.inv_freq()
-    got = kernels.rope_cache_write.rope(mx.array(x), mx.array(positions[None]), mx.array(inv))
+    got = kernels.rope.rope(mx.array(x), mx.array(positions[None]), mx.array(inv))
     # float32 cos/sin of angles up to ~2000 rad carry ~1e-7 relative error each.
     np.testing.assert_allclose(np.array(got)[0], formula(x[0], positions, inv), atol=2e-5, rtol=0)
 
@@ -125,12 +125,12 @@ FAULTS = {
 @pytest.mark.parametrize("fault", FAULTS)
 def test_offset_faults_are_caught(engine, tokens, full_pass, monkeypatch, fault):
     # Injected where the angles are made, so the twin and the GPU kernel both see it.
-    real = kernels.rope_cache_write.rope_cos_sin
+    real = kernels.rope.rope_cos_sin
     shift = FAULTS[fault]
 
     def faulty(positions, inv_freq):
         return real(shift(positions) if positions.shape[1] == 1 else positions, inv_freq)
 
-    monkeypatch.setattr(kernels.rope_cache_write, "rope_cos_sin", faulty)
+    monkeypatch.setattr(kernels.rope, "rope_cos_sin", faulty)
     with pytest.raises(AssertionError, match="differs from the full pass"):
         check_decode_offsets(engine, tokens, full_pass)

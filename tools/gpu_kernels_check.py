@@ -74,8 +74,11 @@ def per_call_ms(fn, calls: int, rounds: int = 5, warmup: int = 3) -> float:
 def time_all(calls: int) -> list[dict]:
     import mlx.core as mx
 
-    from kernels.paged_attention import paged_attention_ops
-    from kernels.paged_decode_attention import num_partitions, paged_decode_attention
+    from kernels.paged_attention import (
+        num_partitions,
+        paged_attention_ops,
+        paged_decode_attention,
+    )
 
     scale = HEAD_DIM**-0.5
     rows = []

@@ -24,6 +24,9 @@ rules, what is legal in ``threadgroup`` or ``constant`` memory, simdgroup
 semantics, resource limits such as 32 KiB of threadgroup memory), that Apple's
 compiler accepts it, or that the kernel computes the right thing. Those need a
 Mac: the conformance grid in ``suites/test_kernels.py`` runs there.
+
+Test tooling, not part of the installed packages: ``suites/test_metal_source.py``
+runs it, and ``python -m suites.metal_check`` prints a verdict per source.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from kernels import add_rms_norm_kernel as arn
-from kernels import paged_decode_attention as pda
-from kernels import rope_cache_write_kernel as rcw
+from kernels import paged_decode_source, rope
+from kernels.add_rms_norm import build_kernel as build_norm_kernel
+from kernels.add_rms_norm import call_args as norm_call_args
+from kernels.paged_attention import DTYPES, HEAD_DIMS, combine_call_args, kernel_call_args
 
 STUB = Path(__file__).with_name("metal_stub.h")
 CLANG_FLAGS = ["-fsyntax-only", "-std=c++17", "-x", "c++", "-Wno-unknown-attributes"]
@@ -99,7 +103,7 @@ def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list
     Runs on any backend: the kernels are built for Metal here regardless of the
     active one, and only traced (exported), never run.
     """
-    final, split, combine = pda.build_kernels("metal")
+    final, split, combine = paged_decode_source.build_kernels("metal")
     batch, n_heads, _, head_dim = q.shape
     context_lens = mx.ones((batch,), dtype=mx.int32)
     inputs = [q, k_pool, k_pool, block_tables, context_lens, mx.array([0.125], mx.float32)]
@@ -109,19 +113,19 @@ def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list
             inputs=list(args),
             output_shapes=[(batch, n_heads, 1, head_dim)],
             output_dtypes=[q.dtype],
-            **pda.kernel_call_args(q, k_pool, 1),
+            **kernel_call_args(q, k_pool, 1),
         )
         two = split(
             inputs=list(args),
             output_shapes=[(batch, n_heads, 2, head_dim), (batch, n_heads, 2, 2)],
             output_dtypes=[mx.float32, mx.float32],
-            **pda.kernel_call_args(q, k_pool, 2),
+            **kernel_call_args(q, k_pool, 2),
         )
         three = combine(
             inputs=two,
             output_shapes=[(batch, n_heads, 1, head_dim)],
             output_dtypes=[q.dtype],
-            **pda.combine_call_args(q),
+            **combine_call_args(q),
         )
         return one + three
 
@@ -130,7 +134,7 @@ def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list
 
 def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int) -> list[str]:
     """The Metal text of the Q/K RoPE and the add + RMSNorm kernels."""
-    rope_kernel, norm_kernel = rcw.build_kernel("metal"), arn.build_kernel("metal")
+    rope_kernel, norm_kernel = rope.build_kernel("metal"), build_norm_kernel("metal")
     q = mx.zeros((2, 3, n_heads, head_dim), dtype=dtype)
     k = mx.zeros((2, 3, n_kv, head_dim), dtype=dtype)
     cos = mx.zeros((2, 3, head_dim // 2), dtype=mx.float32)
@@ -143,13 +147,13 @@ def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int)
             inputs=[q, k, cos, cos],
             output_shapes=[q.shape, k.shape],
             output_dtypes=[dtype, dtype],
-            **rcw.call_args(q, k),
+            **rope.call_args(q, k),
         )
         two = norm_kernel(
             inputs=[x, x, weight, eps],
             output_shapes=[x.shape, x.shape],
             output_dtypes=[dtype, dtype],
-            **arn.call_args(x),
+            **norm_call_args(x),
         )
         return one + two
 
@@ -198,8 +202,8 @@ def _libclang_check(path: Path) -> ClangResult:
 def main() -> int:
     """Check every dtype and head size once; print clang's verdict per source."""
     failed = 0
-    for dtype in pda.DTYPES:
-        for head_dim in pda.HEAD_DIMS:
+    for dtype in DTYPES:
+        for head_dim in HEAD_DIMS:
             q = mx.zeros((2, 8, 1, head_dim), dtype=dtype)
             k_pool = mx.zeros((4, 16, 2, head_dim), dtype=dtype)
             tables = mx.zeros((2, 2), dtype=mx.int32)

@@ -1,10 +1,11 @@
-"""Paged decode attention: one new query token per sequence over its paged K/V cache.
+"""The CUDA/Metal source of the paged decode attention kernels, and their builder.
 
-Custom-kernel twin of ``kernels.paged_attention.paged_attention_ops`` for T == 1
-(decode: the query sits at position ``context_len - 1``, so every cached token is
-visible and no causal mask is needed). One algorithm, one kernel body, compiled
-by MLX for CUDA (``mx.fast.cuda_kernel``) or Metal (``mx.fast.metal_kernel``);
-``kernels.backend`` supplies the few per-backend lines.
+One new query token per sequence attends over its paged K/V cache (decode: the
+query sits at position ``context_len - 1``, so every cached token is visible and
+no causal mask is needed). One algorithm, one kernel body, compiled by MLX for CUDA
+(``mx.fast.cuda_kernel``) or Metal (``mx.fast.metal_kernel``); ``kernels.backend``
+supplies the few per-backend lines. ``kernels.paged_attention`` builds the kernel
+objects once, launches them (``paged_decode_attention``) and holds their ops twin.
 
 Shapes:
   q             (B, n_heads, 1, D), already rotated, float16/bfloat16/float32
@@ -14,8 +15,8 @@ Shapes:
   context_lens  (B,) int32, >= 1
   returns       (B, n_heads, 1, D) in q's dtype
 
-Algorithm (one thread group of 4 warps per (sequence, KV head, context partition);
-Apple's simdgroups are 32 lanes wide too):
+Algorithm (one thread group of N_WARPS = 4 warps per (sequence, KV head, context
+partition); Apple's simdgroups are 32 lanes wide too):
   * GQA: the GROUP_SIZE = n_heads / n_kv_heads query heads of a KV head are served
     by one group, so each K/V row is read once for all of them; KV heads are never
     repeated. Their scaled queries sit in shared memory.
@@ -37,23 +38,9 @@ Apple's simdgroups are 32 lanes wide too):
 
 from __future__ import annotations
 
-import math
+from kernels.backend import Backend, make_kernel
 
-import mlx.core as mx
-
-from kernels.backend import WARP, Backend, active_backend, make_kernel
-
-N_WARPS = 4  # 128 threads per group: enough warps to overlap loads, small merge
-# Split-K only when B * n_kv_heads groups would leave the GPU idle: aim for about
-# this many groups (an H100 has 132 SMs, an M-series GPU up to 80 cores) ...
-TARGET_GROUPS = 512
-# ... but keep at least this many tokens per partition, so each warp still has
-# several chunks to stream and the per-partition fixed cost stays small.
-MIN_PARTITION_TOKENS = 128
-HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
-DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-
-_INPUTS = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale"]
+INPUTS = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale"]
 
 # The shared body. Template constants: T (dtype), HEAD_DIM, GROUP_SIZE, KV_BLOCK
 # (tokens per cache block), N_WARPS. Sizes read at run time come from the
@@ -234,110 +221,11 @@ _COMBINE = """
 
 
 def build_kernels(backend: Backend) -> tuple[object, object, object]:
-    """(one-partition, split-K, combine) kernel objects for ``backend``."""
+    """(one-partition, split-K, combine) kernel objects for ``backend`` (construction
+    compiles nothing)."""
     parts = ["part_acc", "part_ml"]
     return (
-        make_kernel(backend, "paged_decode_attention", _INPUTS, ["out"], _BODY + _FINAL),
-        make_kernel(backend, "paged_decode_attention_split", _INPUTS, parts, _BODY + _PARTIAL),
+        make_kernel(backend, "paged_decode_attention", INPUTS, ["out"], _BODY + _FINAL),
+        make_kernel(backend, "paged_decode_attention_split", INPUTS, parts, _BODY + _PARTIAL),
         make_kernel(backend, "paged_decode_attention_combine", parts, ["out"], _COMBINE),
     )
-
-
-BACKEND: Backend = active_backend()
-# Built once at import, and only for the backend that can run them.
-_KERNELS = build_kernels(BACKEND) if BACKEND != "cpu" else None
-
-
-def supports(q: mx.array, k_pool: mx.array) -> bool:
-    """Whether the kernel takes these shapes and dtype (the dispatcher falls back if not)."""
-    n_heads, head_dim = q.shape[1], q.shape[3]
-    return (
-        head_dim in HEAD_DIMS
-        and q.dtype in DTYPES
-        and k_pool.shape[3] == head_dim
-        and n_heads % k_pool.shape[2] == 0
-    )
-
-
-def num_partitions(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -> int:
-    """Context partitions per (sequence, KV head): 1 unless the batch leaves the GPU idle."""
-    by_length = math.ceil(max_blocks * block_size / MIN_PARTITION_TOKENS)
-    by_occupancy = math.ceil(TARGET_GROUPS / (batch * n_kv_heads))
-    return max(1, min(by_length, by_occupancy, max_blocks))
-
-
-def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int) -> dict:
-    """Template, grid and thread group of one launch (also used by the Metal check)."""
-    batch, n_heads, _, head_dim = q.shape
-    _, block_size, n_kv, _ = k_pool.shape
-    return {
-        "template": [
-            ("T", q.dtype),
-            ("HEAD_DIM", head_dim),
-            ("GROUP_SIZE", n_heads // n_kv),
-            ("KV_BLOCK", block_size),
-            ("N_WARPS", N_WARPS),
-        ],
-        # In threads on both backends: exactly one group per (kv head, sequence x part).
-        "grid": (N_WARPS * WARP, n_kv, batch * n_parts),
-        "threadgroup": (N_WARPS * WARP, 1, 1),
-    }
-
-
-def combine_call_args(q: mx.array) -> dict:
-    """Template, grid and thread group of the combine launch."""
-    batch, n_heads, _, head_dim = q.shape
-    return {
-        "template": [("T", q.dtype), ("HEAD_DIM", head_dim)],
-        "grid": (head_dim, n_heads, batch),
-        "threadgroup": (head_dim, 1, 1),
-    }
-
-
-def paged_decode_attention(
-    q: mx.array,
-    k_pool: mx.array,
-    v_pool: mx.array,
-    block_tables: mx.array,
-    context_lens: mx.array,
-    scale: float,
-) -> mx.array:
-    """Attention of one query token per sequence over its cache; see the module doc."""
-    if _KERNELS is None:
-        raise RuntimeError("paged_decode_attention needs a GPU backend (Metal or CUDA)")
-    batch, n_heads, t, head_dim = q.shape
-    if t != 1 or not supports(q, k_pool):
-        raise ValueError(f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape}; see supports()")
-    n_kv, max_blocks = k_pool.shape[2], block_tables.shape[1]
-    n_parts = num_partitions(batch, n_kv, max_blocks, k_pool.shape[1])
-    inputs = [
-        q,
-        k_pool.astype(q.dtype),
-        v_pool.astype(q.dtype),
-        block_tables.astype(mx.int32),
-        context_lens.astype(mx.int32),
-        # Made per call, not cached: inside mx.compile an array from outside the traced
-        # function would be an uncaptured input.
-        mx.array([scale], dtype=mx.float32),
-    ]
-    launch = kernel_call_args(q, k_pool, n_parts)
-    final, split, combine = _KERNELS
-    if n_parts == 1:
-        return final(
-            inputs=inputs,
-            output_shapes=[(batch, n_heads, 1, head_dim)],
-            output_dtypes=[q.dtype],
-            **launch,
-        )[0]
-    part_acc, part_ml = split(
-        inputs=inputs,
-        output_shapes=[(batch, n_heads, n_parts, head_dim), (batch, n_heads, n_parts, 2)],
-        output_dtypes=[mx.float32, mx.float32],
-        **launch,
-    )
-    return combine(
-        inputs=[part_acc, part_ml],
-        output_shapes=[(batch, n_heads, 1, head_dim)],
-        output_dtypes=[q.dtype],
-        **combine_call_args(q),
-    )[0]

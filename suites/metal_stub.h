@@ -1,5 +1,5 @@
 // Just enough of the Metal Shading Language, as C++, to parse MLX's generated kernel
-// text with clang (see kernels/metal_check.py). Declarations only: nothing here
+// text with clang (see suites/metal_check.py). Declarations only: nothing here
 // is compiled to code. It stands in for <metal_stdlib> and MLX's Metal utils,
 // which Apple's compiler sees in front of a custom kernel.
 //

@@ -1,0 +1,225 @@
+"""Rotary embedding of the new Q/K at their absolute positions, then the K/V write
+into the paged pools through a slot mapping.
+
+``rope_and_cache_write`` dispatches: on a GPU backend (CUDA or Metal) one custom
+kernel (``rope_qk``) rotates Q and K together, and two MLX scatters (``write_rows``)
+write K and V into their pool rows, in place (the cache's pools can be donated); on
+the CPU backend, or for shapes the kernel does not take, the ops twin
+(``rope_and_cache_write_ops``) runs. The twin is also the kernel's oracle.
+
+What depends only on the step, not the layer (cos and sin of the tokens' angles,
+their pool rows), is computed once per step by ``rope_step`` and passed to every
+layer's call as a ``RopeStep``; kernel and twin both take it, so a fault injected
+into ``rope_cos_sin`` (the suites shift decode positions this way) reaches both.
+
+Ops twin. The rotation is HF's rotate-half convention: the two halves of each head
+form the (x, y) pairs, ``x' = x cos - y sin``, ``y' = y cos + x sin`` with angle
+``position * inv_freq[i]``. Angles, cos and sin are taken in float32 and cast to
+the activation dtype, as HF does; the products and the sum are rounded to that
+dtype, as HF's element-wise ops do.
+
+Kernel. One body for CUDA (``mx.fast.cuda_kernel``) and Metal
+(``mx.fast.metal_kernel``); ``kernels.backend`` supplies the per-backend lines.
+  q             (B, T, n_heads, D); k (B, T, n_kv_heads, D); one dtype T
+  cos, sin      float32 (B, T, D/2): ``rope_cos_sin`` of the tokens' positions
+  returns       (q_rot, k_rot), shaped and typed like q and k
+One thread per rotation pair: thread i of group (head, token) owns elements i and
+i + D/2; heads below n_heads are Q's, the next n_kv_heads are K's. The arithmetic
+follows the twin step by step: cos and sin rounded to T, each product and the sum
+rounded to T, so half-precision results match the twin's bit for bit.
+
+Why the write is not in the kernel: MLX custom kernels have no in-place outputs.
+A first version wrote the pools through its (const) inputs and ordered readers
+with ``mx.depends``; MLX's CUDA backend schedules by the buffers each kernel
+declares it writes, so it ran a reader of the pool (the prefill gather)
+concurrently with the write, and the suites failed on the H100 (layer 0 attention
+off from position 0). Returning fresh pools instead would copy the whole cache
+every layer and step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from kernels.backend import Backend, active_backend, make_kernel
+
+HEAD_DIMS = (64, 128)  # D / 2 threads per group: whole warps
+DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+INPUTS = ["q", "k", "cosines", "sines"]
+MAX_TOKENS = 65535  # one group per token along the grid's z, which CUDA caps here
+
+# Template constants: T (dtype), HEAD_DIM.
+_BODY = """
+  constexpr int HALF = HEAD_DIM / 2;
+  const int n_tok = q_shape[0] * q_shape[1];
+  const int n_q = q_shape[2];
+  const int n_kv = k_shape[2];
+  const int i = tid;
+  const int h = group_y;
+  const int n = group_z;
+  if (i >= HALF || h >= n_q + n_kv || n >= n_tok) return;
+  // The twin rounds cos/sin to T and every product and sum to T; so does this.
+  const float c = kload(kstore<T>(cosines[n * HALF + i]));
+  const float s = kload(kstore<T>(sines[n * HALF + i]));
+  const bool is_q = h < n_q;
+  const int heads = is_q ? n_q : n_kv;
+  const size_t at = (static_cast<size_t>(n) * heads + (is_q ? h : h - n_q)) * HEAD_DIM + i;
+  const float x = kload(is_q ? q[at] : k[at]);
+  const float y = kload(is_q ? q[at + HALF] : k[at + HALF]);
+  const T first = kstore<T>(kload(kstore<T>(x * c)) + kload(kstore<T>(-y * s)));
+  const T second = kstore<T>(kload(kstore<T>(y * c)) + kload(kstore<T>(x * s)));
+  if (is_q) {
+    q_rot[at] = first;
+    q_rot[at + HALF] = second;
+  } else {
+    k_rot[at] = first;
+    k_rot[at + HALF] = second;
+  }
+"""
+
+
+def build_kernel(backend: Backend) -> object:
+    """The kernel object for ``backend`` (construction compiles nothing)."""
+    return make_kernel(backend, "rope_qk", INPUTS, ["q_rot", "k_rot"], _BODY)
+
+
+BACKEND: Backend = active_backend()
+# Built once at import, and only for the backend that can run it.
+_KERNEL = build_kernel(BACKEND) if BACKEND != "cpu" else None
+
+
+def supports(q: mx.array, k: mx.array) -> bool:
+    """Whether the kernel takes these shapes and dtypes (the dispatcher falls back if not)."""
+    return (
+        q.shape[-1] in HEAD_DIMS
+        and q.dtype in DTYPES
+        and k.dtype == q.dtype
+        and k.shape[:2] == q.shape[:2]
+        and k.shape[-1] == q.shape[-1]
+        and q.shape[0] * q.shape[1] <= MAX_TOKENS
+    )
+
+
+def call_args(q: mx.array, k: mx.array) -> dict:
+    """Template, grid and thread group of one launch (also used by the Metal check)."""
+    batch, t, n_q, head_dim = q.shape
+    return {
+        "template": [("T", q.dtype), ("HEAD_DIM", head_dim)],
+        "grid": (head_dim // 2, n_q + k.shape[2], batch * t),  # in threads
+        "threadgroup": (head_dim // 2, 1, 1),
+    }
+
+
+def rope_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
+    """The custom kernel: (q_rot, k_rot), q and k rotated at the angles of ``cos``/``sin``."""
+    if _KERNEL is None:
+        raise RuntimeError("rope_qk needs a GPU backend (Metal or CUDA)")
+    if not supports(q, k):
+        raise ValueError(f"unsupported q {q.shape} {q.dtype} / k {k.shape} {k.dtype}")
+    q_rot, k_rot = _KERNEL(
+        inputs=[q, k, cos, sin],
+        output_shapes=[q.shape, k.shape],
+        output_dtypes=[q.dtype, k.dtype],
+        **call_args(q, k),
+    )
+    return q_rot, k_rot
+
+
+# -- the rotation's ops ----------------------------------------------------------------
+def rope_cos_sin(positions: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
+    """cos and sin of ``positions * inv_freq``: float32 (B, T, D/2) each.
+
+    The one place angles are computed, for the twin and the kernel alike, so a
+    fault injected here (the suites shift decode positions this way) reaches both.
+    """
+    angles = positions.astype(mx.float32)[:, :, None] * inv_freq  # (B, T, D/2)
+    return mx.cos(angles), mx.sin(angles)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x: (B, T, H, D); cos, sin: float32 (B, T, D/2) from ``rope_cos_sin``."""
+    cos = mx.concatenate([cos, cos], axis=-1)[:, :, None, :].astype(x.dtype)  # (B, T, 1, D)
+    sin = mx.concatenate([sin, sin], axis=-1)[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def rope(x: mx.array, positions: mx.array, inv_freq: mx.array) -> mx.array:
+    """x: (B, T, H, D); positions: (B, T) int32; inv_freq: (D/2,) float32."""
+    return apply_rope(x, *rope_cos_sin(positions, inv_freq))
+
+
+# -- one step: rotate, then write the pools -------------------------------------------
+@dataclass(frozen=True)
+class RopeStep:
+    """What RoPE and the cache write need of one step's new tokens; the same for
+    every layer, so the model builds it once a step (``rope_step``) and passes it down."""
+
+    cos: mx.array  # float32 (B, T, D/2): rope_cos_sin of the tokens' positions
+    sin: mx.array
+    # The pool row of each new token as (block, offset): slot == block * block_size + offset.
+    blocks: mx.array  # (B * T,) int32
+    offsets: mx.array  # (B * T,) int32
+    block_size: int
+
+
+def rope_step(
+    positions: mx.array, inv_freq: mx.array, slots: mx.array, block_size: int
+) -> RopeStep:
+    """positions: (B, T) int32; inv_freq: (D/2,) float32; slots: (B * T,) int32 rows of
+    the pools seen as (num_blocks * block_size, n_kv_heads, D)."""
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    return RopeStep(cos, sin, slots // block_size, slots % block_size, block_size)
+
+
+def rope_and_cache_write(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    step: RopeStep,
+    k_pool: mx.array,
+    v_pool: mx.array,
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """Rotate q and k, write k and v to their slots; return (q_rot, k_rot, k_pool', v_pool').
+
+    q: (B, T, n_heads, D); k, v: (B, T, n_kv_heads, D); step: from ``rope_step``;
+    pools: (num_blocks, block_size, n_kv_heads, D).
+
+    The pools are written the way MLX's ``pool[idx] = rows`` writes: the array
+    objects passed in are updated, and returned. MLX reuses their buffers when
+    nothing else holds them, so a step costs the new rows, not a copy of the pool.
+    """
+    if BACKEND != "cpu" and supports(q, k):
+        q, k = rope_qk(q, k, step.cos, step.sin)
+        return q, k, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
+    return rope_and_cache_write_ops(q, k, v, step, k_pool, v_pool)
+
+
+def rope_and_cache_write_ops(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    step: RopeStep,
+    k_pool: mx.array,
+    v_pool: mx.array,
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The ops twin of ``rope_and_cache_write``."""
+    q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+    return q, k, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
+
+
+def write_rows(pool: mx.array, rows: mx.array, step: RopeStep) -> mx.array:
+    """Write ``rows`` (B, T, n_kv_heads, D) into ``pool`` at the step's slots; returns it.
+
+    The scatter indexes the pool itself by (block, offset), not a reshaped view of
+    it: MLX then reuses the pool's buffer for the result. Through a view made in
+    the same graph it copied the whole pool every layer and step (measured on the
+    H100: +2.7 ms a decode step with a 2.9 GB cache).
+    """
+    if pool.shape[1] != step.block_size:
+        raise ValueError(f"pool blocks of {pool.shape[1]} rows, step for {step.block_size}")
+    pool[step.blocks, step.offsets] = rows.reshape(-1, *rows.shape[2:]).astype(pool.dtype)
+    return pool
