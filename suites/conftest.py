@@ -1,9 +1,14 @@
 """Shared fixtures: the engine under test, checkpoints (made once per session), loaded
-models and engines, references; the parity and conformance reports.
+models and engines, references; the options of the run's reports (suites.report).
 
 ``--engine NAME`` picks the engine (default ``impl``; see conform.engines). Tests
 about impl's internals carry ``@pytest.mark.impl_only(reason)`` or sit in a file
 outside ENGINE_SUITES; with another engine they are skipped with that reason.
+
+``--report DIR`` (default ``reports/``, git-ignored) is where the parity and
+conformance reports go; ``--report results`` rewrites the curated records. Under
+``pytest -n N --dist loadgroup`` tests that load the same checkpoint share a worker
+(``checkpoint_group``), so each model is loaded by one worker, not every one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from conform import DEFAULT_MODEL
 from conform.engines import Engine, EngineError, resolve
 from impl.loader import load
 from impl.model import Model
-from suites import engine_report
+from suites.report import DEFAULT_DIR, METRIC, NODEID, PARITY_ROWS, RunReports
+
+# Re-exported: the parity tests append their rows here.
+__all__ = ["PARITY_ROWS", "TINY_SHAPES", "expect_known_issue"]
 
 # The random shapes every parity case runs on; see reference/checkpoints.py.
 TINY_SHAPES = ["tiny-mha", "tiny-gqa4", "tiny-gqa8", "tiny-mqa", "tiny-hd64", "tiny-hd128"]
@@ -40,6 +48,29 @@ IMPL_ONLY_FILES = {
     "test_api.py": "tests impl's Python API (impl.engine, impl.paged_cache)",
     "test_cli.py": "tests the conform command, which runs impl",
     "test_engines.py": "tests engine selection (the harness), not an engine",
+    "test_reports.py": "tests the run's reports (the harness), not an engine",
+}
+# The checkpoint a file's checkpoint tests share: its parameter that names one, if any,
+# else the file's shape (tests on trained_dir alone use "trained"). Only scheduling
+# reads this: a stale entry costs a repeated load, never a wrong result.
+CHECKPOINT_PARAM = {"test_logits_parity.py": "name", "test_loader.py": "shape"}
+FILE_CHECKPOINT = {
+    "test_logits_parity.py": "tiny-gqa8",  # the fault-injection cases
+    "test_cache_accounting.py": "tiny-gqa8",
+    "test_memory_math.py": "tiny-gqa8",
+    "test_api.py": "tiny-gqa8",
+    "test_engines.py": "tiny-gqa8",
+    "test_loader.py": "tiny-gqa4",
+    "test_rope_base.py": "tiny-rope-500k",
+}
+# Session fixtures that write or load a checkpoint, a model or the reference; each
+# xdist worker is its own session, so each would repeat the work.
+CHECKPOINT_FIXTURES = {
+    "checkpoint",
+    "trained_dir",
+    "engine_factory",
+    "model_factory",
+    "reference_factory",
 }
 _ENGINE = pytest.StashKey[type[Engine]]()
 
@@ -51,6 +82,13 @@ def pytest_addoption(parser) -> None:
         help="engine under test: impl, mlx-lm, an entry point of group conform.engines, "
         "or module:Class (default: impl)",
     )
+    parser.addoption(
+        "--report",
+        default=str(DEFAULT_DIR),
+        metavar="DIR",
+        help="folder for the parity and conformance reports (default: reports/, "
+        "git-ignored; `--report results` rewrites the curated records)",
+    )
 
 
 def pytest_configure(config) -> None:
@@ -58,13 +96,37 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "conformance(property): a row of the cross-engine conformance report"
     )
+    # Registered by pytest-xdist too; here so a run without xdist does not warn.
+    config.addinivalue_line("markers", "xdist_group(name): tests that share a worker")
     try:
-        config.stash[_ENGINE] = resolve(config.getoption("engine"))
+        engine = config.stash[_ENGINE] = resolve(config.getoption("engine"))
     except EngineError as e:
         raise pytest.UsageError(str(e)) from None
+    config.pluginmanager.register(RunReports(config, engine), "conform-reports")
 
 
+def checkpoint_group(item: pytest.Item) -> str | None:
+    """The checkpoint a test loads through the session fixtures; None: it loads none."""
+    if not CHECKPOINT_FIXTURES & set(item.fixturenames):
+        return None
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    param = CHECKPOINT_PARAM.get(item.path.name)
+    if param in params:
+        return params[param]
+    if "checkpoint" not in item.fixturenames:
+        return "trained"
+    return FILE_CHECKPOINT.get(item.path.name, item.path.name)
+
+
+# tryfirst: xdist's loadgroup reads the groups (and rewrites node ids) in its own
+# collection hook, which must see them.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        item.stash[NODEID] = item.nodeid
+        group = checkpoint_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
     name = config.stash[_ENGINE].name
     if name == "impl":
         return
@@ -114,48 +176,9 @@ def metric(request) -> Callable[..., None]:
     """record(label, value, worst="max"): the case's measured number for the report."""
 
     def record(label: str, value: float | int, worst: str = "max") -> None:
-        request.node.stash[_METRIC] = (label, value, worst)
+        request.node.stash[METRIC] = (label, value, worst)
 
     return record
-
-
-_METRIC = pytest.StashKey[tuple]()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    mark = item.get_closest_marker("conformance")
-    if mark is None or (report.when != "call" and report.passed) or report.when == "teardown":
-        return
-    params = item.callspec.params if hasattr(item, "callspec") else {}
-    engine_report.CASES.append(
-        {
-            "property": mark.args[0].format(**params),
-            "test": item.nodeid,
-            "status": _status(report),
-            "reason": _reason(report),
-            "metric": item.stash.get(_METRIC, None),
-        }
-    )
-
-
-def _status(report) -> str:
-    if hasattr(report, "wasxfail"):
-        return "xfail" if report.skipped else "xpass"
-    return {"passed": "pass", "failed": "fail", "skipped": "skipped"}[report.outcome]
-
-
-def _reason(report) -> str:
-    if hasattr(report, "wasxfail"):
-        return report.wasxfail
-    if report.skipped:
-        return str(report.longrepr[2]).removeprefix("Skipped: ")
-    if report.failed:
-        crash = getattr(report.longrepr, "reprcrash", None)
-        return (crash.message if crash else str(report.longrepr)).splitlines()[0]
-    return ""
 
 
 @pytest.fixture(scope="session")
@@ -207,42 +230,3 @@ def reference_factory():
         return loaded[path]
 
     return get
-
-
-# Rows appended by the parity suite; printed and saved at the end of the session.
-PARITY_ROWS: list[dict] = []
-
-
-def pytest_terminal_summary(terminalreporter, config) -> None:
-    slow = (config.option.markexpr or "").strip() == "slow"
-    engine = config.stash[_ENGINE].name
-    if PARITY_ROWS:
-        _parity_summary(terminalreporter, engine, slow)
-    if engine_report.CASES and not slow:
-        _conformance_summary(terminalreporter, engine)
-
-
-def _parity_summary(terminalreporter, engine: str, slow: bool) -> None:
-    from conform import REPO_ROOT
-    from suites.report import parity_table, write_parity_json
-
-    # The slow (TinyLlama-shape) run keeps its own file so neither run erases the
-    # other; so does each engine other than ours.
-    stem = "parity-slow" if slow else "parity"
-    name = f"{stem}.json" if engine == "impl" else f"{stem}-{engine_report.file_name(engine)}"
-    terminalreporter.section(f"parity report ({engine} vs HF float32 reference)")
-    terminalreporter.write_line(parity_table(PARITY_ROWS))
-    path = write_parity_json(PARITY_ROWS, REPO_ROOT / "results" / name)
-    terminalreporter.write_line(f"written to {path}")
-
-
-def _conformance_summary(terminalreporter, engine: str) -> None:
-    version = terminalreporter.config.stash[_ENGINE].version()
-    summary = engine_report.summarize(engine_report.CASES)
-    terminalreporter.section(f"conformance report ({engine}, {version})")
-    terminalreporter.write_line(engine_report.engine_table(summary))
-    path = engine_report.write_engine_json(engine, version, summary)
-    merged_path, merged = engine_report.merge_engine_files()
-    terminalreporter.section("conformance across engines (results/engines/*.json)")
-    terminalreporter.write_line(engine_report.cross_table(merged))
-    terminalreporter.write_line(f"written to {path} and {merged_path}")

@@ -2,23 +2,20 @@
 
 Tests carry ``@pytest.mark.conformance("property")`` (the name may hold ``{param}``
 fields filled from the test's parameters) and may record one metric per case
-through the ``metric`` fixture. ``conftest`` turns each case's outcome (pass,
+through the ``metric`` fixture. ``suites.report`` turns each case's outcome (pass,
 fail, skipped with its reason, xfail with its reason) into a row here; a
-property's status is its worst case's. Each run writes
-``results/engines/<engine>.json``; ``results/engines.json`` merges every engine
-file present.
+property's status is its worst case's. A complete run writes
+``<report dir>/engines/<engine>.json`` and merges every complete engine file there
+into ``<report dir>/engines.json``; a partial run writes
+``engines/<engine>.partial.json``, which no merge reads.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import re
 from pathlib import Path
 
-from conform import REPO_ROOT
-
-RESULTS = REPO_ROOT / "results"
 # Worst first: a property's status is the first of these any of its cases has.
 STATUS_ORDER = ["fail", "xpass", "xfail", "pass", "skipped"]
 # Table order; properties not listed follow in the order they were seen.
@@ -39,8 +36,6 @@ PROPERTY_ORDER = [
     "block accounting",
     "fork keeps history",
 ]
-
-CASES: list[dict] = []  # one per test case: property, status, reason, metric
 
 
 def _worst(metrics: list[list]) -> list | None:
@@ -134,26 +129,18 @@ def file_name(engine: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", engine) + ".json"
 
 
-def write_engine_json(engine: str, version: str, summary: dict, root: Path = RESULTS) -> Path:
-    import mlx.core as mx
-
-    path = root / "engines" / file_name(engine)
+def write_engine_json(engine: str, version: str, summary: dict, path: Path, header: dict) -> Path:
+    """header: the run's machine, reference, run and partial fields (suites.report)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "engine": engine,
-        "version": version,
-        "machine": f"{platform.machine()} {platform.system()}, "
-        f"MLX {mx.__version__} {mx.default_device()}",
-        "reference": "HF transformers LlamaForCausalLM, float32, eager attention, torch CPU",
-        "properties": summary,
-    }
+    doc = {"engine": engine, "version": version, **header, "properties": summary}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
 
-def merge_engine_files(root: Path = RESULTS) -> tuple[Path, dict]:
-    """Combine every results/engines/*.json into results/engines.json."""
-    docs = [json.loads(f.read_text()) for f in sorted((root / "engines").glob("*.json"))]
+def merge_engine_files(root: Path) -> tuple[Path, dict]:
+    """Combine every complete root/engines/*.json into root/engines.json."""
+    files = sorted((root / "engines").glob("*.json"))
+    docs = [json.loads(f.read_text()) for f in files if not f.name.endswith(".partial.json")]
     docs.sort(key=lambda d: (d["engine"] != "impl", d["engine"]))  # ours first
     table: dict[str, dict] = {}
     for d in docs:
@@ -164,6 +151,7 @@ def merge_engine_files(root: Path = RESULTS) -> tuple[Path, dict]:
         "engines": [d["engine"] for d in docs],
         "versions": {d["engine"]: d["version"] for d in docs},
         "machines": {d["engine"]: d["machine"] for d in docs},
+        "runs": {d["engine"]: d.get("run") for d in docs},
         "table": dict(sorted(table.items(), key=lambda kv: order.get(kv[0], len(order)))),
     }
     path = root / "engines.json"
