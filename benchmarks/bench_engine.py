@@ -1,85 +1,117 @@
-"""Our engine: prefill and decode latency, throughput and memory (impl/ + kernels/)."""
+"""Prefill and decode latency, throughput and memory of every engine, through the
+engine interface (conform.engines) only.
+
+The engines come from CONFORM_ENGINE (see common.ENGINES; default impl) and are the
+first parameter of every benchmark, so each engine has its own line in the history:
+
+    CONFORM_ENGINE=impl,impl-compiled,mlx-lm,hf asv run --bench Small HEAD^!
+
+An engine that cannot run a workload (NotApplicable: hf in float16, a cache that
+cannot trim) raises NotImplementedError in setup, which asv reports as skipped.
+
+Every class sets ``version``: asv keeps a benchmark's history while its version is
+unchanged, whatever else in this file is edited (without it, asv hashes the code and
+any edit starts a new history). Bump it on purpose when what the benchmark measures
+changes (its inputs, or what the timed region includes), and only then.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 
 from benchmarks import common
-from impl.engine import decode, prefill
-from impl.paged_cache import PagedKVCache
+from conform.engines import NotApplicable, resolve
+
+_RESOLVED = [resolve(name) for name in common.ENGINES]  # a bad name fails at discovery
+
+
+@contextmanager
+def skipped_if_not_applicable(name: str) -> Iterator[None]:
+    try:
+        yield
+    except NotApplicable as e:
+        raise NotImplementedError(f"engine {name}: {e}") from None
 
 
 class _Prefill:
-    params = (["float32", "float16"], [16, 128, 512])
-    param_names = ["dtype", "prompt_len"]
+    """Prefill of a prompt into an empty sequence, batch 1."""
+
+    version = "1"
+    params = (common.ENGINES, ["float32", "float16"], [16, 128, 512])
+    param_names = ["engine", "dtype", "prompt_len"]
     preset = "small"
 
-    def setup(self, dtype, prompt_len):
+    def setup(self, name, dtype, prompt_len):
         common.skip_if_too_slow_on_cpu(self.preset, prompt_len)
-        self.model = common.model(self.preset, dtype)
-        self.prompt = common.tokens(prompt_len, self.model.config.vocab_size)
-        self.cache = PagedKVCache.for_tokens(
-            self.model.config, prompt_len, common.BLOCK_SIZE, common.DTYPES[dtype]
-        )
+        with skipped_if_not_applicable(name):
+            self.engine = common.engine(name, self.preset, dtype)
+        self.cache = common.new_cache(self.engine, prompt_len)
+        self.prompt = common.tokens(prompt_len, common.vocab_size(self.preset))
 
-    def time_prefill(self, dtype, prompt_len):
+    def time_prefill(self, name, dtype, prompt_len):
         self.cache.add_sequence(0)
-        prefill(self.model, self.cache, 0, self.prompt)  # ends in mx.eval
+        self.engine.run_prefill(self.cache, 0, self.prompt)  # evaluated, logits not copied
         self.cache.release(0)
 
 
 class _Decode:
     """One decode step at a context length (cached + new token), batch 1.
 
-    The cache is filled by reserving its slots, not by a prefill: decode cost does not
-    depend on the cached values, and a 2047-token prefill takes minutes on the CPU.
-    Each sample decodes one token and trims it off again, so every sample sees the
-    same context. (Until the GPU work of issue 5 a sample forked the sequence and
-    released the fork; the fork's copy-on-write of the last block was timed with it.)
+    The context is made with Engine.fill (arbitrary K/V, no prefill): decode cost does
+    not depend on the cached values, and a 2047-token prefill takes minutes on the
+    CPU. Each sample decodes one token and trims it off again (EngineCache.trim), so
+    every sample sees the same context; an engine that cannot trim is skipped.
     """
 
-    params = (["float32", "float16"], [16, 512, 2048])
-    param_names = ["dtype", "context"]
+    version = "1"
+    params = (common.ENGINES, ["float32", "float16"], [16, 512, 2048])
+    param_names = ["engine", "dtype", "context"]
     preset = "small"
 
-    def setup(self, dtype, context):
-        self.model = common.model(self.preset, dtype)
-        self.cache = PagedKVCache.for_tokens(
-            self.model.config, context + common.BLOCK_SIZE, common.BLOCK_SIZE, common.DTYPES[dtype]
-        )
-        self.cache.add_sequence("ctx")
-        self.cache.plan(["ctx"], context - 1)
+    def setup(self, name, dtype, context):
+        with skipped_if_not_applicable(name):
+            self.engine = common.engine(name, self.preset, dtype)
+            self.cache = common.new_cache(self.engine, context)
+            self.cache.add_sequence("ctx")
+            self.engine.fill(self.cache, "ctx", context - 1)
+            self.step()  # a cache that cannot trim says so here, not in a timed sample
 
     def step(self) -> None:
-        decode(self.model, self.cache, ["ctx"], [5])  # ends in mx.eval
+        self.engine.run_decode(self.cache, ["ctx"], [5])
         self.cache.trim("ctx", 1)
 
-    def time_decode(self, dtype, context):
+    def time_decode(self, name, dtype, context):
         self.step()
 
 
 class _BatchDecode:
-    """One decode step for len(BATCH_CONTEXTS) sequences of mixed lengths at once."""
+    """One decode step for len(BATCH_CONTEXTS) sequences of mixed lengths at once,
+    rolled back like _Decode. An engine without a batched decode of its own runs
+    the interface's default, one decode per sequence."""
 
-    params = (["float32", "float16"],)
-    param_names = ["dtype"]
+    version = "1"
+    params = (common.ENGINES, ["float32", "float16"])
+    param_names = ["engine", "dtype"]
     preset = "small"
 
-    def setup(self, dtype):
-        self.model = common.model(self.preset, dtype)
-        blocks = sum(-(-n // common.BLOCK_SIZE) + 1 for n in common.BATCH_CONTEXTS)
-        self.cache = PagedKVCache(
-            self.model.config, blocks, common.BLOCK_SIZE, common.DTYPES[dtype]
-        )
-        for i, n in enumerate(common.BATCH_CONTEXTS):
-            self.cache.add_sequence(i)
-            self.cache.plan([i], n - 1)
+    def setup(self, name, dtype):
         self.ids = list(range(len(common.BATCH_CONTEXTS)))
+        with skipped_if_not_applicable(name):
+            self.engine = common.engine(name, self.preset, dtype)
+            self.cache = common.new_cache(
+                self.engine, max(common.BATCH_CONTEXTS), len(common.BATCH_CONTEXTS)
+            )
+            for i, n in zip(self.ids, common.BATCH_CONTEXTS):
+                self.cache.add_sequence(i)
+                self.engine.fill(self.cache, i, n - 1)
+            self.time_batch_decode(name, dtype)
 
-    def time_batch_decode(self, dtype):
-        decode(self.model, self.cache, self.ids, [5] * len(self.ids))
+    def time_batch_decode(self, name, dtype):
+        self.engine.run_decode(self.cache, self.ids, [5] * len(self.ids))
         for i in self.ids:
             self.cache.trim(i, 1)
 
@@ -87,13 +119,14 @@ class _BatchDecode:
 class _Track:
     """Throughput and memory at context 512, as tracked numbers with units."""
 
-    params = (["float32", "float16"], [512])
-    param_names = ["dtype", "context"]
+    version = "1"
+    params = (common.ENGINES, ["float32", "float16"], [512])
+    param_names = ["engine", "dtype", "context"]
     preset = "small"
     setup = _Decode.setup
     step = _Decode.step
 
-    def track_decode_tokens_per_s(self, dtype, context):
+    def track_decode_tokens_per_s(self, name, dtype, context):
         self.step()  # warm
         t0 = time.perf_counter()
         for _ in range(3):
@@ -102,12 +135,13 @@ class _Track:
 
     track_decode_tokens_per_s.unit = "tokens/s"
 
-    def track_kv_bytes_per_sequence(self, dtype, context):
-        return self.cache.blocks_used("ctx") * self.cache.nbytes // self.cache.num_blocks
+    def track_kv_bytes_per_sequence(self, name, dtype, context):
+        return self.cache.kv_bytes("ctx")
 
     track_kv_bytes_per_sequence.unit = "bytes"
 
-    def track_mlx_peak_memory(self, dtype, context):
+    def track_mlx_peak_memory(self, name, dtype, context):
+        """MLX allocations only: an engine on another framework (hf) shows ~0."""
         mx.reset_peak_memory()
         self.step()
         return mx.get_peak_memory()
@@ -158,33 +192,12 @@ class TinyLlamaTrack(_Track):
     processes = 1
 
 
-# decode / prefill with compiled=True: the same steps as one mx.compile'd graph each.
-# asv's warm-up runs trace them before any timed sample.
-class TinyLlamaPrefillCompiled(TinyLlamaPrefill):
-    def time_prefill(self, dtype, prompt_len):
-        self.cache.add_sequence(0)
-        prefill(self.model, self.cache, 0, self.prompt, compiled=True)
-        self.cache.release(0)
-
-
-class TinyLlamaDecodeCompiled(TinyLlamaDecode):
-    def step(self) -> None:
-        decode(self.model, self.cache, ["ctx"], [5], compiled=True)
-        self.cache.trim("ctx", 1)
-
-
-class TinyLlamaBatchDecodeCompiled(TinyLlamaBatchDecode):
-    def time_batch_decode(self, dtype):
-        decode(self.model, self.cache, self.ids, [5] * len(self.ids), compiled=True)
-        for i in self.ids:
-            self.cache.trim(i, 1)
-
-
+# The regression gate's quick subset (conform gate, regex ^bench_engine\.Gate): impl
+# only, whatever CONFORM_ENGINE says, since the gate guards this project's engine;
+# float32 prefill of 128 tokens and decode at contexts 16 and 512, small preset.
 class GatePrefill(_Prefill):
-    """The regression gate's quick subset (conform gate): float32, one length."""
-
-    params = (["float32"], [128])
+    params = (["impl"], ["float32"], [128])
 
 
 class GateDecode(_Decode):
-    params = (["float32"], [16, 512])
+    params = (["impl"], ["float32"], [16, 512])

@@ -1,18 +1,24 @@
-"""Shared inputs for the asv benchmarks: checkpoints, loaded models, token ids.
+"""Shared inputs for the asv benchmarks (and tools/gpu_bench.py): checkpoints,
+engines, token ids.
 
 Only ever append here: changing an existing input changes what the history measures.
 Checkpoints are random-weight (reference.checkpoints), written once into
-~/.cache/conform/bench and reused by every later run and commit. Models are
-loaded once per benchmark process (asv calls ``setup`` for every parameter set).
+~/.cache/conform/bench and reused by every later run and commit. Engines are
+reached through conform.engines only and loaded once per benchmark process (asv
+calls ``setup`` for every parameter set).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from conform.engines import Engine, EngineCache, NotApplicable, resolve
 
 CACHE_ROOT = Path.home() / ".cache" / "conform" / "bench"
 PRESETS = {"small": "bench-small", "tinyllama": "tinyllama-1.1b"}
@@ -52,30 +58,6 @@ def checkpoint(preset: str) -> Path:
     return path
 
 
-@functools.cache
-def model(preset: str, dtype: str):
-    from impl.loader import load
-
-    return load(checkpoint(preset), dtype)
-
-
-@functools.cache
-def mlx_lm_model(preset: str, dtype: str):
-    from mlx_lm.utils import load_model
-
-    m, _ = load_model(checkpoint(preset))
-    m.set_dtype(DTYPES[dtype])
-    mx.eval(m.parameters())
-    return m
-
-
-@functools.cache
-def reference(preset: str):
-    from reference.hf import Reference
-
-    return Reference(checkpoint(preset))
-
-
 def tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
 
@@ -85,3 +67,35 @@ def skip_if_too_slow_on_cpu(preset: str, prompt_len: int) -> None:
     if preset == "tinyllama" and prompt_len > CPU_MAX_TINYLLAMA_PREFILL:
         if mx.default_device() == mx.cpu:
             raise NotImplementedError("TinyLlama prefill > 128 tokens is GPU-only (see common.py)")
+
+
+# The engines a run measures: CONFORM_ENGINE, comma-separated names as
+# conform.engines.resolve takes them. The default is every built-in engine, so each
+# history point holds our ratio to the peers from one run (the gate's classes measure
+# impl only). asv's benchmark subprocesses inherit it; keep the same list run to run.
+DEFAULT_ENGINES = "impl,impl-compiled,mlx-lm,hf"
+ENGINES = [
+    e.strip() for e in os.environ.get("CONFORM_ENGINE", DEFAULT_ENGINES).split(",") if e.strip()
+]
+
+
+@functools.cache
+def engine(name: str, preset: str, dtype: str) -> Engine:
+    """The engine ``name`` on the preset's checkpoint in ``dtype``, loaded once per process.
+
+    Raises NotApplicable for a dtype the engine does not run (hf: float32 only).
+    """
+    return resolve(name).load(checkpoint(preset), dtype)
+
+
+def new_cache(engine: Engine, max_tokens: int, max_sequences: int = 1) -> EngineCache:
+    """A cache with BLOCK_SIZE blocks where it is paged, so the history does not follow
+    an engine's default block size; an unpaged one as the engine makes it."""
+    try:
+        return engine.new_cache(max_tokens, max_sequences, block_size=BLOCK_SIZE)
+    except NotApplicable:
+        return engine.new_cache(max_tokens, max_sequences)
+
+
+def vocab_size(preset: str) -> int:
+    return json.loads((checkpoint(preset) / "config.json").read_text())["vocab_size"]

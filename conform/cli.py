@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from conform import DEFAULT_MODEL
+from conform.engines import DTYPES, known_engines
 
 
 def _ms(x: float | None) -> str:
@@ -21,8 +22,10 @@ def format_report(r: dict) -> str:
     m, t, c, p = r["model"], r["timing"], r["cache"], r["parity"]
     gen = r["generated"]
     text = f" {gen['text']!r}" if gen["text"] is not None else ""
+    blocks = f"  block_size={r['block_size']}" if r["block_size"] is not None else ""
     lines = [
-        f"conform validate  {r['model_dir']}  dtype={r['dtype']}  block_size={r['block_size']}",
+        f"conform validate  {r['model_dir']}  dtype={r['dtype']}{blocks}",
+        f"engine     {r['engine']['name']} ({r['engine']['version']})",
         f"machine    {r['machine']}",
         f"model      {m['layers']} layers, hidden {m['hidden_size']}, {m['q_heads']} q heads / "
         f"{m['kv_heads']} kv heads (GQA {m['gqa_ratio']}:1), head_dim {m['head_dim']}, "
@@ -35,23 +38,25 @@ def format_report(r: dict) -> str:
         f"{_ms(t['decode_ms_max'])} ms over {t['decode_steps']} steps, "
         f"{_ms(t['decode_tokens_per_s'])} tokens/s",
     ]
-    if "peer" in r:
-        q = r["peer"]
+    for q in r["compare"]:
         lines.append(
-            f"peer       {q['engine']}: prefill {_ms(q['prefill_ms'])} ms, decode avg "
-            f"{_ms(q['decode_ms_avg'])} ms (ours / peer: prefill "
-            f"{t['prefill_ms'] / q['prefill_ms']:.2f}x, decode "
+            f"compare    {q['engine']}: prefill {_ms(q['prefill_ms'])} ms, decode avg "
+            f"{_ms(q['decode_ms_avg'])} ms (validated / this: prefill "
+            f"{_ratio(t['prefill_ms'], q['prefill_ms'])}, decode "
             f"{_ratio(t['decode_ms_avg'], q['decode_ms_avg'])})"
         )
+    lines.append(f"cache      {c['cached_tokens']} tokens cached = {c['rule']}")
+    if "blocks_used" in c:
+        lines.append(
+            f"blocks     {c['blocks_used']} used (ceil(tokens / block_size) = "
+            f"{c['blocks_expected']}), pool of {c['pool_blocks']}"
+        )
     lines += [
-        f"cache      {c['cached_tokens']} tokens cached = {c['rule']}",
-        f"blocks     {c['blocks_used']} used (ceil(tokens / block_size) = "
-        f"{c['blocks_expected']}), pool of {c['pool_blocks']}",
-        f"KV bytes   pool measured {_mib(c['pool_nbytes_measured'])}, formula "
-        f"{_mib(c['pool_nbytes_formula'])}",
-        f"           sequence: {_mib(c['sequence_nbytes_paged'])} in blocks, "
-        f"{_mib(c['sequence_nbytes_unpaged'])} unpaged; repeated heads would cost "
-        f"{_mib(c['sequence_nbytes_if_heads_repeated'])} (GQA saves {c['gqa_saving']:.1%})",
+        f"KV bytes   sequence measured {_mib(c['sequence_nbytes_measured'])}, formula "
+        f"{_mib(c['sequence_nbytes_formula'])} (slots in units of {c['granularity']})",
+        f"           {_mib(c['sequence_nbytes_unpaged'])} for the tokens alone; repeated heads "
+        f"would cost {_mib(c['sequence_nbytes_if_heads_repeated'])} "
+        f"(GQA saves {c['gqa_saving']:.1%})",
         f"parity     vs {p['reference']}",
         f"           {p['positions']} positions: max|dlogit| {p['max_abs']:.3g}, NMSE "
         f"{p['nmse']:.3g} (limit {p['nmse_limit']:g}), top-1 agreement "
@@ -64,6 +69,8 @@ def format_report(r: dict) -> str:
             f"(reference {p['greedy_reference_ids']})"
         ),
     ]
+    if r["known_issue"]:
+        lines.append(f"known      {r['known_issue']}")
     failed = [k for k, ok in r["checks"].items() if not ok]
     lines.append("result     " + ("PASS" if not failed else "FAIL: " + ", ".join(failed)))
     return "\n".join(lines)
@@ -83,6 +90,7 @@ def _token_list(text: str) -> list[int]:
 PASSTHROUGH = {
     "make-checkpoint": "write a random-weight checkpoint",
     "gate": "fail if HEAD is slower than a baseline (asv)",
+    "history": "add points to the committed asv history, or publish it",
     "train-tiny": "retrain the committed tiny checkpoint",
 }
 
@@ -92,25 +100,60 @@ def _passthrough(command: str, argv: list[str]) -> int:
         from reference.checkpoints import main as run
     elif command == "gate":
         from conform.gate import main as run
+    elif command == "history":
+        from conform.history import main as run
     else:
         from reference.train_tiny import main as run
     return run(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from conform import blas
+
+    try:
+        blas.load()  # before anything imports mlx
+    except blas.BlasError as e:
+        print(f"conform: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="conform", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="generate through the paged cache and check it")
+    v = sub.add_parser(
+        "validate",
+        help="generate through an engine's cache and check it",
+        description="Generate greedily through an engine's KV cache; check parity with the "
+        "HF float32 reference, the token accounting and the KV bytes; time every step.",
+    )
     v.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF checkpoint directory")
     src = v.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="text (needs tokenizer.json in --model)")
     src.add_argument("--tokens", type=_token_list, help="token ids, e.g. '1,450,4996'")
     v.add_argument("--max-new-tokens", type=int, default=5)
-    v.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    v.add_argument("--block-size", type=int, default=16)
-    v.add_argument("--peer", choices=["mlx-lm"], help="also time this engine, same checkpoint")
-    v.add_argument("--out-dir", type=Path, default=Path("results"), help="where the JSON goes")
+    v.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    v.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="block size of a paged engine's cache (default: the engine's own; impl: 16)",
+    )
+    v.add_argument(
+        "--engine",
+        default="impl",
+        help="engine validated (default impl): "
+        + ", ".join(known_engines())
+        + ", an entry point of group conform.engines, or module:Class",
+    )
+    v.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="ENGINE",
+        help="also time this engine on the same checkpoint and prompt and print the ratio; "
+        "repeatable (e.g. --compare mlx-lm, which needs pip install -e '.[peers]')",
+    )
+    v.add_argument(
+        "--out-dir", type=Path, help="where the JSON goes (default reports/, git-ignored)"
+    )
 
     # Commands with parsers of their own; listed here so --help shows them.
     for name, text in PASSTHROUGH.items():
@@ -121,11 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return _passthrough(argv[0], argv[1:])
     args = parser.parse_args(argv)
 
+    from conform.engines import NotApplicable
     from conform.validate import Options, run, write_json
-    from impl.config import ConfigError
-    from impl.engine import InputError
-    from impl.loader import CheckpointError
-    from impl.paged_cache import CacheFullError
 
     opts = Options(
         model=args.model,
@@ -134,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         tokens=args.tokens,
         max_new_tokens=args.max_new_tokens,
         block_size=args.block_size,
-        peer=args.peer,
-        out_dir=args.out_dir,
+        engine=args.engine,
+        compare=args.compare,
+        out_dir=args.out_dir or Options.out_dir,
     )
     try:
         report = run(opts)
-    except (ConfigError, CheckpointError, InputError, CacheFullError, ValueError) as e:
+    except (ValueError, NotApplicable) as e:  # bad input, config, checkpoint or engine name
         print(f"conform validate: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

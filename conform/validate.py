@@ -1,28 +1,30 @@
 """``conform validate``: the seed report's validation flow, with the numbers checked.
 
-Loads a checkpoint into the MLX engine, generates greedily through the paged
-cache, and reports what the seed reported (prefill ms, decode min/avg/max,
-tokens/s, cached tokens, GQA memory) plus what it could not: the KV bytes the
-pool really holds beside the formula, and logit parity against HF transformers.
+Loads a checkpoint into an engine (``--engine``, default impl; any name
+``conform.engines.resolve`` takes), generates greedily through its cache, and
+reports what the seed reported (prefill ms, decode min/avg/max, tokens/s, cached
+tokens, GQA memory) plus what it could not: the KV bytes the cache really holds
+beside the formula, and logit parity against HF transformers. Engines named with
+``--compare`` are timed the same way on the same checkpoint and prompt.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import platform
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from conform import REPO_ROOT, machine
+from conform.engines import Engine, EngineCache, Greedy, NotApplicable, resolve
 from conform.metrics import NMSE_LIMIT, compare_logits
 from impl.config import LlamaConfig
-from impl.engine import generate
-from impl.loader import load, parse_dtype
-from impl.paged_cache import PagedKVCache
 
 DEFAULT_PROMPT = "The quick brown fox"
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -32,9 +34,10 @@ class Options:
     prompt: str = DEFAULT_PROMPT
     tokens: list[int] | None = None
     max_new_tokens: int = 5
-    block_size: int = 16
-    peer: str | None = None  # "mlx-lm" to time it on the same checkpoint
-    out_dir: Path = Path("results")
+    block_size: int | None = None  # None: the engine's own; an unpaged engine refuses one
+    engine: str = "impl"
+    compare: list[str] = field(default_factory=list)  # engines timed beside it
+    out_dir: Path = REPO_ROOT / "reports"  # git-ignored; results/ holds curated records
 
 
 def encode_prompt(model_dir: Path, cfg: LlamaConfig, opts: Options) -> tuple[list[int], str]:
@@ -78,7 +81,7 @@ def first_divergence(ours: list[int], theirs: list[int]) -> int | None:
     return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
 
 
-def timing_summary(prefill_ms: float, decode_ms: list[float]) -> dict:
+def timing_summary(prefill_ms: float | None, decode_ms: list[float]) -> dict:
     steps = len(decode_ms)
     return {
         "prefill_ms": prefill_ms,
@@ -90,34 +93,92 @@ def timing_summary(prefill_ms: float, decode_ms: list[float]) -> dict:
     }
 
 
+def check_vocab(ids: list[int], vocab: int) -> None:
+    """Refuse ids outside the vocabulary before any engine sees them (an MLX gather
+    out of range returns garbage rather than an error)."""
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab:
+            raise ValueError(f"token id {t} at index {i} is outside the vocabulary [0, {vocab})")
+
+
+def timed_greedy(
+    engine: Engine,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos: list[int],
+    block_size: int | None = None,
+) -> tuple[Greedy, EngineCache]:
+    """One untimed run first (the first MLX call of a shape pays one-off set-up
+    costs), then the reported one, in a fresh cache sized for it."""
+    engine.greedy(prompt, min(2, max_new_tokens), eos_token_ids=eos)
+    n_slots = len(prompt) + max_new_tokens
+    if block_size is None:
+        cache = engine.new_cache(n_slots)
+    else:
+        cache = engine.new_cache(n_slots, block_size=block_size)
+    cache.add_sequence(0)
+    return engine.greedy(prompt, max_new_tokens, cache, 0, eos_token_ids=eos), cache
+
+
+def cache_report(cfg: LlamaConfig, cache: EngineCache, dtype: str, prompt: int, gen: int) -> dict:
+    """What sequence 0 holds, measured by its cache, beside the formula for it."""
+    cached = cache.tokens(0)
+    itemsize = ITEMSIZE[dtype]
+    g = cache.granularity  # slots come in whole allocation units (blocks, growth steps)
+    report = {
+        "cached_tokens": cached,
+        "rule": f"{prompt} prompt + {gen} generated - 1 (last not fed back)",
+        "granularity": g,
+        "sequence_nbytes_measured": cache.kv_bytes(0),
+        "sequence_nbytes_formula": kv_bytes(cfg, itemsize, math.ceil(cached / g) * g),
+        "sequence_nbytes_unpaged": kv_bytes(cfg, itemsize, cached),
+        "sequence_nbytes_if_heads_repeated": kv_bytes(
+            cfg, itemsize, cached, cfg.num_attention_heads
+        ),
+        "gqa_saving": 1 - cfg.num_key_value_heads / cfg.num_attention_heads,
+    }
+    try:
+        facts = cache.block_facts(0)
+    except NotApplicable:
+        return report  # unpaged: no blocks to count
+    report.update(
+        block_size=facts.block_size,
+        blocks_used=facts.blocks_used,
+        blocks_expected=math.ceil(cached / facts.block_size),
+        pool_blocks=facts.num_blocks,
+    )
+    return report
+
+
 def run(opts: Options) -> dict:
     from reference.hf import Reference  # torch is slow to import; only when validating
 
-    dtype = parse_dtype(opts.dtype)
-    model = load(opts.model, dtype)
-    cfg = model.config
+    cfg = LlamaConfig.from_dir(opts.model)
     prompt, prompt_desc = encode_prompt(opts.model, cfg, opts)
-    n_slots = len(prompt) + opts.max_new_tokens
+    check_vocab(prompt, cfg.vocab_size)
+    engines = [resolve(name) for name in [opts.engine, *opts.compare]]  # bad names first
+    engine = engines[0].load(opts.model, opts.dtype)
+    eos = list(cfg.eos_token_id)
+    gen, cache = timed_greedy(engine, prompt, opts.max_new_tokens, eos, opts.block_size)
 
-    # One untimed run first: the first MLX call of a shape pays one-off set-up costs.
-    generate(model, prompt, min(2, opts.max_new_tokens), block_size=opts.block_size)
-    cache = PagedKVCache.for_tokens(cfg, n_slots, opts.block_size, dtype)
-    gen = generate(model, prompt, opts.max_new_tokens, cache=cache, keep_logits=True)
-
+    # Every fed position: the prompt's rows, then each decode step's (an engine that
+    # keeps no prompt rows is judged from the last prompt position on).
     fed = prompt + gen.tokens[:-1]
     ref = Reference(opts.model)
-    diff = compare_logits(gen.logits, ref.logits(fed))
+    if gen.prompt_logits is not None:
+        ours, skip = np.concatenate([gen.prompt_logits[:-1], gen.logits]), 0
+    else:
+        ours, skip = gen.logits, len(prompt) - 1
+    diff = compare_logits(ours, ref.logits(fed)[skip:])
     ref_tokens = ref.greedy(prompt, opts.max_new_tokens)
-    agree = first_divergence(gen.tokens, ref_tokens)
-
-    cached = cache.tokens(0)
-    blocks = cache.blocks_used(0)
-    itemsize = dtype.size
+    c = cache_report(cfg, cache, opts.dtype, len(prompt), len(gen.tokens))
     report = {
         "model_dir": str(opts.model),
         "dtype": opts.dtype,
-        "block_size": opts.block_size,
-        "machine": f"{platform.machine()} {platform.system()}, MLX device {_mlx_device()}",
+        "engine": {"name": engine.name, "version": engine.version()},
+        "known_issue": engine.known_issue(opts.model),
+        "block_size": c.get("block_size"),
+        "machine": machine(),
         "model": {
             "layers": cfg.num_hidden_layers,
             "hidden_size": cfg.hidden_size,
@@ -131,61 +192,46 @@ def run(opts: Options) -> dict:
         "generated": {
             "ids": gen.tokens,
             "text": decode_text(opts.model, gen.tokens),
-            "stop_reason": gen.stop_reason,
+            "stop_reason": "eos" if gen.tokens[-1] in eos else "max_new_tokens",
         },
         "timing": timing_summary(gen.prefill_ms, gen.decode_ms),
-        "cache": {
-            "cached_tokens": cached,
-            "rule": f"{len(prompt)} prompt + {len(gen.tokens)} generated - 1 (last not fed back)",
-            "blocks_used": blocks,
-            "blocks_expected": math.ceil(cached / opts.block_size),
-            "pool_blocks": cache.num_blocks,
-            "pool_nbytes_measured": cache.nbytes,
-            "pool_nbytes_formula": kv_bytes(cfg, itemsize, cache.num_blocks * opts.block_size),
-            "sequence_nbytes_paged": kv_bytes(cfg, itemsize, blocks * opts.block_size),
-            "sequence_nbytes_unpaged": kv_bytes(cfg, itemsize, cached),
-            "sequence_nbytes_if_heads_repeated": kv_bytes(
-                cfg, itemsize, cached, cfg.num_attention_heads
-            ),
-            "gqa_saving": 1 - cfg.num_key_value_heads / cfg.num_attention_heads,
-        },
+        "cache": c,
         "parity": {
             "reference": "HF transformers LlamaForCausalLM, float32, eager attention, torch CPU",
             **diff.as_dict(),
             "nmse_limit": NMSE_LIMIT[opts.dtype],
             "greedy_reference_ids": ref_tokens,
-            "greedy_first_divergence": agree,
+            "greedy_first_divergence": first_divergence(gen.tokens, ref_tokens),
         },
+        "compare": [],
     }
-    if opts.peer == "mlx-lm":
-        from conform.peers import time_mlx_lm
-
-        peer = time_mlx_lm(opts.model, dtype, prompt, opts.max_new_tokens)
-        report["peer"] = {
-            "engine": peer["engine"],
-            "tokens": peer["tokens"],
-            **timing_summary(peer["prefill_ms"], peer["decode_ms"]),
-        }
-    c = report["cache"]
+    for cls in engines[1:]:
+        peer = cls.load(opts.model, opts.dtype)
+        peer_gen, _ = timed_greedy(peer, prompt, opts.max_new_tokens, eos)
+        report["compare"].append(
+            {
+                "engine": f"{peer.name} ({peer.version()})",
+                "tokens": peer_gen.tokens,
+                **timing_summary(peer_gen.prefill_ms, peer_gen.decode_ms),
+            }
+        )
     report["checks"] = {
         "parity_nmse": diff.nmse <= NMSE_LIMIT[opts.dtype],
-        "cached_tokens_rule": cached == len(prompt) + len(gen.tokens) - 1,
-        "blocks_used": blocks == c["blocks_expected"],
-        "pool_bytes_match_formula": c["pool_nbytes_measured"] == c["pool_nbytes_formula"],
+        "cached_tokens_rule": c["cached_tokens"] == len(prompt) + len(gen.tokens) - 1,
+        "kv_bytes_match_formula": c["sequence_nbytes_measured"] == c["sequence_nbytes_formula"],
     }
+    if "blocks_used" in c:
+        report["checks"]["blocks_used"] = c["blocks_used"] == c["blocks_expected"]
     report["passed"] = all(report["checks"].values())
     return report
 
 
-def _mlx_device() -> str:
-    import mlx.core as mx
-
-    return str(mx.default_device())
-
-
 def write_json(report: dict, out_dir: Path) -> Path:
+    """results/validate-<model>-<dtype>.json for impl; other engines add their name."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"validate-{Path(report['model_dir']).name}-{report['dtype']}.json"
+    engine = report["engine"]["name"]
+    tail = "" if engine == "impl" else "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", engine)
+    path = out_dir / f"validate-{Path(report['model_dir']).name}-{report['dtype']}{tail}.json"
     path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     return path
 

@@ -17,7 +17,6 @@ worker, so the merged report has the serial run's rows in the serial run's order
 from __future__ import annotations
 
 import json
-import platform
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conform import REPO_ROOT
+from conform import REPO_ROOT, machine
 from conform.engines import Engine
 from suites import engine_report
 
@@ -92,12 +91,6 @@ def parity_table(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
-
-
-def machine() -> str:
-    import mlx.core as mx
-
-    return f"{platform.machine()} {platform.system()}, MLX {mx.__version__} {mx.default_device()}"
 
 
 def _commit() -> str | None:

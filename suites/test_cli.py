@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conform import REPO_ROOT
 from conform.cli import main
 from reference.checkpoints import write_random_checkpoint
@@ -22,10 +24,44 @@ def test_validate_on_the_default_model_passes_and_writes_json(tmp_path, capsys):
     assert "result     PASS" in out and "GQA 4:1" in out
     report = json.loads((tmp_path / "validate-tiny-gqa-float32.json").read_text())
     prompt, gen = report["prompt"]["ids"], report["generated"]["ids"]
+    assert report["engine"]["name"] == "impl" and report["block_size"] == 4
     assert report["cache"]["cached_tokens"] == len(prompt) + len(gen) - 1
     assert report["timing"]["decode_steps"] == len(gen) - 1
     assert report["parity"]["nmse"] <= report["parity"]["nmse_limit"]
     assert report["parity"]["greedy_first_divergence"] is None
+    assert set(report["checks"]) == {
+        "parity_nmse",
+        "cached_tokens_rule",
+        "kv_bytes_match_formula",
+        "blocks_used",
+    }
+
+
+def test_validate_another_engine_and_compare_a_third(tmp_path, capsys):
+    """--engine picks what is validated (its own JSON file); --compare times more."""
+    pytest.importorskip("mlx_lm", reason="needs the peers extra")
+    argv = ["validate", "--engine", "mlx-lm", "--compare", "impl-compiled"]
+    assert main([*argv, "--max-new-tokens", "3", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "engine     mlx-lm (mlx-lm " in out and "compare    impl-compiled" in out
+    report = json.loads((tmp_path / "validate-tiny-gqa-float32-mlx-lm.json").read_text())
+    assert report["block_size"] is None and "blocks_used" not in report["checks"]
+    assert report["cache"]["granularity"] == 256 and report["passed"]
+    (peer,) = report["compare"]
+    assert peer["tokens"] == report["generated"]["ids"] and peer["decode_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--engine", "nope"], "unknown engine 'nope'; known: impl, impl-compiled, mlx-lm, hf"),
+        (["--compare", "nope"], "unknown engine 'nope'"),
+        (["--engine", "hf", "--dtype", "float16"], "the HF reference runs in float32 only"),
+    ],
+)
+def test_validate_refuses_an_engine_it_cannot_run(tmp_path, capsys, argv, message):
+    assert main(["validate", *argv, "--out-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_validate_reports_bad_input_with_exit_status_2(tmp_path, capsys):
@@ -52,6 +88,7 @@ def test_python_m_form_runs():
         [sys.executable, "-m", "conform", "validate", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "--max-new-tokens" in out.stdout
+    assert "--engine ENGINE" in out.stdout and "--compare ENGINE" in out.stdout
 
 
 def test_random_checkpoints_are_deterministic(tmp_path):

@@ -5,9 +5,18 @@ its own KV cache and returns logits as float32 numpy. Its cache reports what it 
 about itself; a fact it cannot give raises ``NotApplicable`` with the reason, and
 the suites show that reason as a skip.
 
-Built in: ``impl`` (this project's paged engine) and ``mlx-lm``. Any other engine is
-named by an entry point in the group ``conform.engines`` or by ``module:Class``;
-see the README's "Engines" section for a complete example.
+Built in: ``impl`` (this project's paged engine), ``impl-compiled`` (the same with
+each step one ``mx.compile``d graph), ``mlx-lm``, and ``hf`` (the HF transformers
+reference on torch CPU, float32). Any other engine is named by an entry point in the
+group ``conform.engines`` or by ``module:Class``; see the README's "Engines" section
+for a complete example. This module is the one door: the suites, ``conform
+validate``, the asv benchmarks and tools/gpu_bench.py reach every engine through
+``resolve``.
+
+Methods with a default (``decode_batch``, ``fill``, ``run_prefill``, ``run_decode``,
+``greedy``, and the cache's ``trim``, ``fork``, ``block_facts``) are built on the
+abstract ones or raise ``NotApplicable``, so an engine that implements only the
+abstract methods runs every suite and benchmark it can.
 
 Trace (for localizing a parity failure): a dict that ``prefill`` and ``decode`` fill
 with one float32 array (tokens, hidden) per call under the names of
@@ -19,9 +28,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -31,7 +41,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 ENTRY_POINT_GROUP = "conform.engines"
 BUILTIN = {
     "impl": "conform.engines.impl_engine:ImplEngine",
+    "impl-compiled": "conform.engines.impl_engine:ImplCompiledEngine",
     "mlx-lm": "conform.engines.mlx_lm_engine:MlxLmEngine",
+    "hf": "conform.engines.hf_engine:HfEngine",
 }
 
 Trace = dict[str, list[np.ndarray]]
@@ -42,7 +54,8 @@ class EngineError(ValueError):
 
 
 class NotApplicable(Exception):
-    """The engine's cache has no such fact or option; the message says why."""
+    """The engine or its cache has no such fact, option or workload; the message says
+    why. The suites show it as a skip, the benchmarks as skipped."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,14 @@ class BlockFacts:
 class Greedy:
     tokens: list[int]  # generated; the last one is never fed back
     logits: np.ndarray  # (len(tokens), vocab) float32: row i chose tokens[i]
+    # Wall-clock ms, each up to the chosen token on the host: the prefill (with the
+    # first token), then one entry per decode step, len(tokens) - 1 of them. An engine
+    # whose own greedy does not time itself leaves them None / empty.
+    prefill_ms: float | None = None
+    decode_ms: list[float] = field(default_factory=list)
+    # (P, vocab) float32: every prompt position's row (the last is logits[0]), so a
+    # report can judge each fed position; None from an engine that does not keep them.
+    prompt_logits: np.ndarray | None = None
 
 
 class EngineCache(ABC):
@@ -88,6 +109,12 @@ class EngineCache(ABC):
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """``child`` starts with a copy of ``parent``'s cached tokens."""
         raise NotApplicable(f"{type(self).__name__} cannot fork a sequence")
+
+    def trim(self, seq: Hashable, n: int) -> int:
+        """Forget the last ``n`` tokens of ``seq`` (all, if it holds fewer); returns how
+        many went. It rolls a step back: rejected speculative tokens, or a benchmark's
+        decode that must leave the context as it found it for the next sample."""
+        raise NotApplicable(f"{type(self).__name__} cannot trim a sequence")
 
     def block_facts(self, seq: Hashable) -> BlockFacts:
         raise NotApplicable("unpaged cache, no block accounting")
@@ -144,23 +171,65 @@ class Engine(ABC):
         """
         return None
 
+    def decode_batch(
+        self, cache: EngineCache, seqs: Sequence[Hashable], tokens: Sequence[int]
+    ) -> np.ndarray:
+        """Feed ``tokens[i]`` to ``seqs[i]``, one step for all; logits (len(seqs), vocab).
+
+        Default: one ``decode`` per sequence; an engine that batches overrides it.
+        """
+        if len(seqs) != len(tokens):
+            raise ValueError(f"decode_batch: {len(seqs)} sequences but {len(tokens)} tokens")
+        return np.stack([self.decode(cache, s, t) for s, t in zip(seqs, tokens)])
+
+    def fill(self, cache: EngineCache, seq: Hashable, n: int) -> None:
+        """Grow ``seq`` by ``n`` positions of arbitrary K/V, as if ``n`` tokens had been fed.
+
+        A decode step costs the same whatever the cached values, so benchmarks reach a
+        context this way: a 2047-token prefill takes minutes on a CPU. Default: a
+        prefill of ``n`` random ids below 256 (every Llama vocabulary has them).
+        """
+        if n > 0:
+            self.prefill(cache, seq, np.random.default_rng(0).integers(0, 256, n).tolist())
+
+    def run_prefill(self, cache: EngineCache, seq: Hashable, tokens: Sequence[int]) -> None:
+        """``prefill`` for timing: the same work, evaluated, nothing returned, so the time
+        holds no copy of (tokens, vocab) logits to the host. Default: ``prefill``."""
+        self.prefill(cache, seq, tokens)
+
+    def run_decode(
+        self, cache: EngineCache, seqs: Sequence[Hashable], tokens: Sequence[int]
+    ) -> None:
+        """``decode_batch`` for timing, likewise. Default: ``decode_batch``."""
+        self.decode_batch(cache, seqs, tokens)
+
     def greedy(
         self,
         prompt: Sequence[int],
         max_new_tokens: int,
         cache: EngineCache | None = None,
         seq: Hashable = 0,
+        *,
+        eos_token_ids: Collection[int] = (),
     ) -> Greedy:
-        """Greedy decoding without EOS; the cache ends with P + G - 1 tokens."""
+        """Greedy decoding up to ``max_new_tokens``, or through the first token in
+        ``eos_token_ids``; the last token is never fed back, so the cache ends with
+        P + G - 1 tokens. Each step is timed (see ``Greedy``)."""
         if cache is None:
             cache = self.new_cache(len(prompt) + max_new_tokens)
             cache.add_sequence(seq)
-        rows = [self.prefill(cache, seq, prompt)[-1]]
+        t0 = time.perf_counter()
+        prompt_rows = self.prefill(cache, seq, prompt)
+        rows = [prompt_rows[-1]]
         tokens = [int(np.argmax(rows[-1]))]
-        while len(tokens) < max_new_tokens:
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        decode_ms = []
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
+            t0 = time.perf_counter()
             rows.append(self.decode(cache, seq, tokens[-1]))
             tokens.append(int(np.argmax(rows[-1])))
-        return Greedy(tokens, np.stack(rows))
+            decode_ms.append((time.perf_counter() - t0) * 1e3)
+        return Greedy(tokens, np.stack(rows), prefill_ms, decode_ms, prompt_rows)
 
 
 def check_dtype(dtype: str) -> str:

@@ -1,10 +1,15 @@
 """This project's engine (``impl/``) behind the engine interface: a paged KV cache
-that stores only the K/V heads, with block accounting."""
+that stores only the K/V heads, with block accounting.
+
+``impl-compiled`` is the same engine with ``compiled=True`` on every step (each
+step one ``mx.compile``d graph; see ``impl.engine.decode``), so the suites and
+benchmarks take it as one more engine name.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,6 +41,9 @@ class ImplCache(EngineCache):
     def fork(self, parent: Hashable, child: Hashable) -> None:
         self.paged.fork(parent, child)
 
+    def trim(self, seq: Hashable, n: int) -> int:
+        return self.paged.trim(seq, n)
+
     def tokens(self, seq: Hashable) -> int:
         return self.paged.tokens(seq)
 
@@ -53,6 +61,7 @@ class ImplCache(EngineCache):
 
 class ImplEngine(Engine):
     name = "impl"
+    compiled = False  # passed to every impl.engine step
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -89,7 +98,9 @@ class ImplEngine(Engine):
         trace: Trace | None = None,
     ) -> np.ndarray:
         step: dict[str, list[mx.array]] | None = {} if trace is not None else None
-        out = impl_engine.prefill(self.model, cache.paged, seq, tokens, chunk_size, step)
+        out = impl_engine.prefill(
+            self.model, cache.paged, seq, tokens, chunk_size, step, compiled=self.compiled
+        )
         _join(step, trace)
         return impl_engine.to_numpy(out)
 
@@ -97,9 +108,32 @@ class ImplEngine(Engine):
         self, cache: ImplCache, seq: Hashable, token: int, *, trace: Trace | None = None
     ) -> np.ndarray:
         step: dict[str, list[mx.array]] | None = {} if trace is not None else None
-        out = impl_engine.decode(self.model, cache.paged, [seq], [token], step)
+        out = impl_engine.decode(
+            self.model, cache.paged, [seq], [token], step, compiled=self.compiled
+        )
         _join(step, trace)
         return impl_engine.to_numpy(out)[0]
+
+    def decode_batch(
+        self, cache: ImplCache, seqs: Sequence[Hashable], tokens: Sequence[int]
+    ) -> np.ndarray:
+        return impl_engine.to_numpy(self._decode(cache, seqs, tokens))
+
+    def run_decode(self, cache: ImplCache, seqs: Sequence[Hashable], tokens: Sequence[int]) -> None:
+        self._decode(cache, seqs, tokens)  # evaluated inside impl.engine.decode
+
+    def run_prefill(self, cache: ImplCache, seq: Hashable, tokens: Sequence[int]) -> None:
+        impl_engine.prefill(self.model, cache.paged, seq, tokens, compiled=self.compiled)
+
+    def fill(self, cache: ImplCache, seq: Hashable, n: int) -> None:
+        """Reserves the slots (``PagedKVCache.plan``) and leaves their K/V as they are."""
+        if n > 0:
+            cache.paged.plan([seq], n)
+
+    def _decode(
+        self, cache: ImplCache, seqs: Sequence[Hashable], tokens: Sequence[int]
+    ) -> mx.array:
+        return impl_engine.decode(self.model, cache.paged, seqs, tokens, compiled=self.compiled)
 
     def greedy(
         self,
@@ -107,18 +141,32 @@ class ImplEngine(Engine):
         max_new_tokens: int,
         cache: ImplCache | None = None,
         seq: Hashable = 0,
+        *,
+        eos_token_ids: Collection[int] = (),
     ) -> Greedy:
-        """Through impl.engine.generate, so its loop is what the suites check."""
+        """Through impl.engine.generate, so its loop and timing are what gets checked."""
         gen = impl_engine.generate(
             self.model,
             prompt,
             max_new_tokens,
             cache=cache.paged if cache is not None else None,
             seq=seq,
-            eos_token_ids=[],
+            eos_token_ids=list(eos_token_ids),
             keep_logits=True,
+            compiled=self.compiled,
         )
-        return Greedy(gen.tokens, gen.logits[len(prompt) - 1 :])
+        p = len(prompt)
+        return Greedy(
+            gen.tokens, gen.logits[p - 1 :], gen.prefill_ms, gen.decode_ms, gen.logits[:p]
+        )
+
+
+class ImplCompiledEngine(ImplEngine):
+    """impl with every step compiled. A compiled graph keeps what it traced, so a
+    fault patched into impl afterwards does not reach it (see impl.engine.decode)."""
+
+    name = "impl-compiled"
+    compiled = True
 
 
 def _join(step: dict[str, list[mx.array]] | None, trace: Trace | None) -> None:

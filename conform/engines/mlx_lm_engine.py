@@ -1,8 +1,12 @@
-"""mlx-lm behind the engine interface (needs the ``peers`` extra).
+"""mlx-lm behind the engine interface (needs the ``peers`` extra). This is the only
+module that imports mlx_lm.
 
 mlx-lm's cache is one ``KVCache`` per layer per sequence: a (1, kv_heads, slots,
 head_dim) buffer for K and one for V that grows by ``KVCache.step`` (256) slots
 when full. It is not paged, so it has no block accounting.
+
+A batched decode runs the way mlx-lm batches: the sequences become the rows of one
+left-padded ``BatchKVCache`` per layer (see ``MlxLmCache.batch``).
 
 The trace is taken by putting recorders in front of each layer and its
 sub-modules for the duration of one call; the model is left as it was.
@@ -13,12 +17,13 @@ from __future__ import annotations
 import json
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
 import numpy as np
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.utils import load_model
 
 from conform.engines import Engine, EngineCache, NotApplicable, Trace, check_dtype
@@ -29,15 +34,34 @@ ROPE_PARAMETERS_IGNORED = {"0.32.2"}
 _SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
+@dataclass
+class _Batch:
+    """Sequences decoded together: row i of every layer's BatchKVCache is seqs[i].
+
+    held[s] - tokens[s] is a trim not yet applied: a BatchKVCache can only trim every
+    row at once, which it does at the next batched step if the pending trims agree.
+    """
+
+    seqs: tuple[Hashable, ...]
+    layers: list[BatchKVCache]
+    held: dict[Hashable, int]  # positions row s holds
+    tokens: dict[Hashable, int]  # positions seq s counts as cached
+
+
 class MlxLmCache(EngineCache):
+    """Per-sequence KVCache lists, plus at most one batch (see ``_Batch``). Any
+    single-sequence call on a batched sequence first takes the batch apart again,
+    giving each sequence a KVCache sized to what it holds."""
+
     granularity = KVCache.step
 
     def __init__(self, model) -> None:
         self.model = model
         self.layers: dict[Hashable, list[KVCache]] = {}
+        self.batch: _Batch | None = None
 
     def add_sequence(self, seq: Hashable) -> None:
-        if seq in self.layers:
+        if seq in self.layers or (self.batch and seq in self.batch.tokens):
             raise KeyError(f"sequence {seq!r} already exists")
         self.layers[seq] = make_prompt_cache(self.model)
 
@@ -45,7 +69,7 @@ class MlxLmCache(EngineCache):
         del self.layers[self._check(seq)]
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
-        if child in self.layers:
+        if child in self.layers or (self.batch and child in self.batch.tokens):
             raise KeyError(f"sequence {child!r} already exists")
         copies = []
         for c in self.layers[self._check(parent)]:
@@ -57,7 +81,19 @@ class MlxLmCache(EngineCache):
             copies.append(new)
         self.layers[child] = copies
 
+    def trim(self, seq: Hashable, n: int) -> int:
+        if n < 0:
+            raise ValueError(f"cannot trim a negative number of tokens ({n})")
+        if self.batch and seq in self.batch.tokens:
+            n = min(n, self.batch.tokens[seq])
+            self.batch.tokens[seq] -= n
+            return n
+        trimmed = {c.trim(n) for c in self.layers[self._check(seq)]}
+        return trimmed.pop()
+
     def tokens(self, seq: Hashable) -> int:
+        if self.batch and seq in self.batch.tokens:
+            return self.batch.tokens[seq]
         offsets = {c.offset for c in self.layers[self._check(seq)]}
         if len(offsets) != 1:
             raise AssertionError(f"sequence {seq!r}: layers disagree on tokens cached {offsets}")
@@ -66,7 +102,42 @@ class MlxLmCache(EngineCache):
     def kv_bytes(self, seq: Hashable) -> int:
         return sum(c.nbytes for c in self.layers[self._check(seq)])
 
+    def batched(self, seqs: Sequence[Hashable]) -> list[BatchKVCache]:
+        """The per-layer batch caches for ``seqs``, merged from their KVCaches unless
+        the current batch is these sequences with equal pending trims (a decode loop
+        that rolls each step back: the benchmarks)."""
+        b = self.batch
+        seqs = tuple(seqs)
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"a sequence appears twice in one step: {list(seqs)}")
+        if b is None or b.seqs != seqs or len({b.held[s] - b.tokens[s] for s in seqs}) != 1:
+            self._unbatch()
+            for s in seqs:
+                self._check(s)
+            per_seq = [self.layers.pop(s) for s in seqs]
+            layers = [BatchKVCache.merge(list(caches)) for caches in zip(*per_seq)]
+            tokens = {s: c[0].offset for s, c in zip(seqs, per_seq)}
+            self.batch = b = _Batch(seqs, layers, dict(tokens), dict(tokens))
+        pending = b.held[seqs[0]] - b.tokens[seqs[0]]
+        if pending:
+            for c in b.layers:
+                c.trim(pending)
+            b.held = dict(b.tokens)
+        return b.layers
+
+    def _unbatch(self) -> None:
+        b, self.batch = self.batch, None
+        if b is None:
+            return
+        for i, s in enumerate(b.seqs):
+            rows = [c.extract(i) if c.keys is not None else KVCache() for c in b.layers]
+            for c in rows:
+                c.trim(b.held[s] - b.tokens[s])
+            self.layers[s] = rows
+
     def _check(self, seq: Hashable) -> Hashable:
+        if self.batch and seq in self.batch.tokens:
+            self._unbatch()
         if seq not in self.layers:
             raise KeyError(f"unknown sequence {seq!r}")
         return seq
@@ -109,18 +180,47 @@ class MlxLmEngine(Engine):
         ids = list(tokens)
         step = chunk_size or len(ids)
         out = [
-            self._forward(cache, seq, ids[i : i + step], trace) for i in range(0, len(ids), step)
+            _numpy(self._forward(cache, seq, ids[i : i + step], trace))
+            for i in range(0, len(ids), step)
         ]
         return np.concatenate(out)
 
     def decode(
         self, cache: MlxLmCache, seq: Hashable, token: int, *, trace: Trace | None = None
     ) -> np.ndarray:
-        return self._forward(cache, seq, [token], trace)[0]
+        return _numpy(self._forward(cache, seq, [token], trace))[0]
+
+    def decode_batch(
+        self, cache: MlxLmCache, seqs: Sequence[Hashable], tokens: Sequence[int]
+    ) -> np.ndarray:
+        return _numpy(self._forward_batch(cache, seqs, tokens))
+
+    def run_prefill(self, cache: MlxLmCache, seq: Hashable, tokens: Sequence[int]) -> None:
+        self._forward(cache, seq, list(tokens), None)
+
+    def run_decode(
+        self, cache: MlxLmCache, seqs: Sequence[Hashable], tokens: Sequence[int]
+    ) -> None:
+        self._forward_batch(cache, seqs, tokens)
+
+    def fill(self, cache: MlxLmCache, seq: Hashable, n: int) -> None:
+        """Random K/V through each layer's ``update_and_fetch``, as a prefill writes it."""
+        if n <= 0:
+            return
+        args = self.model.args
+        head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        shape = (1, args.num_key_value_heads, n, head_dim)  # (B, kv_heads, T, head_dim)
+        dtype = self.model.model.embed_tokens.weight.dtype
+        layers = cache.layers[cache._check(seq)]
+        kv = mx.random.normal(shape, key=mx.random.key(0)).astype(dtype)
+        for c in layers:
+            c.update_and_fetch(kv, kv)
+        mx.eval([c.state for c in layers])
 
     def _forward(
         self, cache: MlxLmCache, seq: Hashable, ids: list[int], trace: Trace | None
-    ) -> np.ndarray:
+    ) -> mx.array:
+        """Logits (T, vocab), evaluated with the cache."""
         layers = cache.layers[cache._check(seq)]
         with _recording(self.model, trace) as step:
             logits = self.model(mx.array(ids)[None], cache=layers)  # (1, T, vocab)
@@ -128,7 +228,23 @@ class MlxLmEngine(Engine):
         if trace is not None:
             for name, value in step.items():
                 trace.setdefault(name, []).append(np.array(value[0].astype(mx.float32)))
-        return np.array(logits[0].astype(mx.float32))
+        return logits[0]
+
+    def _forward_batch(
+        self, cache: MlxLmCache, seqs: Sequence[Hashable], tokens: Sequence[int]
+    ) -> mx.array:
+        """Logits (B, vocab) of one token per sequence, evaluated with the cache."""
+        if len(seqs) != len(tokens):
+            raise ValueError(f"decode_batch: {len(seqs)} sequences but {len(tokens)} tokens")
+        if len(seqs) == 1:  # mlx-lm's own single-sequence path: a KVCache, no mask
+            return self._forward(cache, seqs[0], [tokens[0]], None)
+        layers = cache.batched(seqs)
+        logits = self.model(mx.array(list(tokens))[:, None], cache=layers)  # (B, 1, vocab)
+        mx.eval(logits, [c.state for c in layers])
+        for s in seqs:
+            cache.batch.held[s] += 1
+            cache.batch.tokens[s] += 1
+        return logits[:, 0]
 
     def known_issue(self, model_dir: Path) -> str | None:
         """mlx-lm's ModelArgs reads `rope_theta` / `rope_scaling` at the top level only."""
@@ -145,6 +261,10 @@ class MlxLmEngine(Engine):
             f"mlx-lm {version}: ignores config.json's rope_parameters (rope_type {rope_type}, "
             f"rope_theta {theta:g}) and runs RoPE with base 10000 and no scaling"
         )
+
+
+def _numpy(logits: mx.array) -> np.ndarray:
+    return np.array(logits.astype(mx.float32))
 
 
 class _Recorder:
