@@ -149,19 +149,29 @@ class _Track:
     track_mlx_peak_memory.unit = "bytes"
 
 
-class SmallPrefill(_Prefill):
+class _Quick:
+    """Sampling of the small preset, sized for a history point per commit on 2 CPU
+    cores: asv starts a process per parameter set (imports and model load, ~5 s), so
+    one round of at most 5 samples in 2 s keeps a commit's Small run to minutes."""
+
+    rounds = 1
+    repeat = (1, 5, 2.0)
+    warmup_time = 0.2
+
+
+class SmallPrefill(_Quick, _Prefill):
     pass
 
 
-class SmallDecode(_Decode):
+class SmallDecode(_Quick, _Decode):
     pass
 
 
-class SmallBatchDecode(_BatchDecode):
+class SmallBatchDecode(_Quick, _BatchDecode):
     pass
 
 
-class SmallTrack(_Track):
+class SmallTrack(_Quick, _Track):
     pass
 
 
@@ -169,27 +179,27 @@ class TinyLlamaPrefill(_Prefill):
     preset = "tinyllama"
     timeout = 1200
     repeat = (1, 3, 60.0)
-    processes = 1
+    rounds = 1
 
 
 class TinyLlamaDecode(_Decode):
     preset = "tinyllama"
     timeout = 600
     repeat = (1, 5, 30.0)
-    processes = 1
+    rounds = 1
 
 
 class TinyLlamaBatchDecode(_BatchDecode):
     preset = "tinyllama"
     timeout = 600
     repeat = (1, 5, 30.0)
-    processes = 1
+    rounds = 1
 
 
 class TinyLlamaTrack(_Track):
     preset = "tinyllama"
     timeout = 600
-    processes = 1
+    rounds = 1
 
 
 # The regression gate's quick subset (conform gate, regex ^bench_engine\.Gate): impl

@@ -77,10 +77,34 @@ def register(machine: str, facts: dict[str, str]) -> None:
         path.write_text(json.dumps(doc, indent=4))
 
 
-def _asv(*args: str) -> int:
+def _asv(*args: str, config: Path | None = None) -> int:
     cmd = [sys.executable, "-m", "asv", *args]
+    if config is not None:
+        cmd[4:4] = ["--config", str(config)]  # after the subcommand
     print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=REPO_ROOT).returncode
+    # asv gives benchmark processes ASV_PYTHONPATH as their PYTHONPATH, dropping the
+    # caller's: pass a source tree on PYTHONPATH (no pip install) through.
+    env = {**os.environ}
+    if "PYTHONPATH" in env:
+        env.setdefault("ASV_PYTHONPATH", env["PYTHONPATH"])
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode
+
+
+def gpu_config(tmp: Path) -> Path:
+    """asv.conf.json without the CPU series' BLAS matrix: on a GPU the matmuls run on
+    the device, and the GPU machine has no OpenBLAS to demand."""
+    conf = json.loads((REPO_ROOT / "asv.conf.json").read_text())
+    conf.pop("matrix", None)
+    conf.update(
+        repo=str(REPO_ROOT),
+        benchmark_dir=str(REPO_ROOT / conf["benchmark_dir"]),
+        results_dir=str(REPO_ROOT / conf["results_dir"]),
+        html_dir=str(tmp / "html"),
+        env_dir=str(tmp / "env"),
+    )
+    path = tmp / "asv.conf.json"
+    path.write_text(json.dumps(conf, indent=2))
+    return path
 
 
 def gpu_name() -> str:
@@ -159,14 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
         ).stdout.strip()
-        return _asv(
-            "run",
-            "--python=same",
-            f"--set-commit-hash={head}",
-            f"--machine={machine}",
-            f"--bench={args.bench or 'TinyLlama'}",
-            "--show-stderr",
-        )
+        with tempfile.TemporaryDirectory(prefix="conform-history-") as tmp:
+            return _asv(
+                "run",
+                "--python=same",
+                f"--set-commit-hash={head}",
+                f"--machine={machine}",
+                f"--bench={args.bench or 'TinyLlama'}",
+                "--show-stderr",
+                config=gpu_config(Path(tmp)),
+            )
     machine = args.machine or CPU_MACHINE
     register(machine, machine_facts())
     span = args.range or f"{SERIES_START}^..main"

@@ -113,11 +113,11 @@ def test_ci_runs_the_readme_test_command():
     assert command.group(1) in (REPO_ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_python_example_runs(monkeypatch, capsys):
-    block = readme().split("## Python API", 1)[1].split("\n## ", 1)[0]
+def test_api_doc_python_example_runs(monkeypatch, capsys):
+    block = (REPO_ROOT / "docs" / "api.md").read_text().split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", block, flags=re.S)
     assert len(code) == 2
     monkeypatch.chdir(REPO_ROOT)
     for snippet in code:
-        exec(compile(snippet, "README.md", "exec"), {})
+        exec(compile(snippet, "docs/api.md", "exec"), {})
     assert "(2, 512)" in capsys.readouterr().out

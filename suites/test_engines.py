@@ -35,8 +35,8 @@ IDS = list(range(3, 24))  # 21 tokens: a partial second block at impl's 16
 
 
 def readme_engine() -> str:
-    """The README's example engine (the first python block of its Engines section)."""
-    section = (REPO_ROOT / "README.md").read_text().split("## Engines", 1)[1]
+    """docs/engines.md's example engine (the first python block of "Your own engine")."""
+    section = (REPO_ROOT / "docs" / "engines.md").read_text().split("## Your own engine", 1)[1]
     return re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)[0]
 
 
