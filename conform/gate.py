@@ -16,7 +16,6 @@ the benchmarks run, and checks the gate fails the first and passes the second.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from conform import REPO_ROOT
+from conform.history import asv_config
 
 GATE_BENCH = r"^bench_engine\.Gate"
 # Chosen from A/A runs (the same code as both commits) on the 2-core CI machine;
@@ -38,21 +38,6 @@ def git(*args: str) -> str:
     ).stdout.strip()
 
 
-def asv_config(results: Path) -> Path:
-    """asv.conf.json with an absolute repo and a private results directory."""
-    conf = json.loads((REPO_ROOT / "asv.conf.json").read_text())
-    conf.update(
-        repo=str(REPO_ROOT),
-        benchmark_dir=str(REPO_ROOT / conf["benchmark_dir"]),
-        env_dir=str(REPO_ROOT / conf["env_dir"]),
-        results_dir=str(results / "results"),
-        html_dir=str(results / "html"),
-    )
-    path = results / "asv.conf.json"
-    path.write_text(json.dumps(conf, indent=2))
-    return path
-
-
 def run_gate(base: str, head: str, factor: float, rounds: int) -> int:
     base_sha, head_sha = git("rev-parse", base), git("rev-parse", head)
     print(f"conform gate: {head} ({head_sha[:8]}) vs {base} ({base_sha[:8]}), factor {factor}")
@@ -62,7 +47,7 @@ def run_gate(base: str, head: str, factor: float, rounds: int) -> int:
             "asv",
             "continuous",
             "--config",
-            str(asv_config(Path(tmp))),
+            str(asv_config(Path(tmp), results=Path(tmp) / "results")),
             "--interleave-rounds",
             "--factor",
             str(factor),

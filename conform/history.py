@@ -33,10 +33,12 @@ from conform import REPO_ROOT
 
 CPU_MACHINE = "ci-linux-x86_64-2cpu"
 HISTORY_BLAS = "openblas"
+# The CPU series: the small preset, and the gate's subset (so its lines show history too).
+CPU_BENCH = r"^bench_engine\.(Small|Gate)"
 # The first commit whose benchmarks/ the current benchmarks can run against (the
 # engine door and conform.blas); older points were on another BLAS and benchmark set
 # and live in git history only (results/asv/README.md).
-SERIES_START = "HEAD"
+SERIES_START = "607d878eb5b0e9e476779797660ed48065c6a6b5"
 
 
 def results_dir(machine: str) -> Path:
@@ -90,17 +92,20 @@ def _asv(*args: str, config: Path | None = None) -> int:
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode
 
 
-def gpu_config(tmp: Path) -> Path:
-    """asv.conf.json without the CPU series' BLAS matrix: on a GPU the matmuls run on
-    the device, and the GPU machine has no OpenBLAS to demand."""
+def asv_config(tmp: Path, results: Path | None = None, cpu_matrix: bool = True) -> Path:
+    """asv.conf.json written into ``tmp`` with absolute paths, so asv can run from
+    anywhere: results into ``results`` (default the committed history), HTML into
+    ``tmp``. ``cpu_matrix=False`` drops the CPU series' BLAS matrix: on a GPU the
+    matmuls run on the device, and the GPU machine has no OpenBLAS to demand."""
     conf = json.loads((REPO_ROOT / "asv.conf.json").read_text())
-    conf.pop("matrix", None)
+    if not cpu_matrix:
+        conf.pop("matrix", None)
     conf.update(
         repo=str(REPO_ROOT),
         benchmark_dir=str(REPO_ROOT / conf["benchmark_dir"]),
-        results_dir=str(REPO_ROOT / conf["results_dir"]),
+        env_dir=str(REPO_ROOT / conf["env_dir"]),
+        results_dir=str(results or REPO_ROOT / conf["results_dir"]),
         html_dir=str(tmp / "html"),
-        env_dir=str(tmp / "env"),
     )
     path = tmp / "asv.conf.json"
     path.write_text(json.dumps(conf, indent=2))
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="conform history", description=__doc__.split("\n\n")[0])
     p.add_argument("--machine", help=f"series name (default {CPU_MACHINE}, or from the GPU)")
     p.add_argument("--range", help="commits, asv-style (default: main since SERIES_START)")
-    p.add_argument("--bench", help="benchmark regex (default Small, or TinyLlama with --gpu)")
+    p.add_argument("--bench", help="benchmark regex (default CPU_BENCH, or TinyLlama with --gpu)")
     p.add_argument("--gpu", action="store_true", help="NVIDIA machine: --python=same, HEAD")
     p.add_argument("--publish", action="store_true", help="HTML pages that work offline")
     args = p.parse_args(argv)
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--machine={machine}",
                 f"--bench={args.bench or 'TinyLlama'}",
                 "--show-stderr",
-                config=gpu_config(Path(tmp)),
+                config=asv_config(Path(tmp), cpu_matrix=False),
             )
     machine = args.machine or CPU_MACHINE
     register(machine, machine_facts())
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     return _asv(
         "run",
         f"--machine={machine}",
-        f"--bench={args.bench or 'Small'}",
+        f"--bench={args.bench or CPU_BENCH}",
         "--skip-existing-successful",
         "--show-stderr",
         span,

@@ -49,6 +49,9 @@ IMPL_ONLY_FILES = {
     "test_cli.py": "tests the conform command, which runs impl",
     "test_engines.py": "tests engine selection (the harness), not an engine",
     "test_reports.py": "tests the run's reports (the harness), not an engine",
+    "test_history.py": "checks the committed asv history, not an engine",
+    "test_layout.py": "checks this repository's import graph, not an engine",
+    "test_fused_kernels.py": "tests impl's fused kernels (kernels/), not an engine",
 }
 # The checkpoint a file's checkpoint tests share: its parameter that names one, if any,
 # else the file's shape (tests on trained_dir alone use "trained"). Only scheduling
@@ -79,8 +82,8 @@ def pytest_addoption(parser) -> None:
     parser.addoption(
         "--engine",
         default="impl",
-        help="engine under test: impl, mlx-lm, an entry point of group conform.engines, "
-        "or module:Class (default: impl)",
+        help="engine under test: impl, impl-compiled, mlx-lm, hf, an entry point of group "
+        "conform.engines, or module:Class (default: impl)",
     )
     parser.addoption(
         "--report",

@@ -232,6 +232,13 @@ class Engine(ABC):
         return Greedy(tokens, np.stack(rows), prefill_ms, decode_ms, prompt_rows)
 
 
+def chunks(tokens: Sequence[int], chunk_size: int | None) -> list[list[int]]:
+    """``tokens`` in pieces of ``chunk_size`` (one piece when None): a chunked prefill."""
+    ids = list(tokens)
+    step = chunk_size or len(ids) or 1
+    return [ids[i : i + step] for i in range(0, len(ids), step)]
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise EngineError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

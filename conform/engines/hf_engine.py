@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from conform.engines import Engine, EngineCache, NotApplicable, Trace, check_dtype
+from conform.engines import Engine, EngineCache, NotApplicable, Trace, check_dtype, chunks
 from reference.hf import Reference
 
 
@@ -95,11 +95,7 @@ class HfEngine(Engine):
         chunk_size: int | None = None,
         trace: Trace | None = None,
     ) -> np.ndarray:
-        ids = list(tokens)
-        step = chunk_size or len(ids)
-        return np.concatenate(
-            [self._forward(cache, seq, ids[i : i + step]) for i in range(0, len(ids), step)]
-        )
+        return np.concatenate([self._forward(cache, seq, c) for c in chunks(tokens, chunk_size)])
 
     def decode(
         self, cache: HfCache, seq: Hashable, token: int, *, trace: Trace | None = None

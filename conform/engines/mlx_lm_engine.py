@@ -26,7 +26,7 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.utils import load_model
 
-from conform.engines import Engine, EngineCache, NotApplicable, Trace, check_dtype
+from conform.engines import Engine, EngineCache, NotApplicable, Trace, check_dtype, chunks
 
 # Versions measured to ignore config.json's `rope_parameters` (transformers 5's layout)
 # and run RoPE with the defaults (base 10000, no scaling): 0.32.2 on 2026-11-27.
@@ -177,12 +177,7 @@ class MlxLmEngine(Engine):
         chunk_size: int | None = None,
         trace: Trace | None = None,
     ) -> np.ndarray:
-        ids = list(tokens)
-        step = chunk_size or len(ids)
-        out = [
-            _numpy(self._forward(cache, seq, ids[i : i + step], trace))
-            for i in range(0, len(ids), step)
-        ]
+        out = [_numpy(self._forward(cache, seq, c, trace)) for c in chunks(tokens, chunk_size)]
         return np.concatenate(out)
 
     def decode(
