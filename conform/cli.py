@@ -58,22 +58,34 @@ def format_report(r: dict) -> str:
         f"would cost {_mib(c['sequence_nbytes_if_heads_repeated'])} "
         f"(GQA saves {c['gqa_saving']:.1%})",
         f"parity     vs {p['reference']}",
+        *_parity_lines(p),
+    ]
+    if r["known_issue"]:
+        lines.append(f"known      {r['known_issue']}")
+    failed = r["failures"]
+    lines.append("result     " + ("PASS" if not failed else "FAIL: " + ", ".join(failed)))
+    lines += [f"           {name}: {why}" for name, why in failed.items()]
+    return "\n".join(lines)
+
+
+def _parity_lines(p: dict) -> list[str]:
+    if p["non_finite"]:  # no metric means anything then; the checks say where
+        return [
+            f"           {p['positions']} positions: no agreement measured (non-finite logits)",
+            "           greedy tokens: not compared (non-finite logits)",
+        ]
+    k = p["greedy_first_divergence"]
+    return [
         f"           {p['positions']} positions: max|dlogit| {p['max_abs']:.3g}, NMSE "
         f"{p['nmse']:.3g} (limit {p['nmse_limit']:g}), top-1 agreement "
         f"{p['top1_agreement']:.1%}",
         "           greedy tokens: "
         + (
             "identical to the reference's"
-            if p["greedy_first_divergence"] is None
-            else f"first differ at step {p['greedy_first_divergence']} "
-            f"(reference {p['greedy_reference_ids']})"
+            if p["greedy_identical"]
+            else f"first differ at step {k} (reference {p['greedy_reference_ids']})"
         ),
     ]
-    if r["known_issue"]:
-        lines.append(f"known      {r['known_issue']}")
-    failed = [k for k, ok in r["checks"].items() if not ok]
-    lines.append("result     " + ("PASS" if not failed else "FAIL: " + ", ".join(failed)))
-    return "\n".join(lines)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -82,9 +94,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def _token_list(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--tokens wants integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"wants integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("wants at least one token id")
+    return ids
 
 
 PASSTHROUGH = {
@@ -165,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from conform.engines import NotApplicable
-    from conform.validate import Options, run, write_json
+    from conform.validate import Options, run
+    from conform.validate_io import check_out_dir, write_json
 
     opts = Options(
         model=args.model,
         dtype=args.dtype,
-        prompt=args.prompt or Options.prompt,
+        prompt=args.prompt,
         tokens=args.tokens,
         max_new_tokens=args.max_new_tokens,
         block_size=args.block_size,
@@ -179,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=args.out_dir or Options.out_dir,
     )
     try:
+        check_out_dir(opts.out_dir)
         report = run(opts)
     except (ValueError, NotApplicable) as e:  # bad input, config, checkpoint or engine name
         print(f"conform validate: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    print(f"wrote      {write_json(report, opts.out_dir)}")
+    try:
+        path = write_json(report, opts.out_dir)
+    except OSError as e:  # the folder was checked before the run; a full disk, say
+        print(f"conform validate: error: cannot write the report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote      {path}")
     return 0 if report["passed"] else 1
 
 

@@ -5,7 +5,12 @@ Runs ``asv continuous`` on a quick subset (bench_engine.Gate*: float32 prefill o
 commits' rounds interleaved, so drift on a shared machine hits both alike. asv
 compares each benchmark's samples with a statistical test and reports a
 regression only when the median ratio exceeds ``--factor`` *and* the samples
-differ significantly; it then exits 1 (2 on benchmark errors).
+differ significantly.
+
+Exit status: 0 no regression, 1 a measured regression and nothing else, 2 the gate
+could not compare (an unknown ref, no git repository, no asv, a benchmark that
+failed or was skipped on either commit, nothing selected). A gate that cannot
+measure never passes.
 
 Results go to a temporary directory, not results/asv, so gate runs never enter
 the committed history. ``--prove`` plants two commits on top of HEAD, one that
@@ -16,6 +21,9 @@ the benchmarks run, and checks the gate fails the first and passes the second.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -25,11 +33,16 @@ from pathlib import Path
 from conform import REPO_ROOT
 from conform.history import asv_config
 
+GATE_PREFIX = "bench_engine.Gate"
 GATE_BENCH = r"^bench_engine\.Gate"
 # Chosen from A/A runs (the same code as both commits) on the 2-core CI machine;
 # see the README's "Regression gate" section for the measured spread.
 DEFAULT_FACTOR = 1.3
 DEFAULT_ROUNDS = 4
+
+
+class GateError(Exception):
+    """The gate cannot compare; the message says why (exit status 2)."""
 
 
 def git(*args: str) -> str:
@@ -38,13 +51,57 @@ def git(*args: str) -> str:
     ).stdout.strip()
 
 
+def commit_of(ref: str) -> str:
+    """The full hash ``ref`` names, or GateError saying why there is none."""
+    try:
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        top = None
+    if top != REPO_ROOT.resolve():  # a copy without .git, perhaps inside another repo
+        raise GateError(f"{REPO_ROOT} is not a git repository: the gate compares commits")
+    try:
+        return git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise GateError(f"unknown ref {ref!r}: no such commit") from None
+
+
+def check_measured(results: Path, commits: dict[str, str]) -> int:
+    """Raise GateError unless every selected benchmark has a number on both commits;
+    returns how many benchmark values were compared per commit."""
+    counts = {}
+    for label, sha in commits.items():
+        files = list(results.glob(f"*/{sha[:8]}-*.json"))
+        if not files:
+            raise GateError(f"no results for {label} ({sha[:8]}): did it build? (see above)")
+        doc = json.loads(files[0].read_text())
+        values = [
+            (name, v)
+            for name, row in doc["results"].items()
+            if name.startswith(GATE_PREFIX)
+            for v in (row[0] if isinstance(row[0], list) else [row[0]])
+        ]
+        if not values:
+            raise GateError(f"no benchmark matching {GATE_BENCH!r} ran for {label}")
+        bad = [name for name, v in values if v is None or (isinstance(v, float) and math.isnan(v))]
+        if bad:
+            raise GateError(f"{label} ({sha[:8]}): {', '.join(sorted(set(bad)))} failed or skipped")
+        counts[label] = len(values)
+    return min(counts.values())
+
+
 def run_gate(base: str, head: str, factor: float, rounds: int) -> int:
-    base_sha, head_sha = git("rev-parse", base), git("rev-parse", head)
+    """0 no regression, 1 a measured regression; GateError when it cannot compare."""
+    base_sha, head_sha = commit_of(base), commit_of(head)
+    if importlib.util.find_spec("asv") is None:
+        raise GateError("asv is not installed (pip install -e '.[bench]')")
     print(f"conform gate: {head} ({head_sha[:8]}) vs {base} ({base_sha[:8]}), factor {factor}")
-    subprocess.run(["asv", "machine", "--yes"], cwd=REPO_ROOT, check=True, capture_output=True)
+    asv = [sys.executable, "-m", "asv"]
+    machine = subprocess.run([*asv, "machine", "--yes"], cwd=REPO_ROOT, capture_output=True)
+    if machine.returncode:
+        raise GateError(f"asv machine --yes failed: {machine.stderr.decode().strip()}")
     with tempfile.TemporaryDirectory(prefix="conform-gate-") as tmp:
         cmd = [
-            "asv",
+            *asv,
             "continuous",
             "--config",
             str(asv_config(Path(tmp), results=Path(tmp) / "results")),
@@ -64,12 +121,15 @@ def run_gate(base: str, head: str, factor: float, rounds: int) -> int:
         ]
         t0 = time.perf_counter()
         code = subprocess.run(cmd, cwd=REPO_ROOT).returncode
-    verdict = {
-        0: "PASS",
-        1: "FAIL: slower beyond the factor (or a commit failed to build; see above)",
-        2: "ERROR in a benchmark",
-    }.get(code, f"asv exited {code}")
-    print(f"conform gate: {verdict} ({time.perf_counter() - t0:.0f} s)")
+        # asv's own status also says 1 for a benchmark that newly fails, and 0 when
+        # nothing ran: only numbers on both sides make a verdict.
+        n = check_measured(Path(tmp) / "results", {"base": base_sha, "head": head_sha})
+    if code not in (0, 1):
+        raise GateError(f"asv continuous exited {code} (see above)")
+    verdict = "PASS" if code == 0 else "FAIL: slower beyond the factor"
+    print(
+        f"conform gate: {verdict}, {n} benchmark values compared ({time.perf_counter() - t0:.0f} s)"
+    )
     return code
 
 
@@ -114,11 +174,20 @@ SLOW_DECODE = (
 )
 
 
+def _status(gate, *args) -> int:
+    """The gate's exit status, 2 for a GateError (printed), for the proof's two runs."""
+    try:
+        return gate(*args)
+    except GateError as e:
+        print(f"conform gate: error: {e}", file=sys.stderr)
+        return 2
+
+
 def prove(factor: float, rounds: int) -> int:
     unchanged = plant(None, "gate proof: no code change")
     slow = plant(SLOW_DECODE, "gate proof: decode twice (2x slower)")
-    a = run_gate("HEAD", unchanged, factor, rounds)
-    b = run_gate("HEAD", slow, factor, rounds)
+    a = _status(run_gate, "HEAD", unchanged, factor, rounds)
+    b = _status(run_gate, "HEAD", slow, factor, rounds)
     ok = a == 0 and b == 1
     print(
         f"gate proof: unchanged commit -> exit {a} (want 0), 2x decode -> exit {b} (want 1): "
@@ -135,16 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--prove", action="store_true", help="check the gate on planted commits")
     args = p.parse_args(argv)
-    if args.prove:
-        return prove(args.factor, args.rounds)
+    if not args.factor > 1:
+        p.error(f"--factor must be above 1 (a ratio of times), got {args.factor}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     try:
-        git("rev-parse", "--verify", f"{args.base}^{{commit}}")
-    except subprocess.CalledProcessError:
-        print(
-            f"conform gate: no baseline commit {args.base!r}; nothing to compare", file=sys.stderr
-        )
-        return 0
-    return run_gate(args.base, args.head, args.factor, args.rounds)
+        if args.prove:
+            commit_of("HEAD")
+            return prove(args.factor, args.rounds)
+        return run_gate(args.base, args.head, args.factor, args.rounds)
+    except GateError as e:
+        print(f"conform gate: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

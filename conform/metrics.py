@@ -6,7 +6,7 @@ independent of the logit scale.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -30,17 +30,33 @@ NMSE_LIMIT = {"float32": 1e-10, "float16": 5e-5, "bfloat16": 2e-3}
 
 @dataclass(frozen=True)
 class LogitDiff:
+    """How far one side's logits are from the reference's.
+
+    When either side has a non-finite logit, ``non_finite`` names the positions per
+    side and no metric pretends to agree. The distances are inf, so a check against a
+    limit fails whichever way it is written (``nmse <= limit`` is False, ``nmse >
+    limit`` True; with NaN both would be False). The agreements are None: argmax of an
+    all-NaN row is 0 on both sides, which would read as 100% top-1 agreement.
+    """
+
     positions: int
     max_abs: float
     nmse: float
-    cosine: float  # of the flattened logits
-    kl_mean: float  # KL(reference || impl) of the next-token distributions, nats
-    kl_max: float
-    top1_agreement: float  # fraction of positions whose argmax matches
-    top5_overlap: float  # mean |top5(impl) & top5(ref)| / 5
+    cosine: float | None  # of the flattened logits
+    kl_mean: float | None  # KL(reference || impl) of the next-token distributions, nats
+    kl_max: float | None
+    top1_agreement: float | None  # fraction of positions whose argmax matches
+    top5_overlap: float | None  # mean |top5(impl) & top5(ref)| / 5
+    # side ("ours", "reference") -> positions with a NaN or inf logit; empty: all finite
+    non_finite: dict[str, list[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def non_finite_rows(x: np.ndarray, first_position: int = 0) -> list[int]:
+    """Positions (row index + first_position) holding a NaN or inf."""
+    return [first_position + int(i) for i in np.flatnonzero(~np.isfinite(x).all(-1))]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -53,10 +69,29 @@ def top_k(x: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-x, k - 1, axis=-1)[..., :k]
 
 
-def compare_logits(got: np.ndarray, ref: np.ndarray) -> LogitDiff:
-    """got, ref: (positions, vocab). Raises on shape mismatch rather than broadcasting."""
+def describe_non_finite(non_finite: dict[str, list[int]], shown: int = 8) -> str:
+    """E.g. "ours at 9 positions (0, 1, 2, 3, 4, 5, 6, 7, ...); reference at 1 position (4)"."""
+    parts = []
+    for side, rows in non_finite.items():
+        listed = ", ".join(map(str, rows[:shown])) + (", ..." if len(rows) > shown else "")
+        parts.append(f"{side} at {len(rows)} position{'s' * (len(rows) != 1)} ({listed})")
+    return "; ".join(parts)
+
+
+def compare_logits(got: np.ndarray, ref: np.ndarray, first_position: int = 0) -> LogitDiff:
+    """got, ref: (positions, vocab). Raises on shape mismatch rather than broadcasting.
+
+    ``first_position`` is the sequence position of row 0, so ``non_finite`` names
+    positions in the sequence rather than rows of the slice compared.
+    """
     if got.shape != ref.shape:
         raise ValueError(f"logit shapes differ: got {got.shape}, reference {ref.shape}")
+    sides = {"ours": got, "reference": ref}
+    bad = {side: non_finite_rows(x, first_position) for side, x in sides.items()}
+    bad = {side: rows for side, rows in bad.items() if rows}
+    if bad:
+        inf = float("inf")
+        return LogitDiff(int(ref.shape[0]), inf, inf, None, None, None, None, None, bad)
     got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
     diff = got64 - ref64
     log_p, log_q = log_softmax(ref64), log_softmax(got64)

@@ -10,20 +10,28 @@ beside the formula, and logit parity against HF transformers. Engines named with
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from conform import REPO_ROOT, machine
 from conform.engines import Engine, EngineCache, Greedy, NotApplicable, resolve
-from conform.metrics import NMSE_LIMIT, compare_logits
+from conform.metrics import NMSE_LIMIT, compare_logits, describe_non_finite
+from conform.validate_io import (
+    check_run_size,
+    check_vocab,
+    encode_prompt,
+    load_tokenizer,
+    run_digest,
+)
 from impl.config import LlamaConfig
 
-DEFAULT_PROMPT = "The quick brown fox"
+if TYPE_CHECKING:
+    pass
+
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -31,39 +39,13 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 class Options:
     model: Path
     dtype: str = "float32"
-    prompt: str = DEFAULT_PROMPT
+    prompt: str | None = None  # None: DEFAULT_PROMPT
     tokens: list[int] | None = None
     max_new_tokens: int = 5
     block_size: int | None = None  # None: the engine's own; an unpaged engine refuses one
     engine: str = "impl"
     compare: list[str] = field(default_factory=list)  # engines timed beside it
     out_dir: Path = REPO_ROOT / "reports"  # git-ignored; results/ holds curated records
-
-
-def encode_prompt(model_dir: Path, cfg: LlamaConfig, opts: Options) -> tuple[list[int], str]:
-    """Token ids and a description of where they came from."""
-    if opts.tokens is not None:
-        return list(opts.tokens), "given ids"
-    tok_file = model_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        raise SystemExit(
-            f"{model_dir} has no tokenizer.json, so --prompt cannot be encoded; pass --tokens IDS"
-        )
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(tok_file)).encode(opts.prompt).ids
-    if cfg.bos_token_id is not None and ids[:1] != [cfg.bos_token_id]:
-        ids = [cfg.bos_token_id, *ids]  # Llama prompts start with BOS
-    return ids, f"{opts.prompt!r}"
-
-
-def decode_text(model_dir: Path, ids: list[int]) -> str | None:
-    tok_file = model_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tok_file)).decode(ids)
 
 
 def kv_bytes(cfg: LlamaConfig, itemsize: int, slots: int, kv_heads: int | None = None) -> int:
@@ -91,14 +73,6 @@ def timing_summary(prefill_ms: float | None, decode_ms: list[float]) -> dict:
         "decode_ms_max": max(decode_ms) if steps else None,
         "decode_tokens_per_s": 1e3 * steps / sum(decode_ms) if steps else None,
     }
-
-
-def check_vocab(ids: list[int], vocab: int) -> None:
-    """Refuse ids outside the vocabulary before any engine sees them (an MLX gather
-    out of range returns garbage rather than an error)."""
-    for i, t in enumerate(ids):
-        if not 0 <= t < vocab:
-            raise ValueError(f"token id {t} at index {i} is outside the vocabulary [0, {vocab})")
 
 
 def timed_greedy(
@@ -154,8 +128,10 @@ def run(opts: Options) -> dict:
     from reference.hf import Reference  # torch is slow to import; only when validating
 
     cfg = LlamaConfig.from_dir(opts.model)
-    prompt, prompt_desc = encode_prompt(opts.model, cfg, opts)
+    tokenizer = load_tokenizer(opts.model)
+    prompt, prompt_desc = encode_prompt(opts.model, tokenizer, cfg, opts)
     check_vocab(prompt, cfg.vocab_size)
+    check_run_size(cfg, len(prompt), opts.max_new_tokens, opts.block_size)
     engines = [resolve(name) for name in [opts.engine, *opts.compare]]  # bad names first
     engine = engines[0].load(opts.model, opts.dtype)
     eos = list(cfg.eos_token_id)
@@ -169,12 +145,16 @@ def run(opts: Options) -> dict:
         ours, skip = np.concatenate([gen.prompt_logits[:-1], gen.logits]), 0
     else:
         ours, skip = gen.logits, len(prompt) - 1
-    diff = compare_logits(ours, ref.logits(fed)[skip:])
+    diff = compare_logits(ours, ref.logits(fed)[skip:], first_position=skip)
+    # Tokens chosen from non-finite logits are argmaxes of NaN: comparing them says nothing.
+    finite = not diff.non_finite
     ref_tokens = ref.greedy(prompt, opts.max_new_tokens)
     c = cache_report(cfg, cache, opts.dtype, len(prompt), len(gen.tokens))
     report = {
         "model_dir": str(opts.model),
         "dtype": opts.dtype,
+        "max_new_tokens": opts.max_new_tokens,
+        "digest": run_digest(opts.model, prompt, opts.max_new_tokens),
         "engine": {"name": engine.name, "version": engine.version()},
         "known_issue": engine.known_issue(opts.model),
         "block_size": c.get("block_size"),
@@ -191,7 +171,7 @@ def run(opts: Options) -> dict:
         "prompt": {"source": prompt_desc, "ids": prompt},
         "generated": {
             "ids": gen.tokens,
-            "text": decode_text(opts.model, gen.tokens),
+            "text": tokenizer.decode(gen.tokens) if tokenizer is not None else None,
             "stop_reason": "eos" if gen.tokens[-1] in eos else "max_new_tokens",
         },
         "timing": timing_summary(gen.prefill_ms, gen.decode_ms),
@@ -201,7 +181,8 @@ def run(opts: Options) -> dict:
             **diff.as_dict(),
             "nmse_limit": NMSE_LIMIT[opts.dtype],
             "greedy_reference_ids": ref_tokens,
-            "greedy_first_divergence": first_divergence(gen.tokens, ref_tokens),
+            "greedy_identical": gen.tokens == ref_tokens if finite else None,
+            "greedy_first_divergence": first_divergence(gen.tokens, ref_tokens) if finite else None,
         },
         "compare": [],
     }
@@ -215,28 +196,29 @@ def run(opts: Options) -> dict:
                 **timing_summary(peer_gen.prefill_ms, peer_gen.decode_ms),
             }
         )
-    report["checks"] = {
-        "parity_nmse": diff.nmse <= NMSE_LIMIT[opts.dtype],
-        "cached_tokens_rule": c["cached_tokens"] == len(prompt) + len(gen.tokens) - 1,
-        "kv_bytes_match_formula": c["sequence_nbytes_measured"] == c["sequence_nbytes_formula"],
+    limit, cached = NMSE_LIMIT[opts.dtype], len(prompt) + len(gen.tokens) - 1
+    measured, formula = c["sequence_nbytes_measured"], c["sequence_nbytes_formula"]
+    checks = {  # name: (passed, why not)
+        "logits_finite": (finite, f"NaN or inf in {describe_non_finite(diff.non_finite)}"),
+        "parity_nmse": (
+            diff.nmse <= limit,
+            f"NMSE {diff.nmse:.3g} > {limit:g}" if finite else "not measured: non-finite logits",
+        ),
+        "cached_tokens_rule": (
+            c["cached_tokens"] == cached,
+            f"{c['cached_tokens']} tokens cached, the rule gives {cached}",
+        ),
+        "kv_bytes_match_formula": (
+            measured == formula,
+            f"measured {measured:,} B, formula {formula:,} B",
+        ),
     }
     if "blocks_used" in c:
-        report["checks"]["blocks_used"] = c["blocks_used"] == c["blocks_expected"]
-    report["passed"] = all(report["checks"].values())
+        checks["blocks_used"] = (
+            c["blocks_used"] == c["blocks_expected"],
+            f"{c['blocks_used']} blocks used, ceil(tokens / block_size) = {c['blocks_expected']}",
+        )
+    report["checks"] = {name: ok for name, (ok, _) in checks.items()}
+    report["failures"] = {name: why for name, (ok, why) in checks.items() if not ok}
+    report["passed"] = not report["failures"]
     return report
-
-
-def write_json(report: dict, out_dir: Path) -> Path:
-    """results/validate-<model>-<dtype>.json for impl; other engines add their name."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    engine = report["engine"]["name"]
-    tail = "" if engine == "impl" else "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", engine)
-    path = out_dir / f"validate-{Path(report['model_dir']).name}-{report['dtype']}{tail}.json"
-    path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
-    return path
-
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -17,6 +17,9 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+LLAMA3_FACTORS = ("factor", "low_freq_factor", "high_freq_factor")
+# impl's MLP runs SiLU whatever the file says; HF spells it either way.
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 class ConfigError(ValueError):
@@ -32,6 +35,19 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        # A zero or negative factor divides by zero or flips frequencies in inv_freq:
+        # the model would run and produce NaN or nonsense rather than fail.
+        for name in LLAMA3_FACTORS:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"llama3 rope scaling field {name} must be positive, got {v!r}")
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError(
+                "llama3 rope scaling field original_max_position_embeddings must be "
+                f"positive, got {self.original_max_position_embeddings!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -53,8 +69,20 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     model_type: str = "llama"
+    hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"hidden_act {self.hidden_act!r} is not implemented (impl's MLP runs SiLU); "
+                f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        # A non-positive base makes every RoPE frequency NaN or inverted.
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        # MLX's RMSNorm refuses eps <= 0 too, but only when the model is built, unnamed.
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -126,11 +154,22 @@ class LlamaConfig:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
         for k in (*required, "num_key_value_heads", "head_dim"):
             v = raw.get(k)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            # Required fields may not be null; the optional ones are null when absent.
+            if (v is not None or k in required) and not _positive_int(v):
                 raise ConfigError(f"{source}: field {k} must be a positive integer, got {v!r}")
-        theta, scaling = rope_fields(raw, source)
+        hidden_act = raw.get("hidden_act", "silu")
+        if not isinstance(hidden_act, str):
+            raise ConfigError(f"{source}: field hidden_act must be a string, got {hidden_act!r}")
+        bos = raw.get("bos_token_id")
+        if bos is not None and not _token_id(bos):
+            raise ConfigError(f"{source}: field bos_token_id must be a token id, got {bos!r}")
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(_token_id(t) for t in eos_ids):
+            raise ConfigError(
+                f"{source}: field eos_token_id must be a token id or a list of them, got {eos!r}"
+            )
+        theta, scaling = rope_fields(raw, source)
         try:
             return cls(
                 hidden_size=raw["hidden_size"],
@@ -140,16 +179,17 @@ class LlamaConfig:
                 num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
                 vocab_size=raw["vocab_size"],
                 max_position_embeddings=raw["max_position_embeddings"],
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rms_norm_eps=_number(raw, "rms_norm_eps", 1e-6),
                 rope_theta=theta,
                 rope_scaling=scaling,
                 head_dim=raw.get("head_dim"),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
-                bos_token_id=raw.get("bos_token_id"),
+                bos_token_id=bos,
                 eos_token_id=eos_ids,
                 model_type=model_type,
+                hidden_act=hidden_act,
             )
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
@@ -163,8 +203,10 @@ class LlamaConfig:
             )
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
@@ -174,29 +216,66 @@ def rope_fields(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
     """RoPE base and scaling from either layout.
 
     transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``; older files
-    have a top-level ``rope_theta`` and an optional ``rope_scaling`` dict.
+    have a top-level ``rope_theta`` and an optional ``rope_scaling`` dict. Errors name
+    the field as written (``rope_parameters.factor``).
     """
+    try:
+        return _rope_fields(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _rope_fields(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
-        raise ConfigError(f"{source}: rope_parameters / rope_scaling must be JSON objects")
+        raise ConfigError("rope_parameters / rope_scaling must be JSON objects")
     merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    if "rope_theta" in merged:
+        theta = _number(merged, "rope_theta", prefix=_where(params, "rope_theta"))
+    else:
+        theta = _number(raw, "rope_theta", 10000.0)
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            f"{source}: rope scaling type {rope_type!r} is not implemented; supported: "
+            f"rope scaling type {rope_type!r} is not implemented; supported: "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type == "default":
         return theta, RopeScaling()
-    try:
-        return theta, RopeScaling(
-            rope_type=rope_type,
-            factor=float(merged["factor"]),
-            low_freq_factor=float(merged["low_freq_factor"]),
-            high_freq_factor=float(merged["high_freq_factor"]),
-            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+    for k in (*LLAMA3_FACTORS, "original_max_position_embeddings"):
+        if k not in merged:
+            raise ConfigError(f"llama3 rope scaling needs field {k}")
+    old_ctx = merged["original_max_position_embeddings"]
+    if not isinstance(old_ctx, int) or isinstance(old_ctx, bool):
+        raise ConfigError(
+            f"field {_where(params, 'original_max_position_embeddings')}"
+            f"original_max_position_embeddings must be an integer, got {old_ctx!r}"
         )
-    except KeyError as e:
-        raise ConfigError(f"{source}: llama3 rope scaling needs field {e.args[0]}") from None
+    return theta, RopeScaling(
+        rope_type=rope_type,
+        **{k: _number(merged, k, prefix=_where(params, k)) for k in LLAMA3_FACTORS},
+        original_max_position_embeddings=old_ctx,
+    )
+
+
+def _where(params: dict[str, Any], key: str) -> str:
+    """The dotted prefix of the dict ``key`` was read from (rope_parameters wins)."""
+    return "rope_parameters." if key in params else "rope_scaling."
+
+
+def _number(raw: dict[str, Any], key: str, default: float | None = None, prefix: str = "") -> float:
+    """A JSON number (not null, a string or a bool): float() would take "1e-5" and
+    True, and null would surface later as a TypeError inside the model."""
+    v = raw.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise ConfigError(f"field {prefix}{key} must be a number, got {v!r}")
+    return float(v)
+
+
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _token_id(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

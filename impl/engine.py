@@ -3,7 +3,8 @@
 ``prefill`` feeds one sequence's prompt (optionally in chunks); ``decode`` feeds one
 token to each of several sequences at once, whatever their lengths. Both check
 their input completely before the cache is touched, so a rejected call changes
-nothing. Every call ends in ``mx.eval``: MLX is lazy, and a timing that does not
+nothing; ``generate`` checks the whole run (context and blocks) before its first
+step. Every call ends in ``mx.eval``: MLX is lazy, and a timing that does not
 force the work measures nothing.
 """
 
@@ -17,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from impl.model import KVPools, Model
-from impl.paged_cache import PagedKVCache, StepPlan
+from impl.paged_cache import CacheFullError, PagedKVCache, StepPlan, check_id, check_int
 
 
 class InputError(ValueError):
@@ -70,8 +71,9 @@ def prefill(
     off for prompts of repeating lengths (fixed-size chunks), not one-off prompts.
     """
     ids = _check_tokens(model, tokens, f"prompt for sequence {seq!r}")
+    model.check_cache(cache)
     _check_room(model, cache, seq, ids.size)
-    if chunk_size is not None and chunk_size <= 0:
+    if chunk_size is not None and check_int(chunk_size, "chunk_size") <= 0:
         raise InputError(f"chunk_size must be positive, got {chunk_size}")
     step = chunk_size or ids.size
     chunks = [ids[i : i + step] for i in range(0, ids.size, step)]
@@ -105,8 +107,11 @@ def decode(
     (the suites inject faults that way) would not reach it.
     """
     ids = _check_tokens(model, tokens, "decode tokens")
+    if isinstance(seqs, str | bytes):  # else "ab" would be read as sequences "a" and "b"
+        raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
     if ids.size != len(seqs):
         raise InputError(f"decode: {len(seqs)} sequences but {ids.size} tokens")
+    model.check_cache(cache)
     for s in seqs:
         _check_room(model, cache, s, 1)
     plan = cache.plan(list(seqs), 1)
@@ -264,14 +269,27 @@ def generate(
     with ``len(prompt) + len(tokens) - 1`` tokens (see ``impl.paged_cache``).
     Without a ``cache``, one sized for prompt + max_new_tokens is made.
     ``compiled`` is passed to every ``decode`` step.
+
+    All-or-nothing: before the first step, the whole run must fit what ``seq``
+    already holds, both in the context and in the pool,
+      tokens(seq) + len(prompt) + max_new_tokens - 1 <= max_position_embeddings
+      blocks for those tokens (copy-on-write included) <= free blocks
+    else InputError or CacheFullError with the cache as it was. A run that stops
+    early at EOS needed less, but is held to its longest.
     """
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens")
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
     ids = _check_tokens(model, prompt, "prompt")
-    if ids.size + max_new_tokens - 1 > model.config.max_position_embeddings:
+    check_id(seq, "seq")
+    have = cache.tokens(seq) if cache is not None and seq in cache.sequences else 0
+    fed = ids.size + max_new_tokens - 1  # the last generated token is never fed
+    limit = model.config.max_position_embeddings
+    if have + fed > limit:
         raise InputError(
-            f"prompt of {ids.size} tokens + {max_new_tokens} new tokens exceeds the context "
-            f"length max_position_embeddings={model.config.max_position_embeddings}"
+            f"sequence {seq!r}: {have} cached + {ids.size} prompt + {max_new_tokens - 1} "
+            f"fed-back tokens = {have + fed} exceeds the context length "
+            f"max_position_embeddings={limit}"
         )
     sampler = sampler or Sampler()
     eos = set(model.config.eos_token_id if eos_token_ids is None else eos_token_ids)
@@ -279,8 +297,19 @@ def generate(
         cache = PagedKVCache.for_tokens(
             model.config, ids.size + max_new_tokens, block_size, _param_dtype(model)
         )
-    if seq not in cache.sequences:
+    model.check_cache(cache)
+    added = seq not in cache.sequences
+    if added:
         cache.add_sequence(seq)
+    try:
+        cache.ensure_room([seq], fed)
+    except CacheFullError as e:
+        if added:  # an empty sequence holds no blocks: releasing it undoes the add
+            cache.release(seq)
+        raise CacheFullError(
+            f"generate on sequence {seq!r} ({have} cached): a prompt of {ids.size} tokens "
+            f"and {max_new_tokens} new tokens feed {fed}; {e}"
+        ) from None
 
     t0 = time.perf_counter()
     logits = prefill(model, cache, seq, ids)

@@ -48,14 +48,32 @@ def weight_files(model_dir: Path) -> list[Path]:
             f"{model_dir}: no model.safetensors or model.safetensors.index.json found"
         )
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+        raw = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e.strerror})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    # Tensor name -> shard file name; anything else would fail later with no file named.
+    if not (
+        isinstance(weight_map, dict)
+        and weight_map
+        and all(isinstance(v, str) and v for v in weight_map.values())
+    ):
+        raise CheckpointError(
+            f"{index}: field weight_map must be a non-empty object mapping tensor names to "
+            f"shard file names, got {_clip(weight_map)}"
+        )
     files = [model_dir / name for name in sorted(set(weight_map.values()))]
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{index}: lists shard {f.name}, which does not exist")
     return files
+
+
+def _clip(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_weights(files: list[Path]) -> dict[str, tuple[mx.array, Path]]:

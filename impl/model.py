@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from impl.engine import CompiledSteps
 
 
+class CacheMismatchError(ValueError):
+    """A KV cache whose pools do not have the shape the model's config implies."""
+
+
 @runtime_checkable
 class KVPools(Protocol):
     """What the model reads and writes of a KV cache: one K and one V pool per layer,
@@ -156,6 +160,39 @@ class Model(nn.Module):
         # impl.engine.CompiledSteps). Not a dict: nn.Module files a dict attribute
         # among its children, where it would join the parameter tree.
         self.compiled_steps: CompiledSteps | None = None
+
+    def check_cache(self, cache: KVPools) -> None:
+        """CacheMismatchError unless ``cache`` has one K and one V pool per layer, all
+        (num_blocks, block_size, num_key_value_heads, head_dim) of one float dtype.
+
+        The engine calls this before it reserves anything: a cache made for another
+        config would otherwise fail only at the first cache write, after its blocks
+        were taken. The pools' dtype may differ from the weights' (writes cast to it).
+        """
+        cfg = self.config
+        layers, want = cfg.num_hidden_layers, (cfg.num_key_value_heads, cfg.dim_per_head)
+        if len(cache.k) != layers or len(cache.v) != layers:
+            raise CacheMismatchError(
+                f"cache has {len(cache.k)} K and {len(cache.v)} V pools, the model "
+                f"num_hidden_layers={layers}"
+            )
+        # One set over all pools: this runs before every step, so it stays cheap.
+        kinds = {(p.shape, p.dtype) for p in (*cache.k, *cache.v)}
+        if len(kinds) > 1:
+            seen = ", ".join(f"{s} {d}" for s, d in kinds)
+            raise CacheMismatchError(f"cache pools differ in shape or dtype: {seen}")
+        ((shape, dtype),) = kinds
+        if len(shape) != 4:
+            raise CacheMismatchError(
+                f"cache pools are {shape}, not (num_blocks, block_size, kv_heads, head_dim)"
+            )
+        if shape[2:] != want:
+            raise CacheMismatchError(
+                f"cache pools hold num_key_value_heads={shape[2]}, head_dim={shape[3]}; the "
+                f"model has num_key_value_heads={want[0]}, head_dim={want[1]}"
+            )
+        if not mx.issubdtype(dtype, mx.floating):
+            raise CacheMismatchError(f"cache pools hold {dtype}, not floats")
 
     def __call__(
         self,

@@ -17,11 +17,24 @@ Invariants (asserted in suites/):
   num_free + num_used == num_blocks        (a block is used when its refcount > 0)
   refcount(b) == number of block tables that list b
   nbytes == 2 * layers * kv_heads * head_dim * itemsize * num_blocks * block_size
+
+A step that appends to a batch of sequences copies a shared partial last block b
+only as often as appending one sequence at a time would: of w sequences in the
+batch that write into b (refcount r >= w),
+  copies(b) == w      if r > w   (a holder outside the writers keeps the original)
+  copies(b) == w - 1  if r == w  (the last writer is left owning b and writes in place)
+and the step needs sum(copies) + sum(new blocks) free blocks.
+
+All-or-nothing: every public method checks its arguments (types included: counts
+are ints, numpy ints too, never bool or float) and the room it needs before it
+changes anything, so a call that raises leaves tables, counts, refcounts and the
+free list as they were.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -34,10 +47,32 @@ class CacheFullError(RuntimeError):
     """The pool has too few free blocks for a step; nothing was changed."""
 
 
+def check_int(value: object, name: str) -> int:
+    """``value`` as an int, or TypeError naming ``name``.
+
+    Python and numpy integers count; bool does not (``trim(s, True)`` is a bug, not
+    one token), and neither does a float, even a whole one: a count of 4.5 tokens
+    would be kept and break every later step.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_id(seq: object, name: str = "sequence id") -> Hashable:
+    """``seq`` if it can key a block table, else TypeError naming ``name``."""
+    try:
+        hash(seq)
+    except TypeError:
+        raise TypeError(f"{name} must be hashable, got {type(seq).__name__} {seq!r}") from None
+    return seq
+
+
 class BlockAllocator:
     """Free list plus per-block reference counts over ``num_blocks`` pool blocks."""
 
     def __init__(self, num_blocks: int) -> None:
+        num_blocks = check_int(num_blocks, "num_blocks")
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -59,10 +94,13 @@ class BlockAllocator:
         return self.num_blocks - len(self._free)
 
     def refcount(self, block: int) -> int:
-        return self._refcount[block]
+        return self._refcount[self._check(block)]
 
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh blocks with refcount 1, or CacheFullError with nothing taken."""
+        n = check_int(n, "n")
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         if n > len(self._free):
             raise CacheFullError(
                 f"KV cache out of blocks: need {n} free block(s), have {len(self._free)} "
@@ -74,14 +112,23 @@ class BlockAllocator:
         return blocks
 
     def incref(self, block: int) -> None:
-        assert self._refcount[block] > 0, f"block {block} is free"
+        if self._refcount[self._check(block)] == 0:
+            raise ValueError(f"block {block} is free: allocate it before sharing it")
         self._refcount[block] += 1
 
     def decref(self, block: int) -> None:
-        assert self._refcount[block] > 0, f"block {block} is already free"
+        if self._refcount[self._check(block)] == 0:
+            raise ValueError(f"block {block} is already free")
         self._refcount[block] -= 1
         if self._refcount[block] == 0:
             self._free.append(block)
+
+    def _check(self, block: int) -> int:
+        # A negative index would silently read another block's count.
+        block = check_int(block, "block")
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} is outside the pool [0, {self.num_blocks})")
+        return block
 
 
 @dataclass(frozen=True)
@@ -110,8 +157,11 @@ class PagedKVCache:
         block_size: int = 16,
         dtype: mx.Dtype = mx.float32,
     ) -> None:
+        block_size = check_int(block_size, "block_size")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if not isinstance(dtype, mx.Dtype) or not mx.issubdtype(dtype, mx.floating):
+            raise TypeError(f"dtype must be a floating mx.Dtype, got {dtype!r}")
         self.config = config
         self.block_size = block_size
         self.dtype = dtype
@@ -119,7 +169,7 @@ class PagedKVCache:
         # One K and one V pool per layer:
         # (num_blocks, block_size, num_key_value_heads, head_dim). Only the KV heads are
         # stored; query heads of a group read the same rows at attention time.
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.dim_per_head)
+        shape = (self.num_blocks, block_size, config.num_key_value_heads, config.dim_per_head)
         self.k = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         mx.eval(self.k, self.v)
@@ -135,6 +185,10 @@ class PagedKVCache:
         dtype: mx.Dtype = mx.float32,
     ) -> PagedKVCache:
         """A pool just large enough for ``max_tokens`` tokens in one sequence."""
+        max_tokens = check_int(max_tokens, "max_tokens")
+        block_size = check_int(block_size, "block_size")
+        if max_tokens <= 0 or block_size <= 0:
+            raise ValueError(f"need max_tokens, block_size > 0, got {max_tokens}, {block_size}")
         return cls(config, math.ceil(max_tokens / block_size), block_size, dtype)
 
     # -- accounting -------------------------------------------------------------
@@ -161,7 +215,7 @@ class PagedKVCache:
 
     # -- sequence lifecycle -------------------------------------------------------
     def add_sequence(self, seq: Hashable) -> None:
-        if seq in self._tables:
+        if check_id(seq) in self._tables:
             raise KeyError(f"sequence {seq!r} already exists")
         self._tables[seq] = []
         self._tokens[seq] = 0
@@ -180,6 +234,7 @@ class PagedKVCache:
         reference, if shared); the rows left behind in a kept block are overwritten
         by the next tokens, and no reader looks past ``tokens(seq)``.
         """
+        n = check_int(n, "n")
         if n < 0:
             raise ValueError(f"cannot trim a negative number of tokens ({n})")
         table = self._tables[self._check(seq)]
@@ -197,8 +252,8 @@ class PagedKVCache:
         Full blocks stay shared for good; a shared partial last block is copied by
         whichever sequence appends to it first (see ``plan``).
         """
-        table = self._tables[self._check(parent)]
-        if child in self._tables:
+        table = self._tables[self._check(parent, "parent")]
+        if check_id(child, "child") in self._tables:
             raise KeyError(f"sequence {child!r} already exists")
         for b in table:
             self.allocator.incref(b)
@@ -209,15 +264,14 @@ class PagedKVCache:
     def plan(self, seqs: Sequence[Hashable], num_new: int) -> StepPlan:
         """Reserve room for ``num_new`` tokens in each of ``seqs`` and count them cached.
 
-        All-or-nothing: if the pool cannot hold the step, CacheFullError is raised
-        before any table, count or refcount changes.
+        All-or-nothing: the arguments, then the room (``block_needs``), are checked
+        before any table, count or refcount changes; the blocks taken are exactly
+        the ones counted, so no allocation after the check can fail.
         """
-        if num_new <= 0:
-            raise ValueError(f"num_new must be positive, got {num_new}")
-        if len(set(seqs)) != len(seqs):
-            raise ValueError(f"a sequence appears twice in one step: {list(seqs)}")
+        seqs = self._check_step(seqs, num_new)
+        num_new = int(num_new)
         needs = self.block_needs(seqs, num_new)
-        self._raise_if_short(needs, seqs, num_new)
+        self._raise_if_short(needs, num_new)
         for s, cow, new in needs:
             table = self._tables[s]
             if cow:
@@ -245,42 +299,74 @@ class PagedKVCache:
 
     def ensure_room(self, seqs: Sequence[Hashable], num_new: int) -> None:
         """Raise CacheFullError unless ``num_new`` more tokens fit in each of ``seqs``."""
-        self._raise_if_short(self.block_needs(seqs, num_new), seqs, num_new)
+        seqs = self._check_step(seqs, num_new)
+        self._raise_if_short(self.block_needs(seqs, num_new), num_new)
 
     def block_needs(
         self, seqs: Sequence[Hashable], num_new: int
     ) -> list[tuple[Hashable, bool, int]]:
-        """Per sequence: (seq, must copy its shared partial last block, new blocks).
+        """Per sequence: (seq, copies its shared partial last block first, new blocks).
 
-        What ``plan`` allocates for ``num_new`` more tokens in each of ``seqs``; public
-        so the suites can plant a missing copy-on-write here.
+        What ``plan`` allocates for ``num_new`` more tokens in each of ``seqs``, in
+        order: new == ceil((tokens + num_new) / block_size) - blocks_used, and a
+        sequence whose next row lands in a block someone else still holds copies it,
+        counted per block as in the module docstring. Public so the suites can plant
+        a wrong count here.
         """
+        seqs = self._check_step(seqs, num_new)
         bs = self.block_size
+        # Holders left of each block written this step: a writer that copies lets go
+        # of it, so the last writer may find itself the only holder.
+        holders: dict[int, int] = {}
         needs = []
         for s in seqs:
-            n, table = self._tokens[self._check(s)], self._tables[s]
-            cow = n % bs != 0 and self.allocator.refcount(table[-1]) > 1
+            n, table = self._tokens[s], self._tables[s]
+            cow = False
+            if n % bs:  # the next row lands in the partial last block
+                b = table[-1]
+                left = holders.setdefault(b, self.allocator.refcount(b))
+                cow = left > 1
+                holders[b] = left - cow
             needs.append((s, cow, math.ceil((n + num_new) / bs) - len(table)))
         return needs
 
-    def _raise_if_short(
-        self, needs: list[tuple[Hashable, bool, int]], seqs: Sequence[Hashable], num_new: int
-    ) -> None:
+    def _check_step(self, seqs: Sequence[Hashable], num_new: int) -> list[Hashable]:
+        """The step's arguments, checked: a non-empty list of distinct known ids."""
+        if isinstance(seqs, str | bytes) or not isinstance(seqs, Sequence):
+            raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
+        if check_int(num_new, "num_new") <= 0:
+            raise ValueError(f"num_new must be positive, got {num_new}")
+        if not seqs:
+            raise ValueError("a step needs at least one sequence")
+        for s in seqs:
+            self._check(s)
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"a sequence appears twice in one step: {list(seqs)}")
+        return list(seqs)
+
+    def _raise_if_short(self, needs: list[tuple[Hashable, bool, int]], num_new: int) -> None:
         total = sum(cow + new for _, cow, new in needs)
         if total > self.allocator.num_free:
             raise CacheFullError(
-                f"KV cache out of blocks: {num_new} new token(s) for {len(seqs)} "
+                f"KV cache out of blocks: {num_new} new token(s) for {len(needs)} "
                 f"sequence(s) need {total} free block(s), have {self.allocator.num_free} "
                 f"of {self.num_blocks} (block_size={self.block_size})"
             )
 
     def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
         """Install a layer's pools after a cache-write op (ops return new arrays)."""
-        if k_pool.shape != self.k[layer].shape or v_pool.shape != self.v[layer].shape:
-            raise ValueError(
-                f"layer {layer}: pool shape changed from {self.k[layer].shape} to "
-                f"{k_pool.shape}/{v_pool.shape}"
-            )
+        layer = check_int(layer, "layer")
+        if not 0 <= layer < len(self.k):
+            raise IndexError(f"layer {layer} is outside [0, {len(self.k)})")
+        old = self.k[layer]
+        for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+            if not isinstance(pool, mx.array):
+                raise TypeError(f"{name} must be an mx.array, got {type(pool).__name__}")
+            if pool.shape != old.shape or pool.dtype != old.dtype:
+                raise ValueError(
+                    f"layer {layer}: {name} is {pool.shape} {pool.dtype}, the pool is "
+                    f"{old.shape} {old.dtype}"
+                )
         self.k[layer], self.v[layer] = k_pool, v_pool
 
     def _copy_last_block(self, table: list[int]) -> None:
@@ -292,7 +378,7 @@ class PagedKVCache:
         self.allocator.decref(shared)
         table[-1] = fresh
 
-    def _check(self, seq: Hashable) -> Hashable:
-        if seq not in self._tables:
+    def _check(self, seq: Hashable, name: str = "sequence id") -> Hashable:
+        if check_id(seq, name) not in self._tables:
             raise KeyError(f"unknown sequence {seq!r}")
         return seq

@@ -12,6 +12,7 @@ Random weights give near-flat logits; parity here means numerics, not behaviour.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -111,15 +112,42 @@ def write_random_checkpoint(
     return out
 
 
+def seed_arg(text: str) -> int:
+    """argparse type for --seed: torch's generators take 64-bit seeds, and each tensor's
+    is seed * 1_000_003 + index, so 32 bits keep every one in range."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants an integer, got {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {seed}")
+    return seed
+
+
+def out_dir_error(path: Path) -> str | None:
+    """Why ``path`` cannot take a checkpoint (it is made if missing), or None. Asked
+    before the work, so a bad path does not cost a training run or a 2 GB write."""
+    if path.exists() and not path.is_dir():
+        return f"{path}: exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{path}: cannot create it ({e.strerror})"
+    return None if os.access(path, os.W_OK | os.X_OK) else f"{path}: not writable"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="conform make-checkpoint", description="Write a random-weight HF Llama checkpoint."
     )
     p.add_argument("shape", choices=sorted(SHAPES))
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     args = p.parse_args(argv)
+    error = out_dir_error(args.out_dir)
+    if error:
+        p.error(f"out_dir {error}")
     path = write_random_checkpoint(args.shape, args.out_dir, args.seed, getattr(torch, args.dtype))
     print(f"wrote {args.shape} ({args.dtype}, seed {args.seed}) to {path}")
     return 0

@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from reference.checkpoints import out_dir_error, seed_arg
 from reference.corpus import make_corpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
@@ -98,12 +99,28 @@ def logit_margin(model: LlamaForCausalLM, batch: torch.Tensor) -> float:
     return (top2[..., 0] - top2[..., 1]).mean().item()
 
 
+def positive_int(text: str) -> int:
+    """argparse type for --steps: zero steps would divide by zero in the LR schedule."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants an integer, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="conform train-tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="checkpoints/tiny-gqa", help="output directory")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed for corpus, init and batches")
+    parser.add_argument("--steps", type=positive_int, default=600, help="optimizer steps")
+    parser.add_argument(
+        "--seed", type=seed_arg, default=0, help="seed for corpus, init and batches"
+    )
     args = parser.parse_args(argv)
+    error = out_dir_error(Path(args.out))  # before minutes of training, not after
+    if error:
+        parser.error(f"--out {error}")
 
     t0 = time.time()
     torch.manual_seed(args.seed)

@@ -51,6 +51,9 @@ IMPL_ONLY_FILES = {
     "test_reports.py": "tests the run's reports (the harness), not an engine",
     "test_history.py": "checks the committed asv history, not an engine",
     "test_layout.py": "checks this repository's import graph, not an engine",
+    "test_gate.py": "tests the regression gate (the harness), not an engine",
+    "test_bad_input.py": "tests the conform command's input checks, which run impl",
+    "test_all_or_nothing.py": "tests impl's paged cache and engine under refused calls",
     "test_fused_kernels.py": "tests impl's fused kernels (kernels/), not an engine",
 }
 # The checkpoint a file's checkpoint tests share: its parameter that names one, if any,
@@ -63,6 +66,7 @@ FILE_CHECKPOINT = {
     "test_memory_math.py": "tiny-gqa8",
     "test_api.py": "tiny-gqa8",
     "test_engines.py": "tiny-gqa8",
+    "test_all_or_nothing.py": "tiny-gqa8",
     "test_loader.py": "tiny-gqa4",
     "test_rope_base.py": "tiny-rope-500k",
 }

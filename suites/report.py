@@ -73,16 +73,26 @@ def _rows(rows: list[dict]) -> list[list[str]]:
                     r["shape"],
                     r["dtype"],
                     phase,
-                    f"{m['max_abs']:.2e}",
-                    f"{m['nmse']:.2e}",
-                    f"{m['cosine']:.8f}",
-                    f"{m['kl_mean']:.1e}",
-                    f"{m['kl_max']:.1e}",
-                    f"{m['top1_agreement']:.0%}",
-                    f"{m['top5_overlap']:.0%}",
+                    *(
+                        _fmt(m[key], spec)
+                        for key, spec in (
+                            ("max_abs", ".2e"),
+                            ("nmse", ".2e"),
+                            ("cosine", ".8f"),
+                            ("kl_mean", ".1e"),
+                            ("kl_max", ".1e"),
+                            ("top1_agreement", ".0%"),
+                            ("top5_overlap", ".0%"),
+                        )
+                    ),
                 ]
             )
     return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """A metric, or "n/a" where non-finite logits left it undefined (None)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def parity_table(rows: list[dict]) -> str:

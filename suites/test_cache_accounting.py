@@ -1,7 +1,9 @@
 """Cache accounting. Through the engine under test: tokens cached after greedy
 generation (P + G - 1), block accounting where the cache is paged, and forks. Of
 impl's paged cache: block allocation, fork / copy-on-write, release, and the
-all-or-nothing behaviour when the pool runs out. Integers are compared exactly."""
+all-or-nothing behaviour when the pool runs out. Integers are compared exactly.
+The random walk over all of it (batches, forks, trims) is test_all_or_nothing's
+BatchMachine."""
 
 from __future__ import annotations
 
@@ -10,16 +12,6 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import (
-    Bundle,
-    RuleBasedStateMachine,
-    consumes,
-    invariant,
-    rule,
-    run_state_machine_as_test,
-)
 
 from conform.engines import NotApplicable
 from impl.config import LlamaConfig
@@ -305,104 +297,6 @@ def test_fork_continues_like_its_parent_and_leaves_it_alone(checkpoint, engine_f
         np.testing.assert_allclose(got, want, atol=FP32_SAME_ENGINE_ATOL, rtol=0)
     metric("max|dlogit|", worst)
     assert cache.tokens("child") == cache.tokens("parent") == len(ids) + 1
-
-
-class CacheMachine(RuleBasedStateMachine):
-    """Random add / append / fork / release / over-capacity steps over a small pool.
-
-    Besides the counting invariants, every append writes distinct values, and each
-    sequence must read back exactly the values it wrote or inherited by fork: this
-    is what copy-on-write has to preserve.
-    """
-
-    seqs = Bundle("seqs")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cache = PagedKVCache(CFG, num_blocks=10, block_size=4)
-        self.expected: dict[int, list[float]] = {}
-        self.next_id = 0
-        self.next_value = 1.0
-
-    def _new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id
-
-    @rule(target=seqs)
-    def add(self):
-        seq = self._new_id()
-        self.cache.add_sequence(seq)
-        self.expected[seq] = []
-        return seq
-
-    @rule(seq=seqs, n=st.integers(1, 12))
-    def append(self, seq, n):
-        if seq not in self.expected:
-            return
-        values = [self.next_value + i for i in range(n)]
-        before = snapshot(self.cache)
-        try:
-            fill(self.cache, seq, n, values)
-        except CacheFullError:
-            assert snapshot(self.cache) == before
-            return
-        self.next_value += n
-        self.expected[seq] += values
-
-    @rule(target=seqs, parent=seqs)
-    def fork(self, parent):
-        child = self._new_id()
-        if parent not in self.expected:
-            return child  # a released id: nothing to fork; the child id stays unused
-        self.cache.fork(parent, child)
-        self.expected[child] = list(self.expected[parent])
-        return child
-
-    @rule(seq=consumes(seqs))
-    def release(self, seq):
-        if seq in self.expected:
-            self.cache.release(seq)
-            del self.expected[seq]
-
-    @rule(seq=seqs)
-    def over_capacity(self, seq):
-        if seq not in self.expected:
-            return
-        before = snapshot(self.cache)
-        too_many = (self.cache.num_blocks + 1) * self.cache.block_size
-        with pytest.raises(CacheFullError):
-            self.cache.plan([seq], too_many)
-        assert snapshot(self.cache) == before
-
-    @invariant()
-    def accounting_holds(self):
-        check_invariants(self.cache)
-        assert sorted(self.cache.sequences) == sorted(self.expected)
-        for seq, values in self.expected.items():
-            assert self.cache.tokens(seq) == len(values)
-            np.testing.assert_array_equal(rows(self.cache, seq)[:, 0, 0], values)
-
-
-CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
-test_cache_state_machine = IMPL_ONLY(CacheMachine.TestCase)
-
-
-@IMPL_ONLY
-def test_state_machine_catches_a_missing_copy_on_write(monkeypatch):
-    """Inject the bug: appends write into a block the sequence shares with a fork."""
-    real = PagedKVCache.block_needs
-
-    def no_cow(self, seqs, num_new):
-        return [(s, False, new) for s, _, new in real(self, seqs, num_new)]
-
-    monkeypatch.setattr(PagedKVCache, "block_needs", no_cow)
-    with pytest.raises(AssertionError):
-        run_state_machine_as_test(
-            CacheMachine,
-            settings=settings(
-                max_examples=300, stateful_step_count=30, deadline=None, database=None
-            ),
-        )
 
 
 # -- trim: dropping a sequence's last tokens ----------------------------------------------

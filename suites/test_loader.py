@@ -25,13 +25,16 @@ def ckpt(checkpoint, tmp_path) -> Path:
     return Path(shutil.copytree(checkpoint(SHAPE), tmp_path / "ckpt"))
 
 
+NULL = object()  # edit_config writes JSON null for it; None drops the field
+
+
 def edit_config(path: Path, **changes) -> None:
     cfg = json.loads((path / "config.json").read_text())
     for k, v in changes.items():
         if v is None:
             cfg.pop(k, None)
         else:
-            cfg[k] = v
+            cfg[k] = None if v is NULL else v
     (path / "config.json").write_text(json.dumps(cfg))
 
 
@@ -88,6 +91,14 @@ def test_sharded_checkpoint_loads_like_the_single_file(ckpt, tmp_path):
         load(sharded)
 
 
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 CONFIG_FAULTS = [
     # (description, config changes, error pattern)
     ("unsupported model_type", {"model_type": "mistral"}, "unsupported model_type 'mistral'"),
@@ -104,6 +115,45 @@ CONFIG_FAULTS = [
         {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},
         "llama3 rope scaling needs field",
     ),
+    # Values that were read as given and then misused (a TypeError deep in the model, or
+    # NaN logits), each refused by name (issue 11).
+    ("required field null", {"vocab_size": NULL}, "vocab_size must be a positive integer"),
+    ("rms_norm_eps null", {"rms_norm_eps": NULL}, "field rms_norm_eps must be a number, got None"),
+    ("rms_norm_eps a string", {"rms_norm_eps": "1e-5"}, "field rms_norm_eps must be a number"),
+    ("rms_norm_eps negative", {"rms_norm_eps": -1e-5}, "rms_norm_eps must be a positive number"),
+    (
+        "rope_theta null",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": None}},
+        "field rope_parameters.rope_theta must be a number, got None",
+    ),
+    (
+        "top-level rope_theta null",
+        {"rope_parameters": None, "rope_theta": NULL},
+        "field rope_theta must be a number, got None",
+    ),
+    *[
+        (
+            f"rope_theta {theta}",
+            {"rope_parameters": {"rope_type": "default", "rope_theta": theta}},
+            "rope_theta must be a positive number",
+        )
+        for theta in (-10000.0, 0)
+    ],
+    ("hidden_act gelu", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented"),
+    *[
+        (
+            f"llama3 {field} {value}",
+            {"rope_parameters": {**LLAMA3, field: value}},
+            f"llama3 rope scaling field {field} must be positive",
+        )
+        for field, value in [
+            ("factor", 0.0),
+            ("low_freq_factor", -1.0),
+            ("high_freq_factor", 0.0),
+            ("original_max_position_embeddings", 0),
+        ]
+    ],
+    ("eos_token_id a string", {"eos_token_id": "</s>"}, "eos_token_id must be a token id"),
 ]
 
 
@@ -124,6 +174,23 @@ def test_missing_or_malformed_config(ckpt, tmp_path):
         load(ckpt)
     with pytest.raises(ConfigError, match="not a directory"):
         load(tmp_path / "nowhere")
+
+
+def test_silu_spelled_either_way_loads(ckpt):
+    for act in ("silu", "swish"):
+        edit_config(ckpt, hidden_act=act)
+        assert LlamaConfig.from_dir(ckpt).hidden_act == act
+
+
+@pytest.mark.parametrize("weight_map", [[], {}, {"model.norm.weight": 1}, "model.safetensors"])
+def test_index_must_map_tensor_names_to_files(ckpt, weight_map):
+    (ckpt / "model.safetensors").unlink()
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(
+        CheckpointError, match="index.json: field weight_map must be a non-empty object"
+    ):
+        load(ckpt)
 
 
 TENSOR_FAULTS = [
