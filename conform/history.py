@@ -71,7 +71,8 @@ def machine_facts(gpu: str | None = None) -> dict[str, str]:
 
 def register(machine: str, facts: dict[str, str]) -> None:
     args = [f"--{k}={v}" for k, v in facts.items() if k != "gpu"]
-    _asv("machine", "--yes", f"--machine={machine}", *args)
+    if _asv("machine", "--yes", f"--machine={machine}", *args):
+        raise SystemExit(f"conform history: asv machine failed for {machine!r} (see above)")
     if "gpu" in facts:  # asv's CLI has no flag for extra facts; its file keeps them
         path = Path.home() / ".asv-machine.json"
         doc = json.loads(path.read_text())
