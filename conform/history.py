@@ -73,11 +73,12 @@ def register(machine: str, facts: dict[str, str]) -> None:
     args = [f"--{k}={v}" for k, v in facts.items() if k != "gpu"]
     if _asv("machine", "--yes", f"--machine={machine}", *args):
         raise SystemExit(f"conform history: asv machine failed for {machine!r} (see above)")
-    if "gpu" in facts:  # asv's CLI has no flag for extra facts; its file keeps them
-        path = Path.home() / ".asv-machine.json"
-        doc = json.loads(path.read_text())
-        doc[machine]["gpu"] = facts["gpu"]
-        path.write_text(json.dumps(doc, indent=4))
+    # The entry is written here in full: asv's CLI has no flag for extra facts (gpu),
+    # and on the lent GPU machine `asv machine --yes` kept only the name (2026-11-27).
+    path = Path.home() / ".asv-machine.json"
+    doc = json.loads(path.read_text())
+    doc[machine] = {"machine": machine, **facts}
+    path.write_text(json.dumps(doc, indent=4))
 
 
 def _asv(*args: str, config: Path | None = None) -> int:
