@@ -25,14 +25,17 @@ pytestmark = pytest.mark.skipif(
     shutil.which("git") is None or not (REPO_ROOT / ".git").exists(),
     reason="needs the project's git history (a clone, not an export)",
 )
-# Commits that change only these paths need no benchmark point of their own: the
-# results of commit N are committed after it, so the last commits are always these.
-NO_POINT_NEEDED = re.compile(r"^(results/|docs/|[^/]*\.md$|\.gitignore$)")
+# A commit needs a point when it changes what asv installs or runs: the package, the
+# benchmarks, their inputs, the build. One that changes only tests, tools, docs or
+# results (the results of commit N are committed after it) measures the same code.
+NEEDS_POINT = re.compile(
+    r"^((impl|kernels|conform|reference|benchmarks|checkpoints)/|pyproject\.toml$|asv\.conf\.json$)"
+)
 
 
 def readme_benchmarks(readme: str) -> list[str]:
-    """Benchmark name patterns of the README's table (rows starting with | `bench...`)."""
-    return re.findall(r"^\| `(bench[^`]+)`", readme, flags=re.M)
+    """Benchmark name patterns of the README's table (rows starting with | `bench_x.`)."""
+    return re.findall(r"^\| `(bench_\w+\.[^`]+)`", readme, flags=re.M)
 
 
 def published(tmp_path: Path, results: Path) -> dict[str, int]:
@@ -122,7 +125,7 @@ def cpu_points() -> dict[str, str]:
 
 def gaps(points: dict[str, str]) -> list[str]:
     """Commits of main's first-parent line, from the oldest with a point to HEAD, that
-    have none although they change more than results and docs."""
+    have none although they change what asv installs or runs (NEEDS_POINT)."""
     line = _git("rev-list", "--first-parent", "--reverse", "HEAD").split()
     measured = [i for i, c in enumerate(line) if c in points]
     if not measured:
@@ -132,7 +135,7 @@ def gaps(points: dict[str, str]) -> list[str]:
         if commit in points:
             continue
         files = _git("show", "--format=", "--name-only", commit).split()
-        if any(not NO_POINT_NEEDED.match(f) for f in files):
+        if any(NEEDS_POINT.match(f) for f in files):
             missing.append(commit[:8])
     return missing
 
