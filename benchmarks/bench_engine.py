@@ -202,6 +202,36 @@ class TinyLlamaTrack(_Track):
     rounds = 1
 
 
+class TinyLlamaGenerate:
+    """Greedy generation as a user runs it (``Engine.generate``, the engine's own loop:
+    impl's pipelined compiled ``generate``, mlx-lm's ``generate_step``): 256 tokens
+    after a 16-token prompt, in tokens/s, after one untimed run (traces, kernels).
+    GPU only: on 2 CPU cores one run of the TinyLlama shape takes minutes."""
+
+    version = "1"
+    params = (common.ENGINES, ["float16"])
+    param_names = ["engine", "dtype"]
+    preset = "tinyllama"
+    new_tokens = 256
+    timeout = 600
+    rounds = 1
+
+    def setup(self, name, dtype):
+        if mx.default_device() == mx.cpu:
+            raise NotImplementedError("TinyLlama generation is GPU-only (see the docstring)")
+        with skipped_if_not_applicable(name):
+            self.engine = common.engine(name, self.preset, dtype)
+        self.prompt = common.tokens(16, common.vocab_size(self.preset))
+        self.engine.generate(self.prompt, self.new_tokens)
+
+    def track_generate_tokens_per_s(self, name, dtype):
+        t0 = time.perf_counter()
+        n = len(self.engine.generate(self.prompt, self.new_tokens))
+        return n / (time.perf_counter() - t0)
+
+    track_generate_tokens_per_s.unit = "tokens/s"
+
+
 # The regression gate's quick subset (conform gate, regex ^bench_engine\.Gate): impl
 # only, whatever CONFORM_ENGINE says, since the gate guards this project's engine;
 # float32 prefill of 128 tokens and decode at contexts 16 and 512, small preset.

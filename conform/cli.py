@@ -9,6 +9,9 @@ from pathlib import Path
 from conform import DEFAULT_MODEL
 from conform.engines import DTYPES, known_engines
 
+MODEL_HELP = "HF checkpoint directory, GGUF file, or a model name (smollm2-135m)"
+CORPUS_HELP = "a corpus name (gpl-3.0) or a UTF-8 text file"
+
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
@@ -25,7 +28,8 @@ def format_report(r: dict) -> str:
     blocks = f"  block_size={r['block_size']}" if r["block_size"] is not None else ""
     lines = [
         f"conform validate  {r['model_dir']}  dtype={r['dtype']}{blocks}",
-        f"engine     {r['engine']['name']} ({r['engine']['version']})",
+        f"engine     {r['engine']['name']} ({r['engine']['version']})"
+        + (f", weights {r['engine']['weights']}" if r["engine"].get("weights") else ""),
         f"machine    {r['machine']}",
         f"model      {m['layers']} layers, hidden {m['hidden_size']}, {m['q_heads']} q heads / "
         f"{m['kv_heads']} kv heads (GQA {m['gqa_ratio']}:1), head_dim {m['head_dim']}, "
@@ -102,6 +106,55 @@ def _token_list(text: str) -> list[int]:
     return ids
 
 
+def resolve_model_arg(parser: argparse.ArgumentParser, spec: str) -> Path:
+    """--model through conform.models.resolve_model; an unknown one is a usage error
+    (exit 2), like any other bad flag."""
+    from conform.models import ModelNotFound, resolve_model
+
+    try:
+        return resolve_model(spec)
+    except ModelNotFound as e:
+        parser.error(f"--model {e}")
+
+
+def add_kld_parsers(sub) -> dict[str, argparse.ArgumentParser]:
+    """``conform reference`` and ``conform kld`` (docs/kld.md; run by conform.kld_cli)."""
+    r = sub.add_parser(
+        "reference",
+        help="store the HF reference's top-k log-probs over a corpus (goldens)",
+        description="Run the HF float32 reference over consecutive windows of a corpus and "
+        "write its top-k log-probs per position (a goldens file) for conform kld.",
+    )
+    r.add_argument("--model", required=True, help=MODEL_HELP)
+    r.add_argument("--corpus", default="gpl-3.0", help=CORPUS_HELP + " (default gpl-3.0)")
+    r.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    r.add_argument("--top-k", type=int, default=32, help="log-probs kept per position (default 32)")
+    r.add_argument("--max-windows", type=int, help="stop after N windows (reported)")
+    r.add_argument(
+        "--out",
+        type=Path,
+        help="goldens file (default reports/goldens-<model>-<corpus>-ctx<ctx>.npz, git-ignored)",
+    )
+    k = sub.add_parser(
+        "kld",
+        help="judge an engine over a corpus against stored reference log-probs",
+        description="Perplexity, KL(reference || engine), top-1 agreement and RMS dp of an "
+        "engine over the windows of a goldens file made by conform reference.",
+    )
+    k.add_argument("--engine", required=True, help="engine judged: " + ", ".join(known_engines()))
+    k.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    k.add_argument("--model", required=True, help=MODEL_HELP)
+    k.add_argument("--goldens", type=Path, required=True, help="made by conform reference")
+    k.add_argument(
+        "--corpus",
+        help=CORPUS_HELP + ", checked against the goldens' sha256 (default: the goldens' own "
+        "corpus, where it is found)",
+    )
+    k.add_argument("--chunk-size", type=int, help="prefill chunk (default: a window at once)")
+    k.add_argument("--out-dir", type=Path, help="where the JSON goes (default reports/)")
+    return {"reference": r, "kld": k}
+
+
 PASSTHROUGH = {
     "make-checkpoint": "write a random-weight checkpoint",
     "gate": "fail if HEAD is slower than a baseline (asv)",
@@ -139,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate greedily through an engine's KV cache; check parity with the "
         "HF float32 reference, the token accounting and the KV bytes; time every step.",
     )
-    v.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF checkpoint directory")
+    v.add_argument("--model", default=str(DEFAULT_MODEL), help=MODEL_HELP)
     src = v.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="text (needs tokenizer.json in --model)")
     src.add_argument("--tokens", type=_token_list, help="token ids, e.g. '1,450,4996'")
@@ -170,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out-dir", type=Path, help="where the JSON goes (default reports/, git-ignored)"
     )
 
+    commands = {"validate": v, **add_kld_parsers(sub)}
+
     # Commands with parsers of their own; listed here so --help shows them.
     for name, text in PASSTHROUGH.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -178,13 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         return _passthrough(argv[0], argv[1:])
     args = parser.parse_args(argv)
+    model = resolve_model_arg(commands[args.command], args.model)
+    if args.command == "reference":
+        from conform.kld_cli import run_reference
+
+        return run_reference(args, model)
+    if args.command == "kld":
+        from conform.kld_cli import run_kld
+
+        return run_kld(args, model)
 
     from conform.engines import NotApplicable
     from conform.validate import Options, run
     from conform.validate_io import check_out_dir, write_json
 
     opts = Options(
-        model=args.model,
+        model=model,
         dtype=args.dtype,
         prompt=args.prompt,
         tokens=args.tokens,

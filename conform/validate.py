@@ -28,6 +28,7 @@ from conform.validate_io import (
     run_digest,
 )
 from impl.config import LlamaConfig
+from impl.loader import read_config
 
 if TYPE_CHECKING:
     pass
@@ -127,7 +128,7 @@ def cache_report(cfg: LlamaConfig, cache: EngineCache, dtype: str, prompt: int, 
 def run(opts: Options) -> dict:
     from reference.hf import Reference  # torch is slow to import; only when validating
 
-    cfg = LlamaConfig.from_dir(opts.model)
+    cfg = read_config(opts.model)
     tokenizer = load_tokenizer(opts.model)
     prompt, prompt_desc = encode_prompt(opts.model, tokenizer, cfg, opts)
     check_vocab(prompt, cfg.vocab_size)
@@ -155,7 +156,7 @@ def run(opts: Options) -> dict:
         "dtype": opts.dtype,
         "max_new_tokens": opts.max_new_tokens,
         "digest": run_digest(opts.model, prompt, opts.max_new_tokens),
-        "engine": {"name": engine.name, "version": engine.version()},
+        "engine": {"name": engine.name, "version": engine.version(), "weights": engine.weights()},
         "known_issue": engine.known_issue(opts.model),
         "block_size": c.get("block_size"),
         "machine": machine(),
@@ -177,7 +178,8 @@ def run(opts: Options) -> dict:
         "timing": timing_summary(gen.prefill_ms, gen.decode_ms),
         "cache": c,
         "parity": {
-            "reference": "HF transformers LlamaForCausalLM, float32, eager attention, torch CPU",
+            "reference": "HF transformers LlamaForCausalLM, float32, eager attention, torch CPU"
+            + (", on the de-quantized weights" if ref.quantized else ""),
             **diff.as_dict(),
             "nmse_limit": NMSE_LIMIT[opts.dtype],
             "greedy_reference_ids": ref_tokens,

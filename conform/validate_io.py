@@ -12,8 +12,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -28,8 +29,13 @@ DEFAULT_PROMPT = "The quick brown fox"
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None without tokenizer.json. Read before the run,
-    so a broken file is refused up front rather than after the run, with no report."""
+    """The checkpoint's tokenizer, or None without tokenizer.json (or, for a GGUF file,
+    without tokenizer metadata). Read before the run, so a broken file is refused up
+    front rather than after the run, with no report."""
+    if model_dir.suffix == ".gguf":
+        from reference.tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(model_dir)
     tok_file = model_dir / "tokenizer.json"
     if not tok_file.is_file():
         return None
@@ -53,7 +59,8 @@ def encode_prompt(
     if tokenizer is None:
         what = f"the default prompt {text!r}" if opts.prompt is None else "--prompt"
         raise ValueError(
-            f"{model_dir} has no tokenizer.json, so {what} cannot be encoded; pass --tokens IDS"
+            f"{model_dir} has no tokenizer (tokenizer.json, or tokenizer metadata in a GGUF "
+            f"file), so {what} cannot be encoded; pass --tokens IDS"
         )
     ids = tokenizer.encode(text).ids
     if cfg.bos_token_id is not None and ids[:1] != [cfg.bos_token_id]:
@@ -138,21 +145,25 @@ def report_name(report: dict) -> str:
     return f"validate-{model}-{report['dtype']}{bs}-{engine}-{report['digest']}.json"
 
 
-def write_json(report: dict, out_dir: Path) -> Path:
-    """Write the report as strict JSON (no NaN or Infinity) to out_dir/report_name.
+def write_json(report: dict, out_dir: Path, name: str | None = None) -> Path:
+    """Write the report as strict JSON (no NaN or Infinity) to out_dir/name (default
+    ``report_name(report)``), whole or not at all (``write_atomic``)."""
+    path = out_dir / (name or report_name(report))
+    data = (json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n").encode()
+    write_atomic(path, lambda f: f.write(data))
+    return path
 
-    Through a temporary file and os.replace: a crash or a full disk leaves the old
-    file or the new one, never half of one.
-    """
-    path = out_dir / report_name(report)
-    text = json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n"
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into a temporary file, then os.replace: a crash or a full disk
+    leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        with tmp.open("wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def strict_json(x: Any) -> Any:

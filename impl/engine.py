@@ -4,8 +4,10 @@
 token to each of several sequences at once, whatever their lengths. Both check
 their input completely before the cache is touched, so a rejected call changes
 nothing; ``generate`` checks the whole run (context and blocks) before its first
-step. Every call ends in ``mx.eval``: MLX is lazy, and a timing that does not
-force the work measures nothing.
+step. ``prefill`` and ``decode`` end in ``mx.eval``: MLX is lazy, and a timing that
+does not force the work measures nothing. ``generate`` instead pipelines its decode
+steps (``decode_lazy``): each step is queued with ``mx.async_eval`` before the host
+waits for the token before it, so building one graph overlaps running the last.
 """
 
 from __future__ import annotations
@@ -82,11 +84,7 @@ def prefill(
     logits = []
     for chunk in chunks:
         plan = cache.plan([seq], chunk.size)
-        tok = mx.array(chunk)[None]
-        if compiled and trace is None:
-            out = CompiledSteps.of(model)(tok, cache, plan)
-        else:
-            out = _forward(model, tok, cache, plan, trace)  # (1, t, vocab)
+        out = _step(model, mx.array(chunk)[None], cache, plan, trace, compiled)  # (1, t, vocab)
         logits.append(out[0])
     return logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0)
 
@@ -111,28 +109,72 @@ def decode(
         raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
     if ids.size != len(seqs):
         raise InputError(f"decode: {len(seqs)} sequences but {ids.size} tokens")
+    plan = _plan_decode(model, cache, seqs)
+    return _step(model, mx.array(ids)[:, None], cache, plan, trace, compiled)[:, 0]
+
+
+def decode_lazy(
+    model: Model,
+    cache: PagedKVCache,
+    seqs: Sequence[Hashable],
+    tokens: mx.array,
+    compiled: bool = False,
+) -> mx.array:
+    """``decode`` without the ``mx.eval``: logits (B, vocab), unevaluated.
+
+    ``tokens`` is a (B,) integer mx.array, typically a sampler's output not yet
+    computed, so the next step's graph can be built (and queued with
+    ``mx.async_eval``) while the previous one still runs. Its values are not
+    checked, since reading them would wait for that step: ids made by a sampler
+    over the vocabulary are in range by construction. Everything the host knows
+    without them is checked as in ``decode`` (the cache's shape, context room,
+    free blocks) before the cache changes; the new pools are installed lazily.
+    """
+    if not isinstance(tokens, mx.array):
+        raise TypeError(f"decode_lazy: tokens must be an mx.array, got {type(tokens).__name__}")
+    if tokens.ndim != 1 or not mx.issubdtype(tokens.dtype, mx.integer):
+        raise InputError(
+            f"decode_lazy: tokens must be a 1-D integer mx.array, got {tokens.shape} {tokens.dtype}"
+        )
+    if isinstance(seqs, str | bytes):
+        raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
+    if tokens.size != len(seqs):
+        raise InputError(f"decode_lazy: {len(seqs)} sequences but {tokens.size} tokens")
+    plan = _plan_decode(model, cache, seqs)
+    # int32 like decode's ids, so both share one compiled trace per shape.
+    tok = tokens.astype(mx.int32)[:, None]
+    return _step(model, tok, cache, plan, None, compiled, lazy=True)[:, 0]
+
+
+def _plan_decode(model: Model, cache: PagedKVCache, seqs: Sequence[Hashable]) -> StepPlan:
+    """The host-side checks of a decode step, then its plan (which reserves the room)."""
     model.check_cache(cache)
     for s in seqs:
         _check_room(model, cache, s, 1)
-    plan = cache.plan(list(seqs), 1)
-    tok = mx.array(ids)[:, None]
-    if compiled and trace is None:
-        out = CompiledSteps.of(model)(tok, cache, plan)
-    else:
-        out = _forward(model, tok, cache, plan, trace)  # (B, 1, vocab)
-    return out[:, 0]
+    return cache.plan(list(seqs), 1)
 
 
-def _forward(
+def _step(
     model: Model,
     tokens: mx.array,
     cache: PagedKVCache,
     plan: StepPlan,
     trace: dict[str, list[mx.array]] | None,
+    compiled: bool,
+    lazy: bool = False,
 ) -> mx.array:
+    """One forward step, logits (B, T, vocab); the cache's new pools installed.
+
+    Evaluated unless ``lazy``. A ``trace`` needs the Python forward, so it runs
+    eagerly even when ``compiled`` is asked for.
+    """
+    if compiled and trace is None:
+        steps = CompiledSteps.of(model)
+        return steps.lazy(tokens, cache, plan) if lazy else steps(tokens, cache, plan)
     step: dict[str, mx.array] | None = {} if trace is not None else None
     out = model(tokens, cache, plan, step)
-    mx.eval(out, cache.k, cache.v, step)
+    if not lazy:
+        mx.eval(out, cache.k, cache.v, step)
     if trace is not None:
         for name, value in step.items():
             trace.setdefault(name, []).append(value)
@@ -156,20 +198,49 @@ class StepPools:
 StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
 
 
+def bucket_width(width: int) -> int:
+    """The block-table width a compiled step is traced for: the next power of two.
+
+    MLX traces a compiled graph again for every new input shape, and a sequence's
+    table grows by one block every ``block_size`` tokens; padding to powers of two
+    makes a run of n blocks trace about log2(n) graphs instead of n.
+    """
+    return 1 << max(width - 1, 0).bit_length()
+
+
+def pad_block_tables(block_tables: mx.array) -> mx.array:
+    """``block_tables`` (B, W) widened to ``bucket_width(W)`` with block 0.
+
+    The pad must name a real block, so a gather through it stays inside the pool;
+    it is never read as context: the decode kernel stops at ``context_lens`` and the
+    ops twin zeroes and masks every slot at or past it, so whatever block 0 holds
+    (another sequence's keys, a NaN) cannot reach the output.
+    """
+    batch, width = block_tables.shape
+    pad = bucket_width(width) - width
+    if pad == 0:
+        return block_tables
+    return mx.concatenate([block_tables, mx.zeros((batch, pad), dtype=block_tables.dtype)], axis=1)
+
+
 class CompiledSteps:
     """A model's forward over explicit arrays, ``mx.compile``d once per
     ``StepPlan.fresh`` (a Python flag, so it selects a graph rather than feeding one).
 
     MLX traces a graph again for each new set of input shapes (a batch size, a chunk
     length, a block table width), keeps every trace, and replays them without
-    running Python. The model's arrays (weights, RoPE frequencies) are implicit
-    inputs, so loading new weights reaches the compiled graph. Held by the model
+    running Python. Block tables are padded to width buckets (``pad_block_tables``)
+    so a growing context retraces only at powers of two. ``traces`` counts the
+    traces: it is incremented inside the traced function, which runs only when MLX
+    traces. The model's arrays (weights, RoPE frequencies) are implicit inputs, so
+    loading new weights reaches the compiled graph. Held by the model
     (``Model.compiled_steps``), so its traces live as long as the model does.
     """
 
     def __init__(self, model: Model) -> None:
         self.model = model
         self.graphs: dict[bool, StepGraph] = {}
+        self.traces = 0
 
     @classmethod
     def of(cls, model: Model) -> CompiledSteps:
@@ -184,6 +255,7 @@ class CompiledSteps:
             model = self.model
 
             def forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools):
+                self.traces += 1  # Python here runs only while MLX traces
                 pools = StepPools(list(k_pools), list(v_pools))
                 plan = StepPlan(positions, slots, block_tables, context_lens, fresh)
                 return model(tokens, pools, plan), pools.k, pools.v
@@ -192,14 +264,26 @@ class CompiledSteps:
         return self.graphs[fresh]
 
     def __call__(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
-        """One step through the compiled graph; installs the new pools in ``cache``."""
+        """One step through the compiled graph, evaluated; installs the new pools."""
+        out = self.lazy(tokens, cache, plan)
+        mx.eval(out, cache.k, cache.v)
+        return out
+
+    def lazy(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
+        """``__call__`` without the ``mx.eval``: the logits and the pools it installs
+        are unevaluated, for the caller to queue (``mx.async_eval``) or chain."""
         p = plan
         out, k_pools, v_pools = self.graph(plan.fresh)(
-            tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
+            tokens,
+            p.positions,
+            p.slots,
+            pad_block_tables(p.block_tables),
+            p.context_lens,
+            cache.k,
+            cache.v,
         )
         for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
             cache.update_layer(layer, k_pool, v_pool)
-        mx.eval(out, cache.k, cache.v)
         return out
 
 
@@ -211,31 +295,60 @@ def to_numpy(logits: mx.array) -> np.ndarray:
 @dataclass
 class Sampler:
     """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p)
-    sampling from a numpy generator seeded once, so a seed fixes the whole run."""
+    sampling. It runs on the device: logits in, token ids out as an mx.array, so
+    ``generate`` can feed a token to the next step before the host has read it.
+
+    Randomness is MLX's, from a key made of ``seed`` and split once per call, so a
+    seed fixes the whole run; a pipelined run asks for its keys in the same order
+    as an unpipelined one, so both draw the same tokens.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    _rng: np.random.Generator = field(init=False, repr=False)
+    _key: mx.array = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise InputError(
                 f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
             )
-        self._rng = np.random.default_rng(self.seed)
+        self._key = mx.random.key(self.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def __call__(self, logits: mx.array) -> mx.array:
+        """One token id per row of ``logits`` (..., vocab): int32, shape (...)."""
+        return self.sample(logits)
+
+    def sample(self, logits: mx.array, num_samples: int | None = None) -> mx.array:
+        """Token ids from ``logits`` (..., vocab), int32: shape (...), or with
+        ``num_samples`` (..., num_samples) independent draws from one distribution
+        in one call (the suites check nucleus frequencies this way). Uses one key.
+        """
         if self.temperature == 0:
-            return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.temperature
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        order = np.argsort(-p, kind="stable")
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
-        q = p[keep] / p[keep].sum()
-        return int(keep[self._rng.choice(keep.size, p=q)])
+            best = mx.argmax(logits, axis=-1).astype(mx.int32)
+            if num_samples is None:
+                return best
+            return mx.broadcast_to(best[..., None], (*best.shape, num_samples))
+        z = logits.astype(mx.float32) / self.temperature
+        key = self._next_key()
+        if self.top_p >= 1:
+            picks = mx.random.categorical(z, num_samples=num_samples, key=key)
+            return picks.astype(mx.int32)
+        # Nucleus, in most-likely-first order: a token is kept while the mass of the
+        # tokens before it is still short of top_p, which keeps the smallest prefix
+        # whose mass reaches top_p (the first token always). categorical normalises
+        # what is left, which is the renormalisation.
+        order = mx.argsort(-z, axis=-1)
+        z_sorted = mx.take_along_axis(z, order, axis=-1)
+        before = mx.cumsum(mx.softmax(z_sorted, axis=-1), axis=-1, inclusive=False)
+        z_kept = mx.where(before < self.top_p, z_sorted, -mx.inf)
+        picks = mx.random.categorical(z_kept, num_samples=num_samples or 1, key=key)
+        ids = mx.take_along_axis(order, picks.astype(mx.int32), axis=-1).astype(mx.int32)
+        return ids if num_samples is not None else ids[..., 0]
+
+    def _next_key(self) -> mx.array:
+        self._key, key = mx.random.split(self._key)
+        return key
 
 
 @dataclass
@@ -243,7 +356,9 @@ class Generation:
     prompt: list[int]
     tokens: list[int]  # generated, EOS included when it stopped the run
     prefill_ms: float
-    decode_ms: list[float]  # one entry per decode step: len(tokens) - 1 of them
+    # One entry per decode step, len(tokens) - 1 of them: host time from one token
+    # being available to the next (pipelined, so not the step's own run time).
+    decode_ms: list[float]
     stop_reason: str  # "eos" or "max_new_tokens"
     # (len(prompt) + len(tokens) - 1, vocab) float32: the logits after every fed token
     # (all prompt positions, then each decode step); only with keep_logits=True.
@@ -261,14 +376,23 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     block_size: int = 16,
     keep_logits: bool = False,
-    compiled: bool = False,
+    compiled: bool = True,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``.
 
     The last generated token is returned but never fed back, so the cache ends
     with ``len(prompt) + len(tokens) - 1`` tokens (see ``impl.paged_cache``).
     Without a ``cache``, one sized for prompt + max_new_tokens is made.
-    ``compiled`` is passed to every ``decode`` step.
+
+    Pipelined: the sampler runs on the device (``Sampler``), and each decode step
+    is built from the previous step's token before the host has read it, then
+    queued with ``mx.async_eval`` (``decode_lazy``); only then does the host wait
+    for that previous token. So the host sees EOS one step late, after the step
+    that feeds it is queued: that step is rolled back (``cache.trim``), keeping
+    the rule above exact. No step is queued past ``max_new_tokens``. ``compiled``
+    (the default) runs each decode step as a compiled graph (``CompiledSteps``);
+    with False the steps are built op by op, so code patched into the model
+    reaches them. The prefill is never compiled: a prompt's length rarely repeats.
 
     All-or-nothing: before the first step, the whole run must fit what ``seq``
     already holds, both in the context and in the pool,
@@ -313,21 +437,41 @@ def generate(
 
     t0 = time.perf_counter()
     logits = prefill(model, cache, seq, ids)
-    out = [sampler(to_numpy(logits[-1]))]
-    prefill_ms = (time.perf_counter() - t0) * 1e3
     kept = [logits]
-    decode_ms: list[float] = []
-    while len(out) < max_new_tokens and out[-1] not in eos:
-        t0 = time.perf_counter()
-        logits = decode(model, cache, [seq], [out[-1]], compiled=compiled)
-        out.append(sampler(to_numpy(logits[0])))
-        decode_ms.append((time.perf_counter() - t0) * 1e3)
-        if keep_logits:
-            kept.append(logits)
+    token = sampler(logits[-1:])  # (1,) on the device, not yet read
+    mx.async_eval(token)
+    sampled = 1  # tokens sampled so far, read or not
+    out: list[int] = []
+    prefill_ms, decode_ms = 0.0, []
+    while True:
+        queued = None
+        if sampled < max_new_tokens:
+            step = decode_lazy(model, cache, [seq], token, compiled=compiled)
+            queued = sampler(step)
+            mx.async_eval(queued, cache.k, cache.v, step if keep_logits else None)
+            sampled += 1
+            if keep_logits:
+                kept.append(step)
+        out.append(token.item())  # waits for the token, not for the step just queued
+        now = time.perf_counter()
+        if len(out) == 1:
+            prefill_ms = (now - t0) * 1e3
+        else:
+            decode_ms.append((now - t0) * 1e3)
+        t0 = now
+        if out[-1] in eos:
+            if queued is not None:  # that step fed the EOS token: undo it
+                cache.trim(seq, 1)
+                if keep_logits:
+                    kept.pop()
+            break
+        if queued is None:
+            break
+        token = queued
     reason = "eos" if out[-1] in eos else "max_new_tokens"
     all_logits = to_numpy(mx.concatenate(kept, axis=0)) if keep_logits else None
     return Generation(ids.tolist(), out, prefill_ms, decode_ms, reason, all_logits)
 
 
 def _param_dtype(model: Model) -> mx.Dtype:
-    return model.model.embed_tokens.weight.dtype
+    return model.dtype

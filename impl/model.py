@@ -5,6 +5,12 @@ parameter names are HF's, so a checkpoint loads without renaming and a parity
 failure names the same tensor on both sides. Attention, the cache write and each
 residual add with the RMSNorm after it go through ``kernels``, so custom kernels
 replace them without touching this file.
+
+After the weights are loaded, ``Model.fuse_projections`` (called by
+``impl.loader.build``) joins each layer's q/k/v projections into one ``qkv_proj`` and
+gate/up into one ``gate_up_proj``: one matmul where there were three or two, fewer
+launches per layer in a launch-bound batch-1 decode step. The trace names and the
+checkpoint's names are unchanged.
 """
 
 from __future__ import annotations
@@ -55,6 +61,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias)
 
+    def fuse(self) -> bool:
+        """Replace q_proj, k_proj, v_proj by one ``qkv_proj``; False (and nothing
+        changed) where they cannot share a matmul (``fuse_linears``)."""
+        return _fuse(self, "qkv_proj", ["q_proj", "k_proj", "v_proj"])
+
+    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v of ``x``, each (..., heads * head_dim): one matmul when fused."""
+        if "qkv_proj" not in self:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qkv = self.qkv_proj(x)
+        q_end = self.n_heads * self.head_dim
+        k_end = q_end + self.n_kv_heads * self.head_dim
+        return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+
     def __call__(
         self,
         x: mx.array,
@@ -64,9 +84,10 @@ class Attention(nn.Module):
         rope: kernels.RopeStep,
     ) -> mx.array:
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k, k_pool, v_pool = kernels.rope_and_cache_write(
             q, k, v, rope, cache.k[layer], cache.v[layer]
         )
@@ -92,8 +113,63 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, f, bias=bias)
         self.down_proj = nn.Linear(f, h, bias=bias)
 
+    def fuse(self) -> bool:
+        """Replace gate_proj and up_proj by one ``gate_up_proj`` (see ``Attention.fuse``)."""
+        return _fuse(self, "gate_up_proj", ["gate_proj", "up_proj"])
+
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self:
+            gate_up = self.gate_up_proj(x)
+            f = gate_up.shape[-1] // 2
+            gate, up = gate_up[..., :f], gate_up[..., f:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Linear | nn.QuantizedLinear | None:
+    """One layer computing ``parts`` (Linear layers reading the same input) at once:
+    its output is theirs concatenated along the last axis, in order.
+
+    Every parameter (``weight``, ``bias``; for ``QuantizedLinear`` also ``scales`` and
+    ``biases``) holds one row per output feature, so the fused parameters are the
+    parts' rows stacked. For quantized layers that is exact only when they share
+    bits, group_size and mode (a packed row is quantized along the input alone).
+    None where the parts differ in type, quantization or having a bias: they stay
+    separate matmuls.
+    """
+    first = parts[0]
+    kind = type(first)
+    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(p) is not kind for p in parts):
+        return None
+    names = sorted(first.parameters())
+    if any(sorted(p.parameters()) != names for p in parts):  # a bias on some only
+        return None
+    out_dims = sum(p.weight.shape[0] for p in parts)
+    in_dims = first.weight.shape[1]
+    if kind is nn.QuantizedLinear:
+        quant = {k: getattr(first, k) for k in ("group_size", "bits", "mode")}
+        if any({k: getattr(p, k) for k in quant} != quant for p in parts):
+            return None
+        in_dims = in_dims * 32 // first.bits
+        fused = nn.QuantizedLinear(in_dims, out_dims, "bias" in first, **quant)
+    else:
+        fused = nn.Linear(in_dims, out_dims, bias="bias" in first)
+    # The constructor's random placeholders are lazy: replaced here, never computed.
+    fused.update({n: mx.concatenate([p[n] for p in parts], axis=0) for n in names})
+    return fused
+
+
+def _fuse(module: nn.Module, fused_name: str, names: list[str]) -> bool:
+    if fused_name in module:
+        return True
+    fused = fuse_linears([module[n] for n in names])
+    if fused is None:
+        return False
+    for n in names:
+        del module[n]
+    setattr(module, fused_name, fused)
+    return True
 
 
 class DecoderLayer(nn.Module):
@@ -151,6 +227,8 @@ class Model(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
+        # How the weights are stored, for reports (impl.loader.build sets it).
+        self.weights_format = "unloaded"
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -160,6 +238,25 @@ class Model(nn.Module):
         # impl.engine.CompiledSteps). Not a dict: nn.Module files a dict attribute
         # among its children, where it would join the parameter tree.
         self.compiled_steps: CompiledSteps | None = None
+
+    def fuse_projections(self) -> list[str]:
+        """Fuse every layer's q/k/v and gate/up projections (``Attention.fuse``,
+        ``MLP.fuse``) after the weights are loaded; returns the modules left unfused
+        (e.g. ``model.layers.0.self_attn`` when its projections are quantized to
+        different bits). Idempotent. Drops compiled steps traced before the fusion.
+        """
+        unfused = []
+        for i, layer in enumerate(self.model.layers):
+            for name in ("self_attn", "mlp"):
+                if not layer[name].fuse():
+                    unfused.append(f"model.layers.{i}.{name}")
+        self.compiled_steps = None
+        return unfused
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activation dtype: the norms' weights are floats even in a quantized model."""
+        return self.model.norm.weight.dtype
 
     def check_cache(self, cache: KVPools) -> None:
         """CacheMismatchError unless ``cache`` has one K and one V pool per layer, all

@@ -27,15 +27,92 @@ class ReferenceRun:
     values: list[np.ndarray]  # per layer (n_kv_heads, T, head_dim)
 
 
+def unpack_affine(
+    packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """float32 weights of MLX's affine quantization: each uint32 holds 32 // bits values,
+    lowest bits first; w = q * scale + bias per group of ``group_size`` along a row.
+    Written here from the format, not taken from MLX, so the reference does not share
+    the engine's de-quantization code."""
+    if 32 % bits:
+        raise NotImplementedError(
+            f"the reference de-quantizes 2-, 4- and 8-bit weights, not {bits}"
+        )
+    words = packed.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (rows, cols * bits / 32)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    q = ((words[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2).to(torch.float32)
+    rows, cols = q.shape
+    q = q.view(rows, cols // group_size, group_size)
+    w = q * scales.float()[..., None] + biases.float()[..., None]
+    return w.view(rows, cols)
+
+
+def dequantized_state_dict(model_dir: Path, quantization: dict) -> dict[str, torch.Tensor]:
+    """An mlx-lm-format checkpoint's tensors with every quantized module de-quantized."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        module = name.removesuffix(".weight")
+        if f"{module}.scales" in tensors:
+            q = (
+                quantization.get(module)
+                if isinstance(quantization.get(module), dict)
+                else quantization
+            )
+            t = unpack_affine(
+                t,
+                tensors[f"{module}.scales"],
+                tensors[f"{module}.biases"],
+                q["bits"],
+                q["group_size"],
+            )
+        out[name] = t.float()
+    return out
+
+
+def load_hf_model(path: Path, dtype: torch.dtype) -> LlamaForCausalLM:
+    """HF's model of a checkpoint directory or GGUF file. A GGUF file goes through
+    transformers' own GGUF loader (gguf-py de-quantizes it); an mlx-lm-quantized
+    directory is de-quantized by ``unpack_affine``. Quantized models are references
+    only on their de-quantized weights, in float32."""
+    if path.suffix == ".gguf":
+        return LlamaForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="eager"
+        )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    quantization = getattr(config, "quantization", None)
+    if not quantization:
+        return LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config)
+    state = dequantized_state_dict(path, quantization)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - allowed or unexpected:
+        raise ValueError(f"{path}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.to(dtype)
+
+
 class Reference:
     """A loaded HF model; ``run`` and ``greedy`` take plain lists of token ids."""
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         self.model_dir = Path(model_dir)
-        self.model = LlamaForCausalLM.from_pretrained(
-            self.model_dir, dtype=dtype, attn_implementation="eager"
-        )
+        self.model = load_hf_model(self.model_dir, dtype)
         self.model.eval()
+        # Judged on de-quantized weights: a GGUF file or an mlx-lm-quantized directory.
+        self.quantized = self.model_dir.suffix == ".gguf" or bool(
+            getattr(self.model.config, "quantization", None)
+        )
         self.config = self.model.config
 
     @torch.inference_mode()

@@ -40,6 +40,7 @@ ENGINE_SUITES = {
     "test_cache_accounting.py",
     "test_memory_math.py",
     "test_tinyllama_slow.py",
+    "test_quantized.py",
 }
 IMPL_ONLY_FILES = {
     "test_kernels.py": "tests impl's attention kernels (kernels/), not an engine",
@@ -55,6 +56,10 @@ IMPL_ONLY_FILES = {
     "test_bad_input.py": "tests the conform command's input checks, which run impl",
     "test_all_or_nothing.py": "tests impl's paged cache and engine under refused calls",
     "test_fused_kernels.py": "tests impl's fused kernels (kernels/), not an engine",
+    "test_kld.py": "tests the corpus metrics and goldens files (the harness); runs impl",
+    "test_host_bench.py": "times impl's host-side step work (paged cache, decode, graph)",
+    "test_generate.py": "tests impl.engine.generate's pipelining, sampler and compiled buckets",
+    "test_fused_linear.py": "tests impl's fused q/k/v and gate/up projections against unfused",
 }
 # The checkpoint a file's checkpoint tests share: its parameter that names one, if any,
 # else the file's shape (tests on trained_dir alone use "trained"). Only scheduling
@@ -69,6 +74,10 @@ FILE_CHECKPOINT = {
     "test_all_or_nothing.py": "tiny-gqa8",
     "test_loader.py": "tiny-gqa4",
     "test_rope_base.py": "tiny-rope-500k",
+    "test_quantized.py": "trained",
+    "test_host_bench.py": "trained",  # the graph-building cases load checkpoints/tiny-gqa
+    "test_generate.py": "trained",
+    "test_fused_linear.py": "trained",
 }
 # Session fixtures that write or load a checkpoint, a model or the reference; each
 # xdist worker is its own session, so each would repeat the work.
@@ -86,8 +95,8 @@ def pytest_addoption(parser) -> None:
     parser.addoption(
         "--engine",
         default="impl",
-        help="engine under test: impl, impl-compiled, mlx-lm, hf, an entry point of group "
-        "conform.engines, or module:Class (default: impl)",
+        help="engine under test: impl, impl-compiled, impl-dequantized, mlx-lm, hf, an entry "
+        "point of group conform.engines, or module:Class (default: impl)",
     )
     parser.addoption(
         "--report",

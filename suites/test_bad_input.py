@@ -80,13 +80,14 @@ VALIDATE_CASES = [
     (
         "default-prompt-without-tokenizer",
         ["--model", "{random}"],
-        "has no tokenizer.json, so the default prompt 'The quick brown fox' cannot be "
-        "encoded; pass --tokens IDS",
+        "in a GGUF file), so the default prompt 'The quick brown fox' cannot be encoded; "
+        "pass --tokens IDS",
     ),
     (
         "prompt-without-tokenizer",
         ["--model", "{random}", "--prompt", "hello"],
-        "has no tokenizer.json, so --prompt cannot be encoded; pass --tokens IDS",
+        "has no tokenizer (tokenizer.json, or tokenizer metadata in a GGUF file), so "
+        "--prompt cannot be encoded; pass --tokens IDS",
     ),
     ("empty-prompt", ["--prompt", ""], "--prompt is empty"),
     ("empty-tokens", ["--tokens", " "], "argument --tokens: wants at least one token id"),

@@ -20,6 +20,8 @@ from conform.metrics import compare_logits
 from conform.validate_io import write_json
 from reference.checkpoints import write_random_checkpoint
 
+KNOWN = "impl, impl-compiled, impl-dequantized, mlx-lm, hf"
+
 
 def test_validate_on_the_default_model_passes_and_writes_json(tmp_path, capsys):
     assert (
@@ -65,7 +67,7 @@ def test_validate_another_engine_and_compare_a_third(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--engine", "nope"], "unknown engine 'nope'; known: impl, impl-compiled, mlx-lm, hf"),
+        (["--engine", "nope"], f"unknown engine 'nope'; known: {KNOWN}"),
         (["--compare", "nope"], "unknown engine 'nope'"),
         (["--engine", "hf", "--dtype", "float16"], "the HF reference runs in float32 only"),
     ],

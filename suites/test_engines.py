@@ -29,7 +29,7 @@ from conform.validate import kv_bytes
 from impl.config import LlamaConfig
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
-BUILTIN = ["impl", "impl-compiled", "mlx-lm", "hf"]
+BUILTIN = ["impl", "impl-compiled", "impl-dequantized", "mlx-lm", "hf"]
 SHAPE = "tiny-gqa8"
 IDS = list(range(3, 24))  # 21 tokens: a partial second block at impl's 16
 
@@ -57,7 +57,7 @@ def user_module(tmp_path, monkeypatch) -> str:
 def test_builtin_names_resolve():
     assert resolve("impl") is ImplEngine
     assert resolve("impl-compiled") is ImplCompiledEngine
-    assert known_engines()[:4] == BUILTIN
+    assert known_engines()[:5] == BUILTIN
 
 
 def test_unknown_name_lists_the_known_ones():
@@ -113,7 +113,8 @@ def test_pytest_refuses_an_unknown_engine():
         text=True,
     )
     assert out.returncode == pytest.ExitCode.USAGE_ERROR
-    assert "unknown engine 'nope'; known: impl, impl-compiled, mlx-lm, hf" in out.stderr
+    known = ", ".join(BUILTIN)
+    assert f"unknown engine 'nope'; known: {known}" in out.stderr
 
 
 # -- the interface's methods with defaults, on every built-in engine ----------------
@@ -163,6 +164,21 @@ def test_trim_rolls_back_a_decode(builtin, name):
     check_trim_rolls_back(engine, cache, 0, IDS)
     assert cache.trim(0, 1000) == len(IDS) + 1  # no more than it holds
     assert cache.tokens(0) == 0
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_generate_is_greedy(name, trained_dir):
+    """The engine's own loop (timed by the GPU bench) gives greedy's tokens, EOS
+    included: on the trained model, where greedy is stable."""
+    if name == "mlx-lm":
+        pytest.importorskip("mlx_lm", reason="needs the peers extra")
+    engine = resolve(name).load(trained_dir, "float32")
+    prompt = [1, 5, 9, 30]
+    full = engine.greedy(prompt, 12).tokens
+    assert engine.generate(prompt, 12) == full
+    eos = full[5]
+    stop = full.index(eos) + 1
+    assert engine.generate(prompt, 12, eos_token_ids=[eos]) == full[:stop]
 
 
 class _TrimReportsButKeeps(ImplCache):

@@ -1,18 +1,21 @@
-"""GPU timing of engines side by side on the TinyLlama-1.1B shape, float16.
+"""GPU timing of engines side by side on the TinyLlama-1.1B shape, float16, or on any
+checkpoint (``--model``: a directory, a GGUF file or a named real model; ``--quantize
+BITS``: an mlx-lm-format copy of the TinyLlama shape, group 32, made by mlx-lm).
 
 Meant for the lent NVIDIA machine with MLX's CUDA backend (see tools/gpu_run.sh);
 it also runs, slowly, on the CPU backend. Every engine is reached through
 conform.engines (names as ``resolve`` takes them). Prints a table and writes JSON:
 
   python tools/gpu_bench.py --engine impl --engine mlx-lm --out results/gpu-bench.json
+  python tools/gpu_bench.py --model smollm2-135m --quick --out reports/smollm2.json
 
 Every figure is the median of timed repetitions after warm-up, each ending in an
 evaluated step (``Engine.run_prefill`` / ``run_decode``). The engines compared at one
 point are timed interleaved (a, b, c, a, ...), so drift in clocks or host load hits
 them alike: separate runs of the same mlx-lm step differed by up to 2x on one
 machine. Ratios are to the last engine named. The weights-read floor is the
-checkpoint's float16 weight bytes divided by the read bandwidth of a large device
-copy measured in the same run.
+checkpoint's weight bytes (as stored, quantized or not) divided by the read
+bandwidth of a large device copy measured in the same run.
 """
 
 from __future__ import annotations
@@ -28,14 +31,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import mlx.core as mx
+from conform import blas
 
-from benchmarks import common
-from conform.engines import Engine
+blas.load()  # before MLX is imported: MLX binds its BLAS then (conform/blas.py)
+
+import mlx.core as mx  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from conform.engines import Engine, resolve  # noqa: E402
+from conform.models import resolve_model  # noqa: E402
+from impl.loader import read_config  # noqa: E402
 
 DTYPE = "float16"
 CONTEXTS = [16, 512, 2048]
 BATCHES = [8, 32]
+GENERATE_TOKENS = 256  # after a 16-token prompt
 DEFAULT_ENGINES = ["impl", "impl-compiled", "mlx-lm"]
 Step = Callable[[], None]
 
@@ -69,13 +79,26 @@ def copy_gbps() -> float:
 
 def weight_bytes(model_dir: Path) -> int:
     """Tensor bytes of a safetensors checkpoint: the file less its JSON header, whose
-    length is the file's first 8 bytes (little-endian u64)."""
+    length is the file's first 8 bytes (little-endian u64). A GGUF file: its size."""
+    if model_dir.suffix == ".gguf":
+        return model_dir.stat().st_size
     total = 0
     for f in model_dir.glob("*.safetensors"):
         with f.open("rb") as fh:
             (header,) = struct.unpack("<Q", fh.read(8))
         total += f.stat().st_size - 8 - header
     return total
+
+
+def quantized_copy(src: Path, bits: int) -> Path:
+    """An mlx-lm-format copy of ``src`` quantized by mlx-lm (affine, group 32), made
+    once beside it; every engine then loads the same quantized weights."""
+    from conform.engines.mlx_lm_engine import quantize_checkpoint
+
+    out = src.with_name(f"{src.name}-mlx{bits}bit-g32")
+    if not (out / "config.json").is_file():
+        quantize_checkpoint(src, out, bits=bits, group_size=32)
+    return out
 
 
 def decode_step(engine: Engine, contexts: list[int], spare_sequences: int = 0) -> Step:
@@ -108,6 +131,12 @@ def prefill_step(engine: Engine, n: int, vocab: int) -> Step:
         cache.release(0)
 
     return step
+
+
+def generate_step(engine: Engine, vocab: int, new_tokens: int = GENERATE_TOKENS) -> Step:
+    """One greedy generation through the engine's own loop (``Engine.generate``)."""
+    prompt = common.tokens(16, vocab)
+    return lambda: engine.generate(prompt, new_tokens)
 
 
 def profile(name: str, step: Step, steps: int = 20) -> None:
@@ -148,6 +177,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/gpu-bench.json"))
     p.add_argument("--preset", choices=list(common.PRESETS), default="tinyllama")
+    p.add_argument("--model", help="a checkpoint directory, GGUF file or named model instead")
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="time an mlx-lm-format copy of the preset, quantized to BITS, group 32",
+    )
+    p.add_argument("--dtype", default=DTYPE, help=f"activation dtype (default {DTYPE})")
+    p.add_argument("--quick", action="store_true", help="decode b=1 and prefill only; no profile")
     p.add_argument(
         "--engine",
         action="append",
@@ -157,40 +195,62 @@ def main() -> int:
     )
     args = p.parse_args()
     names = args.engine or DEFAULT_ENGINES
-    engines = [common.engine(n, args.preset, DTYPE) for n in names]
-    vocab = common.vocab_size(args.preset)
-    wbytes = weight_bytes(common.checkpoint(args.preset))
+    if args.model:
+        path = resolve_model(args.model)
+    elif args.quantize:
+        path = quantized_copy(common.checkpoint(args.preset), args.quantize)
+    else:
+        path = common.checkpoint(args.preset)
+    engines = [resolve(n).load(path, args.dtype) for n in names]
+    cfg = read_config(path)
+    vocab = cfg.vocab_size
+    wbytes = weight_bytes(path)
     gbps = copy_gbps()
     floor_ms = wbytes / (gbps * 1e9) * 1e3
     # (point, one value per engine): ms, or tokens/s for the batched rows.
     rows: list[tuple[str, list[float]]] = []
-    for c in CONTEXTS:
-        rows.append(
-            (f"decode b=1 ctx={c} ms", interleaved_ms([decode_step(e, [c]) for e in engines]))
-        )
+    print(f"loaded {', '.join(names)} on {path.name}", flush=True)
+
+    def add(row: tuple[str, list[float]]) -> None:
+        rows.append(row)
+        print(f"  {row[0]}: {', '.join(f'{v:.3f}' for v in row[1])}", flush=True)
+
+    for c in [c for c in CONTEXTS if c <= cfg.max_position_embeddings]:
+        add((f"decode b=1 ctx={c} ms", interleaved_ms([decode_step(e, [c]) for e in engines])))
     prefills = [prefill_step(e, 512, vocab) for e in engines]
-    rows.append(("prefill 512 ms", interleaved_ms(prefills, reps=15)))
-    for b in BATCHES:
+    add(("prefill 512 ms", interleaved_ms(prefills, reps=15)))
+    gens = interleaved_ms([generate_step(e, vocab) for e in engines], warmup=1, reps=5)
+    add(
+        (
+            f"generate {GENERATE_TOKENS} after 16 tokens/s",
+            [GENERATE_TOKENS / (m / 1e3) for m in gens],
+        )
+    )
+    for b in [] if args.quick else BATCHES:
         ms = interleaved_ms([decode_step(e, mixed_contexts(b)) for e in engines])
-        rows.append((f"decode b={b} mixed tokens/s", [b / (m / 1e3) for m in ms]))
+        add((f"decode b={b} mixed tokens/s", [b / (m / 1e3) for m in ms]))
     # Room for 256 more sequences of 512 tokens (impl: +8192 blocks of 16) must not
     # show in the step time: the cache write is in place.
-    big = interleaved_ms([decode_step(e, [512], spare_sequences=256) for e in engines])
-    rows.append(("decode b=1 ctx=512 ms, cache for 257 sequences", big))
+    if not args.quick:
+        big = interleaved_ms([decode_step(e, [512], spare_sequences=256) for e in engines])
+        add(("decode b=1 ctx=512 ms, cache for 257 sequences", big))
     device = f"{mx.default_device()} {platform.node()}"
     print(
-        f"device {device}; weights {wbytes / 1e9:.2f} GB; copy {gbps:.0f} GB/s;"
-        f" weights-read floor {floor_ms:.3f} ms"
+        f"device {device}; model {path.name} ({engines[0].weights()}), {args.dtype}; weights "
+        f"{wbytes / 1e9:.3f} GB; copy {gbps:.0f} GB/s; weights-read floor {floor_ms:.3f} ms"
     )
     print_table(names, rows, floor_ms)
-    profile(names[0], decode_step(engines[0], [512]))
+    if not args.quick:
+        profile(names[0], decode_step(engines[0], [512]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "device": device,
                 "mlx": mx.__version__,
-                "dtype": DTYPE,
+                "model": str(path),
+                "weights": {n: e.weights() for n, e in zip(names, engines)},
+                "dtype": args.dtype,
                 "engines": {n: e.version() for n, e in zip(names, engines)},
                 "weight_bytes": wbytes,
                 "copy_gbps": gbps,

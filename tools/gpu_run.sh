@@ -11,6 +11,10 @@
 #   suites        pytest suites/ (all but the grids) with every kernel active
 #   kernel-bench  decode kernel vs its ops twin (tools/gpu_kernels_check.py --skip-tests)
 #   model-bench   TinyLlama shape, float16, engines interleaved vs the floor (tools/gpu_bench.py)
+#   profile       per-kernel time of a decode step under ncu, impl-compiled vs mlx-lm
+#                 (tools/gpu_profile.py)
+#   quantized     SmolLM2-135M GGUF Q4_1 (if installed) and a 4-bit TinyLlama shape,
+#                 engines interleaved (tools/gpu_bench.py --model / --quantize 4 --quick)
 #   asv           the TinyLlama asv benchmarks for this commit (conform history --gpu;
 #                 needs a git checkout)
 # Logs and JSON go to $OUT (default reports/gpu, git-ignored).
@@ -45,6 +49,11 @@ for step in $STEPS; do
         --ignore=suites/test_fused_kernels.py ;;
     kernel-bench) run kernel-bench python3 tools/gpu_kernels_check.py --skip-tests ;;
     model-bench) run model-bench python3 tools/gpu_bench.py --out "$OUT/gpu-bench.json" ;;
+    profile) run profile python3 tools/gpu_profile.py --out "$OUT/profile.json" ;;
+    quantized)
+      run smollm2 python3 tools/gpu_bench.py --model smollm2-135m --quick --out "$OUT/smollm2.json"
+      run tinyllama-4bit python3 tools/gpu_bench.py --quantize 4 --quick \
+        --out "$OUT/tinyllama-4bit.json" ;;
     asv) run asv python3 -m conform history --gpu ;;
     *) echo "unknown step $step"; status=1 ;;
   esac

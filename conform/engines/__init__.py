@@ -1,16 +1,18 @@
 """The engine interface: what the suites and benchmarks need from an MLX inference engine.
 
-An engine loads a HuggingFace checkpoint directory in a dtype, feeds tokens through
+An engine loads a checkpoint (a HuggingFace directory, float or quantized in mlx-lm's
+format, or a GGUF file) in a dtype (the activation dtype of a quantized model), feeds tokens through
 its own KV cache and returns logits as float32 numpy. Its cache reports what it can
 about itself; a fact it cannot give raises ``NotApplicable`` with the reason, and
 the suites show that reason as a skip.
 
 Built in: ``impl`` (this project's paged engine), ``impl-compiled`` (the same with
-each step one ``mx.compile``d graph), ``mlx-lm``, and ``hf`` (the HF transformers
-reference on torch CPU, float32). Any other engine is named by an entry point in the
-group ``conform.engines`` or by ``module:Class``; see the README's "Engines" section
-for a complete example. This module is the one door: the suites, ``conform
-validate``, the asv benchmarks and tools/gpu_bench.py reach every engine through
+each step one ``mx.compile``d graph), ``impl-dequantized`` (quantized weights turned
+into floats at load: the CPU's fast path for corpus runs), ``mlx-lm``, and ``hf``
+(the HF transformers reference on torch CPU, float32). Any other engine is named by
+an entry point in the group ``conform.engines`` or by ``module:Class``; see the
+README's "Engines" section for a complete example. This module is the one door: the
+suites, ``conform validate``, the asv benchmarks and tools/gpu_bench.py reach every engine through
 ``resolve``.
 
 Methods with a default (``decode_batch``, ``fill``, ``run_prefill``, ``run_decode``,
@@ -42,6 +44,7 @@ ENTRY_POINT_GROUP = "conform.engines"
 BUILTIN = {
     "impl": "conform.engines.impl_engine:ImplEngine",
     "impl-compiled": "conform.engines.impl_engine:ImplCompiledEngine",
+    "impl-dequantized": "conform.engines.impl_engine:ImplDequantizedEngine",
     "mlx-lm": "conform.engines.mlx_lm_engine:MlxLmEngine",
     "hf": "conform.engines.hf_engine:HfEngine",
 }
@@ -164,6 +167,11 @@ class Engine(ABC):
     ) -> np.ndarray:
         """Feed one token to ``seq``; logits (vocab,)."""
 
+    def weights(self) -> str | None:
+        """How the loaded weights are stored and run (e.g. "GGUF Q4_1 x210, Q8_0 x1,
+        F32 x61"), for reports; None when the engine does not say."""
+        return None
+
     def known_issue(self, model_dir: Path) -> str | None:
         """Why this engine version is known to get ``model_dir`` wrong, or None.
 
@@ -230,6 +238,14 @@ class Engine(ABC):
             tokens.append(int(np.argmax(rows[-1])))
             decode_ms.append((time.perf_counter() - t0) * 1e3)
         return Greedy(tokens, np.stack(rows), prefill_ms, decode_ms, prompt_rows)
+
+    def generate(
+        self, prompt: Sequence[int], max_new_tokens: int, *, eos_token_ids: Collection[int] = ()
+    ) -> list[int]:
+        """Greedy tokens through the engine's own generation loop, as its users call it
+        (no logits kept, nothing checked): what a tokens/s figure should time. The
+        default is ``greedy``; an engine with a faster loop of its own overrides it."""
+        return self.greedy(prompt, max_new_tokens, eos_token_ids=eos_token_ids).tokens
 
 
 def chunks(tokens: Sequence[int], chunk_size: int | None) -> list[list[int]]:

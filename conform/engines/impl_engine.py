@@ -2,8 +2,11 @@
 that stores only the K/V heads, with block accounting.
 
 ``impl-compiled`` is the same engine with ``compiled=True`` on every step (each
-step one ``mx.compile``d graph; see ``impl.engine.decode``), so the suites and
-benchmarks take it as one more engine name.
+step one ``mx.compile``d graph; see ``impl.engine.decode``), and ``impl-dequantized``
+the same with quantized weights turned into floats at load, so the suites and
+benchmarks take them as more engine names. ``greedy`` is ``impl.engine.generate``,
+pipelined and compiled on every engine here (``greedy_compiled``); prefill and
+decode stay eager on ``impl``, so faults the suites patch into impl reach them.
 """
 
 from __future__ import annotations
@@ -61,14 +64,19 @@ class ImplCache(EngineCache):
 
 class ImplEngine(Engine):
     name = "impl"
-    compiled = False  # passed to every impl.engine step
+    compiled = False  # passed to every impl.engine prefill and decode step
+    # generate's ``compiled`` in ``greedy``. A compiled graph keeps the code it traced,
+    # so a test that patches a fault into impl and judges it through greedy sets this
+    # False (no suite does today: theirs go through prefill and decode).
+    greedy_compiled = True
+    dequantize = False  # passed to impl.loader.load
 
     def __init__(self, model: Model) -> None:
         self.model = model
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str) -> ImplEngine:
-        return cls(load(model_dir, check_dtype(dtype)))
+        return cls(load(model_dir, check_dtype(dtype), dequantize=cls.dequantize))
 
     @classmethod
     def version(cls) -> str:
@@ -79,7 +87,10 @@ class ImplEngine(Engine):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.model.model.embed_tokens.weight.dtype
+        return self.model.dtype
+
+    def weights(self) -> str:
+        return self.model.weights_format
 
     def new_cache(
         self, max_tokens: int, max_sequences: int = 1, block_size: int | None = None
@@ -144,7 +155,8 @@ class ImplEngine(Engine):
         *,
         eos_token_ids: Collection[int] = (),
     ) -> Greedy:
-        """Through impl.engine.generate, so its loop and timing are what gets checked."""
+        """Through impl.engine.generate (pipelined, on-device greedy), so its loop and
+        timing are what gets checked."""
         gen = impl_engine.generate(
             self.model,
             prompt,
@@ -153,12 +165,21 @@ class ImplEngine(Engine):
             seq=seq,
             eos_token_ids=list(eos_token_ids),
             keep_logits=True,
-            compiled=self.compiled,
+            compiled=self.greedy_compiled,
         )
         p = len(prompt)
         return Greedy(
             gen.tokens, gen.logits[p - 1 :], gen.prefill_ms, gen.decode_ms, gen.logits[:p]
         )
+
+    def generate(
+        self, prompt: Sequence[int], max_new_tokens: int, *, eos_token_ids: Collection[int] = ()
+    ) -> list[int]:
+        """impl.engine.generate as a user calls it: pipelined, compiled, no logits kept."""
+        gen = impl_engine.generate(
+            self.model, prompt, max_new_tokens, eos_token_ids=list(eos_token_ids)
+        )
+        return gen.tokens
 
 
 class ImplCompiledEngine(ImplEngine):
@@ -167,6 +188,15 @@ class ImplCompiledEngine(ImplEngine):
 
     name = "impl-compiled"
     compiled = True
+
+
+class ImplDequantizedEngine(ImplEngine):
+    """impl with quantized weights de-quantized to floats at load. MLX's CPU quantized
+    matmul is ~100x slower than its BLAS on 512 rows, so long corpus runs on the CPU
+    use this; reports name it, and the quantized path is judged by ``impl``."""
+
+    name = "impl-dequantized"
+    dequantize = True
 
 
 def _join(step: dict[str, list[mx.array]] | None, trace: Trace | None) -> None:

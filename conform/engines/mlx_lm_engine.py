@@ -15,7 +15,8 @@ sub-modules for the duration of one call; the model is left as it was.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Iterator, Sequence
+import tempfile
+from collections.abc import Collection, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm
 import numpy as np
+from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.utils import load_model
 
@@ -152,14 +154,47 @@ class MlxLmEngine(Engine):
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str) -> MlxLmEngine:
-        model, config = load_model(Path(model_dir))
-        model.set_dtype(getattr(mx, check_dtype(dtype)))
-        mx.eval(model.parameters())
+        """A checkpoint directory as mlx-lm loads it. mlx-lm reads no GGUF, so a GGUF
+        file is first written in mlx-lm's format by ``impl.export`` (the same un-permuted,
+        still quantized arrays impl runs) to a temporary directory."""
+        check_dtype(dtype)
+        path = Path(model_dir)
+        if path.suffix != ".gguf":
+            return cls._load_dir(path, dtype)
+        from impl.export import write_mlx_lm
+        from impl.loader import read_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="conform-mlx-lm-") as tmp:
+            return cls._load_dir(write_mlx_lm(read_checkpoint(path), Path(tmp)), dtype)
+
+    @classmethod
+    def _load_dir(cls, model_dir: Path, dtype: str) -> MlxLmEngine:
+        model, config = load_model(model_dir)
+        model.set_dtype(getattr(mx, dtype))  # floats only: packed weights stay uint32
+        mx.eval(model.parameters())  # before a temporary directory goes
         return cls(model, config)
 
     @classmethod
     def version(cls) -> str:
         return f"mlx-lm {mlx_lm.__version__}"
+
+    def generate(
+        self, prompt: Sequence[int], max_new_tokens: int, *, eos_token_ids: Collection[int] = ()
+    ) -> list[int]:
+        """mlx-lm's own loop (``generate_step``: device sampling, pipelined steps), greedy."""
+        out: list[int] = []
+        steps = generate_step(mx.array(list(prompt)), self.model, max_tokens=max_new_tokens)
+        for token, _ in steps:
+            out.append(int(token))
+            if out[-1] in eos_token_ids:
+                break
+        return out
+
+    def weights(self) -> str:
+        q = self.config.get("quantization")
+        if not q:
+            return "floats"
+        return f"affine {q.get('bits')}-bit, group {q.get('group_size')} (mlx-lm format)"
 
     def new_cache(
         self, max_tokens: int, max_sequences: int = 1, block_size: int | None = None
@@ -205,7 +240,7 @@ class MlxLmEngine(Engine):
         args = self.model.args
         head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
         shape = (1, args.num_key_value_heads, n, head_dim)  # (B, kv_heads, T, head_dim)
-        dtype = self.model.model.embed_tokens.weight.dtype
+        dtype = self.model.model.norm.weight.dtype  # floats even when quantized
         layers = cache.layers[cache._check(seq)]
         kv = mx.random.normal(shape, key=mx.random.key(0)).astype(dtype)
         for c in layers:
@@ -244,8 +279,8 @@ class MlxLmEngine(Engine):
     def known_issue(self, model_dir: Path) -> str | None:
         """mlx-lm's ModelArgs reads `rope_theta` / `rope_scaling` at the top level only."""
         version = mlx_lm.__version__
-        if version not in ROPE_PARAMETERS_IGNORED:
-            return None
+        if version not in ROPE_PARAMETERS_IGNORED or Path(model_dir).suffix == ".gguf":
+            return None  # a GGUF file reaches mlx-lm with rope_theta at the top level
         raw = json.loads((Path(model_dir) / "config.json").read_text())
         params = raw.get("rope_parameters") or {}
         theta = params.get("rope_theta", 10000.0)
@@ -309,3 +344,18 @@ def _recording(model, trace: Trace | None) -> Iterator[dict[str, mx.array]]:
         inner.layers[:] = layers
         for module, attr, _ in shadowed:
             del vars(module)[attr]
+
+
+def quantize_checkpoint(src: Path, out: Path, bits: int, group_size: int) -> Path:
+    """Write ``src`` (an HF float checkpoint directory) to ``out`` quantized in
+    mlx-lm's format by mlx-lm's own code (affine), so a quantized model a user of
+    mlx-lm would make can be judged and timed. The steps of ``mlx_lm.convert``
+    without its tokenizer, which a random-weight checkpoint does not have."""
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    model, config = load_model(Path(src))
+    model, config = quantize_model(model, config, group_size, bits)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model)
+    save_config(config, config_path=out / "config.json")
+    return out

@@ -1,0 +1,105 @@
+"""Write a HuggingFace Llama checkpoint as a GGUF file, the way llama.cpp's converter
+lays it out: its tensor names, Q and K rows reordered for its RoPE, quantized by
+gguf-py (not by MLX, so the engine's reader is tested against another writer).
+
+For the suites: small GGUF files of the committed checkpoints in Q4_0, Q4_1 and Q8_0,
+with the output projection tied to a quantized token embedding or not, plus damaged
+variants for the bad-input tests. Real GGUF models come from elsewhere (``conform
+validate --model smollm2-135m``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_PER_LAYER = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    _, _, layer, *module, _ = hf_name.split(".")  # model.layers.N.<module>.weight
+    return f"blk.{layer}.{_PER_LAYER['.'.join(module)]}.weight"
+
+
+def permute_heads(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's row order for Q/K: per head, HF's (half, pair) rows become
+    (pair, half), so adjacent rows hold the two halves of one rotated pair."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(
+    hf_dir: Path,
+    out: Path,
+    qtype: str = "Q4_0",
+    *,
+    embed_qtype: str | None = None,
+    tied: bool = False,
+    architecture: str = "llama",
+    permute: bool = True,
+) -> Path:
+    """Write ``hf_dir`` (config.json + model.safetensors, float) to the GGUF file ``out``.
+
+    Every 2-D weight is stored as ``qtype`` (the token embedding as ``embed_qtype``,
+    default the same); norms stay F32. ``tied`` drops ``output.weight``, so the model
+    reads its logits off the (quantized) token embedding. ``architecture`` and
+    ``permute=False`` exist to make files a correct reader must refuse or misread.
+    """
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(hf_dir / "model.safetensors")
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rope = cfg.get("rope_parameters") or {}
+    w = gguf.GGUFWriter(str(out), architecture)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    for name, arr in tensors.items():
+        if tied and name == "lm_head.weight":
+            continue
+        arr = arr.astype(np.float32)
+        if permute and ".q_proj." in name:
+            arr = permute_heads(arr, heads)
+        if permute and ".k_proj." in name:
+            arr = permute_heads(arr, kv_heads)
+        if arr.ndim == 1:
+            w.add_tensor(gguf_name(name), arr)
+            continue
+        kind = embed_qtype if name == "model.embed_tokens.weight" and embed_qtype else qtype
+        t = gguf.GGMLQuantizationType[kind]
+        w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -1,0 +1,191 @@
+"""Fused projections (issue 13): after load each layer runs q/k/v as one matmul
+(``qkv_proj``) and gate/up as one (``gate_up_proj``), 4 matmuls where there were 7.
+
+The fused model must compute what the unfused one does (``build(..., fuse=False)``,
+the same weights under HF's names): on the trained checkpoint in float32 and
+float16, on a quantized GGUF, with biases, and with per-module quantization that
+leaves a layer unfused. A planted fault (k and v concatenated in the wrong order)
+must fail that comparison. The launch count is read off the graph of one compiled
+decode step: ``mx.export_to_dot`` writes every unevaluated primitive behind the
+step's outputs, one node each (``graph_primitives``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import impl.model
+from impl.engine import CompiledSteps, decode, prefill, to_numpy
+from impl.loader import Checkpoint, build, read_checkpoint
+from impl.model import Model
+from impl.paged_cache import PagedKVCache
+from reference.gguf_writer import write_gguf
+from suites.tolerances import FP32_SAME_ENGINE_ATOL
+
+PROMPTS = {"a": [1, 264, 319, 322, 309, 336, 17], "b": [1, 42, 99]}
+DECODE = [[336, 319], [264, 7], [309, 400], [12, 13], [5, 6], [77, 88]]
+MATMULS = ("Matmul", "QuantizedMatmul")
+
+
+def run_logits(model: Model) -> np.ndarray:
+    """Eager prefills of two sequences, then batched compiled decode steps
+    (mixed lengths): every step's logits, float32, stacked in one array."""
+    cache = PagedKVCache(model.config, 8, 4, model.dtype)
+    out = []
+    for seq, prompt in PROMPTS.items():
+        cache.add_sequence(seq)
+        out.append(to_numpy(prefill(model, cache, seq, prompt)))
+    for tokens in DECODE:
+        out.append(to_numpy(decode(model, cache, list(PROMPTS), tokens, compiled=True)))
+    return np.concatenate(out)
+
+
+def assert_same_logits(fused: Model, unfused: Model) -> float:
+    a, b = run_logits(fused), run_logits(unfused)
+    diff = float(np.abs(a - b).max())
+    assert np.isfinite(a).all() and diff <= FP32_SAME_ENGINE_ATOL, f"max |fused - unfused| {diff}"
+    return diff
+
+
+def graph_primitives(*outputs: mx.array) -> Counter[str]:
+    """The primitives of the graph behind ``outputs`` (unevaluated), by name.
+
+    ``mx.export_to_dot`` writes one rectangle per primitive (arrays are the other
+    nodes); in a compiled graph fused elementwise ops appear as ``Compiled...``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "step.dot"
+        mx.export_to_dot(str(path), *outputs)
+        text = path.read_text()
+    return Counter(re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text))
+
+
+def decode_step_primitives(model: Model) -> Counter[str]:
+    """The primitives of one compiled batch-1 decode step (after a 5-token prefill)."""
+    cache = PagedKVCache(model.config, 4, 16, model.dtype)  # one block: no table padding
+    cache.add_sequence("s")
+    prefill(model, cache, "s", [1, 264, 319, 322, 309])
+    plan = cache.plan(["s"], 1)
+    logits = CompiledSteps.of(model).lazy(mx.array([[336]], dtype=mx.int32), cache, plan)
+    counts = graph_primitives(logits, *cache.k, *cache.v)
+    mx.eval(logits, cache.k, cache.v)
+    return counts
+
+
+def fused_and_unfused(ckpt: Checkpoint, dtype: str = "float32") -> tuple[Model, Model]:
+    return build(ckpt, dtype), build(ckpt, dtype, fuse=False)
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(trained_dir) -> Checkpoint:
+    return read_checkpoint(trained_dir)
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(trained_dir, tmp_path_factory) -> Checkpoint:
+    return read_checkpoint(write_gguf(trained_dir, tmp_path_factory.mktemp("q") / "q4.gguf"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_matches_unfused_trained(trained_ckpt, dtype):
+    fused, unfused = fused_and_unfused(trained_ckpt, dtype)
+    for layer in fused.model.layers:
+        assert set(layer.self_attn) >= {"qkv_proj", "o_proj"} and "q_proj" not in layer.self_attn
+        assert "gate_up_proj" in layer.mlp and "up_proj" not in layer.mlp
+        assert layer.self_attn.qkv_proj.weight.dtype == getattr(mx, dtype)
+    assert_same_logits(fused, unfused)
+
+
+def test_fused_matches_unfused_quantized_gguf(q4_gguf):
+    fused, unfused = fused_and_unfused(q4_gguf)
+    qkv = fused.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, nn.QuantizedLinear) and qkv.weight.dtype == mx.uint32
+    assert isinstance(fused.model.layers[0].mlp.gate_up_proj, nn.QuantizedLinear)
+    assert_same_logits(fused, unfused)
+
+
+def test_biases_are_fused(trained_ckpt):
+    """attention_bias / mlp_bias: the biases are concatenated like the weights."""
+    cfg = dataclasses.replace(trained_ckpt.config, attention_bias=True, mlp_bias=True)
+    rng = np.random.default_rng(0)
+    weights = dict(trained_ckpt.weights)
+    for name, (arr, where) in trained_ckpt.weights.items():
+        if name.endswith("_proj.weight"):
+            bias = rng.normal(0, 0.05, arr.shape[0]).astype(np.float32)
+            weights[name.removesuffix("weight") + "bias"] = (mx.array(bias), where)
+    ckpt = dataclasses.replace(trained_ckpt, config=cfg, weights=weights)
+    fused, unfused = fused_and_unfused(ckpt)
+    assert "bias" in fused.model.layers[0].self_attn.qkv_proj
+    assert "bias" in fused.model.layers[0].mlp.gate_up_proj
+    assert_same_logits(fused, unfused)
+
+
+def test_mixed_quantization_leaves_that_layer_unfused(trained_ckpt):
+    """mlx-lm may quantize modules differently; rows packed at other bits or group
+    sizes cannot share one quantized matmul, so that layer's group stays separate."""
+    odd = {
+        "model.layers.0.self_attn.v_proj": {"group_size": 32, "bits": 8},
+        "model.layers.2.mlp.up_proj": {"group_size": 64, "bits": 4},
+    }
+    weights, quant = dict(trained_ckpt.weights), {}
+    for name, (arr, where) in trained_ckpt.weights.items():
+        module = name.removesuffix(".weight")
+        if not module.endswith("_proj"):
+            continue
+        quant[module] = odd.get(module, {"group_size": 32, "bits": 4})
+        packed, scales, biases = mx.quantize(arr, **quant[module])
+        weights.update(
+            {
+                f"{module}.weight": (packed, where),
+                f"{module}.scales": (scales, where),
+                f"{module}.biases": (biases, where),
+            }
+        )
+    ckpt = dataclasses.replace(trained_ckpt, weights=weights, quantization=quant)
+    unfused = build(ckpt, fuse=False)
+    fused = build(ckpt, fuse=False)
+    assert fused.fuse_projections() == ["model.layers.0.self_attn", "model.layers.2.mlp"]
+    layers = fused.model.layers
+    assert "q_proj" in layers[0].self_attn and "qkv_proj" in layers[1].self_attn
+    assert "gate_proj" in layers[2].mlp and "gate_up_proj" in layers[0].mlp
+    assert isinstance(layers[1].self_attn.qkv_proj, nn.QuantizedLinear)
+    assert_same_logits(fused, unfused)
+
+
+def test_swapped_k_and_v_are_caught(trained_ckpt, monkeypatch):
+    """A planted fault: q, v, k concatenated (k and v have the same shape, so the
+    model runs); the fused-vs-unfused comparison must fail by far."""
+    real = impl.model.fuse_linears
+
+    def swapped(parts):
+        return real([parts[0], parts[2], parts[1]] if len(parts) == 3 else parts)
+
+    monkeypatch.setattr(impl.model, "fuse_linears", swapped)
+    fused, unfused = fused_and_unfused(trained_ckpt)
+    with pytest.raises(AssertionError, match="max"):
+        assert_same_logits(fused, unfused)
+    assert np.abs(run_logits(fused) - run_logits(unfused)).max() > 1000 * FP32_SAME_ENGINE_ATOL
+
+
+@pytest.mark.parametrize("kind", ["float32", "Q4_0"])
+def test_decode_step_has_three_fewer_matmuls_per_layer(kind, trained_ckpt, q4_gguf):
+    """7 -> 4 projection matmuls a layer, counted in the compiled decode step's graph
+    (the attention's own two matmuls and the output projection stay)."""
+    fused, unfused = fused_and_unfused(trained_ckpt if kind == "float32" else q4_gguf)
+    before, after = decode_step_primitives(unfused), decode_step_primitives(fused)
+    layers = fused.config.num_hidden_layers
+    matmuls = {name: (before[name], after[name]) for name in MATMULS}
+    assert sum(before[n] - after[n] for n in MATMULS) == 3 * layers, matmuls
+    # The split is slices (views): 3 for q/k/v and 2 for gate/up a layer, nothing else.
+    assert after["Slice"] - before["Slice"] == 5 * layers
+    ops = set(before) | set(after)
+    assert all(before[n] == after[n] for n in ops - {*MATMULS, "Slice", "Transpose", "Unflatten"})

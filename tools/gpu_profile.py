@@ -1,0 +1,151 @@
+"""Where a decode step's GPU time goes, per engine, under Nsight Compute (``ncu``).
+
+    python3 tools/gpu_profile.py --engine impl-compiled --engine mlx-lm [--context 512]
+
+For each engine: the wall time of one batch-1 decode step (measured without ncu),
+then, under ``ncu``, the kernels of ``--steps`` steps marked by an NVTX range:
+launches per step, the sum of kernel times per step against the wall time, and the
+largest kernels grouped by name. ncu flushes the caches before every kernel by
+default, so small kernels read long; compare engines within one run, not with the
+wall time alone. TinyLlama-1.1B shape, float16 (benchmarks/common.py's preset).
+
+Needs ``ncu`` on PATH and NVTX: torch's ``torch.cuda.nvtx`` where torch is
+installed, else ``libnvToolsExt``. ``--worker`` is the process ncu profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import io
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+RANGE = "conform-step"
+
+
+def nvtx() -> tuple:
+    """(push, pop) of an NVTX range; torch's where it imports, else libnvToolsExt."""
+    try:
+        import torch.cuda.nvtx as tnvtx
+
+        return tnvtx.range_push, tnvtx.range_pop
+    except ImportError:
+        lib = ctypes.CDLL("libnvToolsExt.so.1")
+        return (lambda name: lib.nvtxRangePushA(name.encode())), lib.nvtxRangePop
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Load the engine, warm up, print the median wall ms of a step as JSON; with
+    --mark, run --steps more steps inside the NVTX range for ncu."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import common  # loads the BLAS before MLX
+    from tools.gpu_bench import decode_step, median_ms
+
+    engine = common.engine(args.engine[0], "tinyllama", "float16")
+    step = decode_step(engine, [args.context])
+    ms = median_ms(step, warmup=5, reps=20)
+    if args.mark:
+        push, pop = nvtx()
+        for _ in range(args.steps):
+            push(RANGE)
+            step()
+            pop()
+    print(json.dumps({"engine": args.engine[0], "wall_ms": ms}))
+    return 0
+
+
+def kernels(csv_text: str) -> list[tuple[str, float]]:
+    """(kernel name, ns) per launch from ``ncu --csv`` output (its log lines skipped)."""
+    start = csv_text.find('"ID"')
+    if start < 0:
+        return []
+    rows = csv.DictReader(io.StringIO(csv_text[start:]))
+    out = []
+    for r in rows:
+        if r.get("Metric Name") == "gpu__time_duration.sum":
+            scale = {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(r["Metric Unit"], 1)
+            out.append((r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale))
+    return out
+
+
+def short(name: str, width: int = 70) -> str:
+    name = name.split("(")[0]
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def profile(engine: str, args: argparse.Namespace) -> dict:
+    me = [sys.executable, __file__, "--worker", "--engine", engine]
+    me += ["--context", str(args.context), "--steps", str(args.steps)]
+    plain = subprocess.run(me, capture_output=True, text=True, check=True)
+    wall = json.loads(plain.stdout.strip().splitlines()[-1])["wall_ms"]
+    ncu = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", "--nvtx"]
+    ncu += ["--nvtx-include", f"{RANGE}/"]
+    run = subprocess.run([*ncu, *me, "--mark"], capture_output=True, text=True)
+    launches = kernels(run.stdout)
+    if run.returncode or not launches:
+        tail = (run.stdout + run.stderr)[-2000:]
+        raise RuntimeError(f"ncu found no kernels for {engine} (exit {run.returncode}):\n{tail}")
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for name, ns in launches:
+        by_name[short(name)].append(ns)
+    per_step = args.steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]
+    return {
+        "engine": engine,
+        "wall_ms": wall,
+        "launches_per_step": len(launches) / per_step,
+        "kernel_ms_per_step": sum(ns for _, ns in launches) / per_step / 1e6,
+        "top": [
+            {
+                "kernel": name,
+                "launches_per_step": len(ns) / per_step,
+                "ms_per_step": sum(ns) / per_step / 1e6,
+                "median_us": statistics.median(ns) / 1e3,
+            }
+            for name, ns in top
+        ],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", action="append", default=None, help="repeatable")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="profiled steps per engine")
+    p.add_argument("--top", type=int, default=12, help="kernels listed per engine")
+    p.add_argument("--out", type=Path, help="JSON of the whole table")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mark", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.engine = args.engine or ["impl-compiled", "mlx-lm"]
+    if args.worker:
+        return worker(args)
+    results = []
+    for engine in args.engine:
+        t0 = time.perf_counter()
+        r = profile(engine, args)
+        results.append(r)
+        print(
+            f"{engine}: decode b=1 ctx={args.context}: wall {r['wall_ms']:.3f} ms; "
+            f"{r['launches_per_step']:.0f} launches, kernels {r['kernel_ms_per_step']:.3f} ms "
+            f"per step (ncu, caches flushed; {time.perf_counter() - t0:.0f} s)"
+        )
+        for k in r["top"]:
+            print(
+                f"  {k['ms_per_step']:7.3f} ms  {k['launches_per_step']:5.0f} x "
+                f"{k['median_us']:7.1f} us  {k['kernel']}"
+            )
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
