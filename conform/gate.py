@@ -166,11 +166,13 @@ def plant(edit: tuple[str, str, str] | None, message: str) -> str:
 
 
 # Decode runs the whole forward pass twice per token: the 2x slowdown to catch.
+# The anchor is decode()'s own plan line; suites/test_gate.py checks it is in the file.
 SLOW_DECODE = (
     "impl/engine.py",
-    "    plan = cache.plan(list(seqs), 1)\n",
-    "    plan = cache.plan(list(seqs), 1)\n"
-    "    mx.eval(model(mx.array(ids)[:, None], cache, plan))  # planted: decode twice\n",
+    "    plan = _plan_decode(model, cache, seqs)\n    return _step(model, mx.array(ids)",
+    "    plan = _plan_decode(model, cache, seqs)\n"
+    "    mx.eval(model(mx.array(ids)[:, None], cache, plan))  # planted: decode twice\n"
+    "    return _step(model, mx.array(ids)",
 )
 
 

@@ -84,3 +84,15 @@ def test_what_cannot_be_compared_is_an_error(tmp_path, head_values, reason):
         write_results(tmp_path, HEAD, head_values)
     with pytest.raises(gate.GateError, match=reason):
         gate.check_measured(tmp_path, {"base": BASE, "head": HEAD})
+
+
+def test_the_planted_slowdown_still_applies():
+    """``conform gate --prove`` plants a second forward pass into impl's decode by
+    editing one anchor in the source; a refactor that moves the anchor would make the
+    proof fail in CI instead of here. The planted file must still compile."""
+    path, old, new = gate.SLOW_DECODE
+    text = (gate.REPO_ROOT / path).read_text()
+    assert text.count(old) == 1, f"gate anchor {old!r} occurs {text.count(old)} times in {path}"
+    planted = text.replace(old, new, 1)
+    compile(planted, path, "exec")
+    assert "planted: decode twice" in planted.split("def decode(", 1)[1].split("\ndef ", 1)[0]
