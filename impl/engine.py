@@ -151,7 +151,8 @@ def _plan_decode(model: Model, cache: PagedKVCache, seqs: Sequence[Hashable]) ->
     model.check_cache(cache)
     for s in seqs:
         _check_room(model, cache, s, 1)
-    return cache.plan(list(seqs), 1)
+    # Tables padded on the host, to the width a compiled step is traced for.
+    return cache.plan(list(seqs), 1, table_width=bucket_width)
 
 
 def _step(
@@ -193,9 +194,18 @@ class StepPools:
         self.k[layer], self.v[layer] = k_pool, v_pool
 
 
-# forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools)
+# forward(tokens, positions, slots, blocks, offsets, block_tables, context_lens, k_pools,
+#         v_pools)
 #   -> (logits, k_pools, v_pools)
 StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
+
+
+def step_arrays(plan: StepPlan) -> list[mx.array]:
+    """The plan's arrays in ``StepPlan`` field order, block tables padded to their
+    width bucket: what a compiled step takes besides the tokens and pools."""
+    p = plan
+    tables = pad_block_tables(p.block_tables)
+    return [p.positions, p.slots, p.blocks, p.offsets, tables, p.context_lens]
 
 
 def bucket_width(width: int) -> int:
@@ -254,10 +264,11 @@ class CompiledSteps:
         if fresh not in self.graphs:
             model = self.model
 
-            def forward(tokens, positions, slots, block_tables, context_lens, k_pools, v_pools):
+            def forward(tokens, *fields_and_pools):
                 self.traces += 1  # Python here runs only while MLX traces
+                *fields, k_pools, v_pools = fields_and_pools
                 pools = StepPools(list(k_pools), list(v_pools))
-                plan = StepPlan(positions, slots, block_tables, context_lens, fresh)
+                plan = StepPlan(*fields, fresh=fresh)
                 return model(tokens, pools, plan), pools.k, pools.v
 
             self.graphs[fresh] = mx.compile(forward, inputs=model.state)
@@ -272,16 +283,7 @@ class CompiledSteps:
     def lazy(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
         """``__call__`` without the ``mx.eval``: the logits and the pools it installs
         are unevaluated, for the caller to queue (``mx.async_eval``) or chain."""
-        p = plan
-        out, k_pools, v_pools = self.graph(plan.fresh)(
-            tokens,
-            p.positions,
-            p.slots,
-            pad_block_tables(p.block_tables),
-            p.context_lens,
-            cache.k,
-            cache.v,
-        )
+        out, k_pools, v_pools = self.graph(plan.fresh)(tokens, *step_arrays(plan), cache.k, cache.v)
         for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
             cache.update_layer(layer, k_pool, v_pool)
         return out

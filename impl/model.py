@@ -308,7 +308,9 @@ class Model(nn.Module):
         # RoPE angles and pool rows of the new tokens: the same for every layer, so
         # computed once here. block_size from the pools: (num_blocks, block_size, ...).
         block_size = cache.k[0].shape[1]
-        rope = kernels.rope_step(plan.positions, self._inv_freq, plan.slots, block_size)
+        rope = kernels.rope_step(
+            plan.positions, self._inv_freq, plan.blocks, plan.offsets, block_size
+        )
         mlp = None  # the latest MLP output, added to h by the next norm
         for i, layer in enumerate(self.model.layers):
             h, mlp = layer(h, mlp, i, cache, plan, rope, trace)

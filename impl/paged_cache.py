@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -140,6 +140,8 @@ class StepPlan:
 
     positions: mx.array  # (B, T) int32, absolute position of each new token
     slots: mx.array  # (B * T,) int32, pool row = block * block_size + offset
+    blocks: mx.array  # (B * T,) int32, slots // block_size
+    offsets: mx.array  # (B * T,) int32, slots % block_size
     block_tables: mx.array  # (B, max_blocks) int32, padded with 0 past each table
     context_lens: mx.array  # (B,) int32, tokens cached after this step
     # Every sequence was empty before this step, so its new tokens are its whole
@@ -261,8 +263,17 @@ class PagedKVCache:
         self._tokens[child] = self._tokens[parent]
 
     # -- one forward step --------------------------------------------------------
-    def plan(self, seqs: Sequence[Hashable], num_new: int) -> StepPlan:
+    def plan(
+        self,
+        seqs: Sequence[Hashable],
+        num_new: int,
+        table_width: Callable[[int], int] | None = None,
+    ) -> StepPlan:
         """Reserve room for ``num_new`` tokens in each of ``seqs`` and count them cached.
+
+        The block tables are as wide as the longest table, or ``table_width`` of that
+        (a compiled step's width bucket), padded with block 0: the pad is never read
+        as context (see ``impl.engine.pad_block_tables``).
 
         All-or-nothing: the arguments, then the room (``block_needs``), are checked
         before any table, count or refcount changes; the blocks taken are exactly
@@ -283,17 +294,30 @@ class PagedKVCache:
         positions, slots = [], []
         for s in seqs:
             start, table = self._tokens[s], self._tables[s]
-            pos = list(range(start, start + num_new))
-            positions.append(pos)
+            pos = range(start, start + num_new)
+            positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             self._tokens[s] = start + num_new
         width = max(len(self._tables[s]) for s in seqs)
-        tables = [self._tables[s] + [0] * (width - len(self._tables[s])) for s in seqs]
+        if table_width is not None:
+            width = max(width, table_width(width))
+        tables = [b for s in seqs for b in self._tables[s] + [0] * (width - len(self._tables[s]))]
+        context_lens = [self._tokens[s] for s in seqs]
+        blocks = [s // bs for s in slots]
+        offsets = [s % bs for s in slots]
+        # One host array a step, the fields views of it: one host-to-device copy, and
+        # no array of 8 bytes or less (MLX's CUDA allocator puts those in a pool of
+        # managed memory, where a batch-1 step's scalars cost a page migration; ncu
+        # showed one tiny kernel at 107-167 us a step).
+        step = mx.array(positions + slots + blocks + offsets + context_lens + tables, mx.int32)
+        batch, n = len(seqs), len(positions)
         return StepPlan(
-            positions=mx.array(positions, dtype=mx.int32),
-            slots=mx.array(slots, dtype=mx.int32),
-            block_tables=mx.array(tables, dtype=mx.int32),
-            context_lens=mx.array([self._tokens[s] for s in seqs], dtype=mx.int32),
+            positions=step[:n].reshape(batch, num_new),
+            slots=step[n : 2 * n],
+            blocks=step[2 * n : 3 * n],
+            offsets=step[3 * n : 4 * n],
+            context_lens=step[4 * n : 4 * n + batch],
+            block_tables=step[4 * n + batch :].reshape(batch, width),
             fresh=fresh,
         )
 

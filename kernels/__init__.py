@@ -2,8 +2,11 @@
 
 One module per operation: ``add_rms_norm``, ``rope`` (RoPE of Q and K, then the
 paged cache write) and ``paged_attention`` (whose decode kernel's CUDA/Metal source
-is in ``paged_decode_source``). Each holds the custom kernel, built once at import,
-and an MLX-ops twin (the CPU path, and the oracle the kernel is checked against).
+is in ``paged_decode_source``, and which hands small chunks over a cache to
+``paged_prefill``). Each holds the custom kernel, built once at import, and an
+MLX-ops twin (the CPU path, and the oracle the kernel is checked against). A kernel
+is dispatched only where tools/gpu_kernels_check.py measured it faster than what it
+replaces.
 The model calls only the names exported here, so a Metal or CUDA kernel can replace
 an op without touching ``impl/``.
 

@@ -5,10 +5,11 @@
 whose CUDA/Metal source and algorithm are in ``kernels.paged_decode_source``); a
 step whose sequences were all empty (a prompt's first chunk) passes its own new
 keys and values (``own_kv``), which are the whole context, and runs MLX's fused
-causal attention on them without reading the pools; everything else (chunked
-prefill after the first chunk, other head sizes, the CPU backend) runs the ops
-twin (``paged_attention_ops``), which is also the oracle the kernel is tested
-against.
+causal attention on them without reading the pools; a small chunk over a cache
+(at most ``PREFILL_KERNEL_MAX_TOKENS`` query tokens in the batch) runs the paged
+prefill kernel (``kernels.paged_prefill``); everything else (long chunks after
+the first, other head sizes, the CPU backend) runs the ops twin
+(``paged_attention_ops``), which is also the oracle the kernels are tested against.
 
 Ops twin: gathers each sequence's blocks through its block table and calls MLX's
 fused attention with K/V at ``num_key_value_heads`` (never tiled to the query
@@ -23,17 +24,30 @@ import math
 
 import mlx.core as mx
 
+from kernels import paged_prefill
 from kernels.backend import WARP, Backend, active_backend
 from kernels.paged_decode_source import build_kernels
 
+# Launch shape, from the sweep in tools/gpu_kernels_check.py (H200, TinyLlama's
+# heads, each shape timed in a compiled chain of calls): 4 warps per group with
+# split-K as below was best or within 25% of the best at batch 1, 8 and 32 and
+# contexts 512 and 2048; one wide group per KV head (16 warps, no split) was up to
+# 2.3x slower on the GPU, though it saves the combine launch.
 N_WARPS = 4  # 128 threads per group: enough warps to overlap loads, small merge
+MAX_WARPS = 16  # 32 warps (1024 threads) ran out of registers on the H200
 # Split-K only when B * n_kv_heads groups would leave the GPU idle: aim for about
 # this many groups (an H100 has 132 SMs, an M-series GPU up to 80 cores) ...
 TARGET_GROUPS = 512
 # ... but keep at least this many tokens per partition, so each warp still has
-# several chunks to stream and the per-partition fixed cost stays small.
+# a chunk of 32 to stream and the per-partition fixed cost stays small.
 MIN_PARTITION_TOKENS = 128
 HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
+# The prefill kernel runs chunks of at most this many query tokens (batch x chunk)
+# over a cache; bigger chunks go to the ops twin, whose matmuls beat the kernel's
+# scalar arithmetic there. Measured (tools/gpu_kernels_check.py on an H200,
+# results/gpu/kernel-bench.txt): 4 x 64 tokens after 500 took 0.13 ms against the
+# twin's 0.23; 512 after 1000, 0.42 ms against 0.23.
+PREFILL_KERNEL_MAX_TOKENS = 256
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
 BACKEND: Backend = active_backend()
@@ -59,7 +73,12 @@ def num_partitions(batch: int, n_kv_heads: int, max_blocks: int, block_size: int
     return max(1, min(by_length, by_occupancy, max_blocks))
 
 
-def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int) -> dict:
+def launch_plan(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -> tuple[int, int]:
+    """(warps per thread group, context partitions) of a decode launch."""
+    return N_WARPS, num_partitions(batch, n_kv_heads, max_blocks, block_size)
+
+
+def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int, n_warps: int = N_WARPS) -> dict:
     """Template, grid and thread group of one launch (also used by the Metal check)."""
     batch, n_heads, _, head_dim = q.shape
     _, block_size, n_kv, _ = k_pool.shape
@@ -69,11 +88,11 @@ def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int) -> dict:
             ("HEAD_DIM", head_dim),
             ("GROUP_SIZE", n_heads // n_kv),
             ("KV_BLOCK", block_size),
-            ("N_WARPS", N_WARPS),
+            ("N_WARPS", n_warps),
         ],
         # In threads on both backends: exactly one group per (kv head, sequence x part).
-        "grid": (N_WARPS * WARP, n_kv, batch * n_parts),
-        "threadgroup": (N_WARPS * WARP, 1, 1),
+        "grid": (n_warps * WARP, n_kv, batch * n_parts),
+        "threadgroup": (n_warps * WARP, 1, 1),
     }
 
 
@@ -95,12 +114,14 @@ def paged_decode_attention(
     context_lens: mx.array,
     scale: float,
     n_parts: int | None = None,
+    n_warps: int | None = None,
 ) -> mx.array:
     """The custom kernel: attention of one query token per sequence over its cache.
 
     q: (B, n_heads, 1, D); the rest as for ``paged_attention_ops``. ``n_parts``, the
-    context partitions per (sequence, KV head), defaults to ``num_partitions``; any
-    count gives the same answer (the suites check it), only the speed differs.
+    context partitions per (sequence, KV head), and ``n_warps``, the warps per thread
+    group, default to ``launch_plan``'s; any counts give the same answer (the
+    suites check it), only the speed differs (``tools/gpu_kernels_check.py`` times them).
     """
     if _KERNELS is None:
         raise RuntimeError("paged_decode_attention needs a GPU backend (Metal or CUDA)")
@@ -108,8 +129,11 @@ def paged_decode_attention(
     if t != 1 or not supports(q, k_pool):
         raise ValueError(f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape}; see supports()")
     n_kv, max_blocks = k_pool.shape[2], block_tables.shape[1]
-    if n_parts is None:
-        n_parts = num_partitions(batch, n_kv, max_blocks, k_pool.shape[1])
+    plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, k_pool.shape[1])
+    n_parts = plan_parts if n_parts is None else n_parts
+    n_warps = plan_warps if n_warps is None else n_warps
+    if not 1 <= n_warps <= MAX_WARPS:
+        raise ValueError(f"n_warps must be in 1..{MAX_WARPS}, got {n_warps}")
     inputs = [
         q,
         k_pool.astype(q.dtype),
@@ -120,7 +144,7 @@ def paged_decode_attention(
         # function would be an uncaptured input.
         mx.array([scale], dtype=mx.float32),
     ]
-    launch = kernel_call_args(q, k_pool, n_parts)
+    launch = kernel_call_args(q, k_pool, n_parts, n_warps)
     final, split, combine = _KERNELS
     if n_parts == 1:
         return final(
@@ -164,7 +188,18 @@ def paged_attention(
         return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
     if own_kv is not None:
         return causal_self_attention(q, *own_kv, scale)
+    if BACKEND != "cpu" and uses_prefill_kernel(q, k_pool):
+        return paged_prefill.paged_prefill_attention(
+            q, k_pool, v_pool, block_tables, context_lens, positions, scale
+        )
     return paged_attention_ops(q, k_pool, v_pool, block_tables, context_lens, positions, scale)
+
+
+def uses_prefill_kernel(q: mx.array, k_pool: mx.array) -> bool:
+    """Whether a GPU step of T > 1 tokens over a cache runs the prefill kernel: a
+    shape it takes, and a chunk small enough that it beats the ops twin."""
+    batch, _, t, _ = q.shape
+    return paged_prefill.supports(q, k_pool) and batch * t <= PREFILL_KERNEL_MAX_TOKENS
 
 
 def causal_self_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

@@ -134,7 +134,11 @@ def rope_cos_sin(positions: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.
     The one place angles are computed, for the twin and the kernel alike, so a
     fault injected here (the suites shift decode positions this way) reaches both.
     """
-    angles = positions.astype(mx.float32)[:, :, None] * inv_freq  # (B, T, D/2)
+    # Broadcast before the cast, so no (B, T) float32 array is made: at batch 1 it
+    # would be a 4-byte array, which MLX's CUDA backend keeps in managed memory
+    # shared with the host's scalars (see impl.paged_cache.PagedKVCache.plan).
+    wide = mx.broadcast_to(positions[:, :, None], (*positions.shape, inv_freq.shape[0]))
+    angles = wide.astype(mx.float32) * inv_freq  # (B, T, D/2)
     return mx.cos(angles), mx.sin(angles)
 
 
@@ -167,12 +171,12 @@ class RopeStep:
 
 
 def rope_step(
-    positions: mx.array, inv_freq: mx.array, slots: mx.array, block_size: int
+    positions: mx.array, inv_freq: mx.array, blocks: mx.array, offsets: mx.array, block_size: int
 ) -> RopeStep:
-    """positions: (B, T) int32; inv_freq: (D/2,) float32; slots: (B * T,) int32 rows of
-    the pools seen as (num_blocks * block_size, n_kv_heads, D)."""
+    """positions: (B, T) int32; inv_freq: (D/2,) float32; blocks, offsets: (B * T,)
+    int32, each new token's pool row as (block, offset), ``PagedKVCache.plan``'s."""
     cos, sin = rope_cos_sin(positions, inv_freq)
-    return RopeStep(cos, sin, slots // block_size, slots % block_size, block_size)
+    return RopeStep(cos, sin, blocks, offsets, block_size)
 
 
 def rope_and_cache_write(

@@ -41,10 +41,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from kernels import paged_decode_source, rope
+from kernels import paged_decode_source, paged_prefill_source, rope
 from kernels.add_rms_norm import build_kernel as build_norm_kernel
 from kernels.add_rms_norm import call_args as norm_call_args
 from kernels.paged_attention import DTYPES, HEAD_DIMS, combine_call_args, kernel_call_args
+from kernels.paged_prefill import call_args as prefill_call_args
 
 STUB = Path(__file__).with_name("metal_stub.h")
 CLANG_FLAGS = ["-fsyntax-only", "-std=c++17", "-x", "c++", "-Wno-unknown-attributes"]
@@ -132,6 +133,27 @@ def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list
     return _exported_sources(run, inputs, 3)
 
 
+def prefill_metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list[str]:
+    """The Metal text of the paged prefill kernel for these inputs' shapes and dtype
+    (q: (B, n_heads, T, D)); built for Metal and only traced, like ``metal_sources``."""
+    kernel = paged_prefill_source.build_kernels("metal")
+    batch, _, t, _ = q.shape
+    context_lens = mx.full((batch,), t, dtype=mx.int32)
+    positions = mx.zeros((batch, t), dtype=mx.int32)
+    scale = mx.array([0.125], mx.float32)
+    inputs = [q, k_pool, k_pool, block_tables, context_lens, positions, scale]
+
+    def run(*args: mx.array) -> list[mx.array]:
+        return kernel(
+            inputs=list(args),
+            output_shapes=[q.shape],
+            output_dtypes=[q.dtype],
+            **prefill_call_args(q, k_pool),
+        )
+
+    return _exported_sources(run, inputs, 1)
+
+
 def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int) -> list[str]:
     """The Metal text of the Q/K RoPE and the add + RMSNorm kernels."""
     rope_kernel, norm_kernel = rope.build_kernel("metal"), build_norm_kernel("metal")
@@ -208,6 +230,7 @@ def main() -> int:
             k_pool = mx.zeros((4, 16, 2, head_dim), dtype=dtype)
             tables = mx.zeros((2, 2), dtype=mx.int32)
             found = metal_sources(q, k_pool, tables) + fused_metal_sources(dtype, head_dim, 8, 2)
+            found += prefill_metal_sources(mx.repeat(q, 3, axis=2), k_pool, tables)
             for src in found:
                 res = clang_check(src)
                 failed += not res.ok

@@ -16,6 +16,7 @@ from impl.engine import (
     decode,
     generate,
     prefill,
+    step_arrays,
     to_numpy,
 )
 from impl.model import KVPools
@@ -217,9 +218,7 @@ def test_compiled_decode_equals_eager(model):
 def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, monkeypatch):
     def forgetful(self, tokens, cache, plan):  # computes, but never installs the pools
         p = plan
-        out, _, _ = self.graph(plan.fresh)(
-            tokens, p.positions, p.slots, p.block_tables, p.context_lens, cache.k, cache.v
-        )
+        out, _, _ = self.graph(plan.fresh)(tokens, *step_arrays(p), cache.k, cache.v)
         mx.eval(out)
         return out
 

@@ -136,7 +136,8 @@ def rope_args(case: RopeCase) -> tuple:
     """The arguments of ``rope_and_cache_write`` / its twin; the step's angles come from
     ``rope.rope_cos_sin`` when this runs, so a fault injected there reaches both."""
     c = case
-    step = rope.rope_step(c.positions, c.inv_freq, c.slots, c.k_pool.shape[1])
+    bs = c.k_pool.shape[1]
+    step = rope.rope_step(c.positions, c.inv_freq, c.slots // bs, c.slots % bs, bs)
     return (c.q, c.k, c.v, step, c.k_pool, c.v_pool)
 
 

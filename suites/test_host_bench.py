@@ -24,7 +24,7 @@ import pytest
 
 from benchmarks.common import BENCH_SMALL, BLOCK_SIZE
 from impl.config import LlamaConfig
-from impl.engine import decode
+from impl.engine import bucket_width, decode
 from impl.model import Model
 from impl.paged_cache import PagedKVCache
 
@@ -80,13 +80,20 @@ def random_pools(cache: PagedKVCache, seed: int = 0) -> None:
     mx.eval(cache.k, cache.v)
 
 
-def check_plan(cache: PagedKVCache, seqs: list[int], contexts: list[int], plan) -> None:
-    """``plan`` is the one-token step after ``contexts``, on the cache's tables."""
+def check_plan(
+    cache: PagedKVCache, seqs: list[int], contexts: list[int], plan, padded: bool = False
+) -> None:
+    """``plan`` is the one-token step after ``contexts``, on the cache's tables; with
+    ``padded``, tables widened with block 0 to their compiled width bucket."""
     assert np.array(plan.positions).tolist() == [[c] for c in contexts]
     assert np.array(plan.context_lens).tolist() == [c + 1 for c in contexts]
     tables = [cache.block_table(s) for s in seqs]
     width = max(len(t) for t in tables)
+    if padded:
+        width = bucket_width(width)
+    got = np.array(plan.block_tables).tolist()
     assert plan.block_tables.shape == (len(seqs), width)
+    assert got == [t + [0] * (width - len(t)) for t in tables]
     assert all(len(t) == math.ceil((c + 1) / BLOCK_SIZE) for t, c in zip(tables, contexts))
     want = [t[c // BLOCK_SIZE] * BLOCK_SIZE + c % BLOCK_SIZE for t, c in zip(tables, contexts)]
     assert np.array(plan.slots).tolist() == want
@@ -214,7 +221,7 @@ def test_decode_step_inputs(benchmark, small_config, small_model, batch):
     tokens, plan = model.seen
     assert tokens.shape == (batch, 1) and tokens.dtype == mx.int32
     assert np.array(tokens)[:, 0].tolist() == ids
-    check_plan(cache, seqs, contexts, plan)
+    check_plan(cache, seqs, contexts, plan, padded=True)
 
 
 # -- graph building -----------------------------------------------------------------

@@ -22,7 +22,9 @@ import pytest
 
 from kernels.paged_attention import (
     BACKEND,
+    PREFILL_KERNEL_MAX_TOKENS,
     causal_self_attention,
+    launch_plan,
     paged_attention,
     paged_attention_ops,
     paged_decode_attention,
@@ -152,10 +154,11 @@ def run_ops(case: Case) -> mx.array:
     return paged_attention_ops(*ops_args(case))
 
 
-def run_kernel(case: Case, n_parts: int | None = None) -> mx.array:
+def run_kernel(case: Case, n_parts: int | None = None, n_warps: int | None = None) -> mx.array:
     c = case
+    warps = {} if n_warps is None else {"n_warps": n_warps}
     return paged_decode_attention(
-        c.q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, c.scale, n_parts
+        c.q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, c.scale, n_parts, **warps
     )
 
 
@@ -195,20 +198,47 @@ def test_kernel_any_partition_count(n_parts: int) -> None:
 
 
 @pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("n_warps", [1, 2, 8, 16])
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_kernel_any_warp_count(n_warps: int, n_parts: int) -> None:
+    """The warps of a group split its tokens and merge; their number changes no answer."""
+    case = make_case([700, 1, 64, 300], 32, 4, 64, 16, "float32", seed=5)
+    assert_matches_reference(run_kernel(case, n_parts, n_warps), case, "float32")
+
+
+@pytest.mark.parametrize(
+    ("batch", "tokens", "want"),
+    [
+        (1, 512, (4, 4)),  # batch 1: 128 tokens a partition
+        (1, 2048, (4, 16)),
+        (8, 512, (4, 4)),
+        (32, 2048, (4, 4)),  # 128 groups already: split only to TARGET_GROUPS
+        (1, 16, (4, 1)),
+    ],
+)
+def test_launch_plan(batch: int, tokens: int, want: tuple) -> None:
+    """The launch shapes the kernel bench measured best or near it (4 KV heads)."""
+    assert launch_plan(batch, 4, tokens // 16, 16) == want
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
 def test_kernel_large_batch_context_8192() -> None:
     case = make_case([8192, 5, 4097] + [33] * 61, 32, 4, 128, 16, "bfloat16", seed=4)
     assert_matches_reference(run_kernel(case), case, "bfloat16")
 
 
-@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("t", [1, 3, 200])
 def test_dispatch(t: int) -> None:
-    """paged_attention: the kernel for GPU decode, the ops twin for prefill and on CPU."""
-    case = make_case([40, 7], 8, 2, 64, 16, "float32", seed=5)
+    """paged_attention on a GPU: the decode kernel for one token, the prefill kernel
+    for a small chunk, the ops twin for a long one (200 x 2 sequences is past
+    PREFILL_KERNEL_MAX_TOKENS); the ops twin for everything on the CPU."""
+    case = make_case([340, 277], 8, 2, 64, 16, "float32", seed=5)
     q = mx.repeat(case.q, t, axis=2)  # (B, n_heads, T, D)
     positions = case.context_lens[:, None] - t + mx.arange(t)[None, :]
     args = (case.k_pool, case.v_pool, case.block_tables, case.context_lens, positions, case.scale)
     got, ops = paged_attention(q, *args), paged_attention_ops(q, *args)
-    if ON_GPU and t == 1:
+    kernel = t == 1 or q.shape[0] * t <= PREFILL_KERNEL_MAX_TOKENS
+    if ON_GPU and kernel:
         np.testing.assert_allclose(to_f64(got), to_f64(ops), atol=KERNEL_ATOL["float32"])
     else:
         assert mx.array_equal(got, ops).item()  # the very same ops ran

@@ -21,24 +21,29 @@ needs_clang = pytest.mark.skipif(
 
 HEAD_DIMS: list[int] = list(KERNEL_HEAD_DIMS)
 DTYPES: list[str] = ["float16", "bfloat16", "float32"]
-# (q heads, kv heads, block size): GQA 8:1 with the usual block, and MQA (the largest
-# register and threadgroup arrays) with a large block.
-SHAPES: list[tuple[int, int, int]] = [(32, 4, 16), (32, 1, 32)]
+# (q heads, kv heads, block size): GQA 8:1 with the usual block, MQA (the largest
+# register and threadgroup arrays) with a large block, and MHA (the prefill kernel's
+# largest query tile) with a small block.
+SHAPES: list[tuple[int, int, int]] = [(32, 4, 16), (32, 1, 32), (8, 8, 8)]
 
 
 def sources(dtype: str, head_dim: int, n_heads: int, n_kv: int, block_size: int) -> list[str]:
     dt = getattr(mx, dtype)
     q = mx.zeros((2, n_heads, 1, head_dim), dtype=dt)
     k_pool = mx.zeros((4, block_size, n_kv, head_dim), dtype=dt)
-    decode = metal_check.metal_sources(q, k_pool, mx.zeros((2, 2), dtype=mx.int32))
-    return decode + metal_check.fused_metal_sources(dt, head_dim, n_heads, n_kv)
+    tables = mx.zeros((2, 2), dtype=mx.int32)
+    decode = metal_check.metal_sources(q, k_pool, tables)
+    fused = metal_check.fused_metal_sources(dt, head_dim, n_heads, n_kv)
+    # Prefill: 5 query tokens, a partial last tile for every Q_TILE above 1.
+    prefill = metal_check.prefill_metal_sources(mx.repeat(q, 5, axis=2), k_pool, tables)
+    return decode + fused + prefill
 
 
 def test_export_holds_the_generated_kernels() -> None:
     """Runs without clang: the text is captured whole, template instantiation included."""
     found = sources("float16", 64, 32, 4, 16)
     kernels = [f"paged_decode_attention{s}" for s in ("", "_split", "_combine")]
-    for kernel in [*kernels, "rope_qk", "add_rms_norm"]:
+    for kernel in [*kernels, "rope_qk", "add_rms_norm", "paged_prefill_attention"]:
         name = f"[[kernel]] void custom_kernel_{kernel}__"
         assert sum(name in src for src in found) == 1, name
     for src in found:
@@ -68,12 +73,13 @@ INJECTED: list[tuple[str, str, str]] = [
         "kmax(sm_m[w * GROUP_SIZE + g])",
         "no matching function",
     ),
+    ("t < lim[r % Q_TILE]", "t < lmi[r % Q_TILE]", "undeclared identifier"),
 ]
 
 
 @needs_clang
 @pytest.mark.parametrize(
-    "bug", INJECTED, ids=["misspelt", "cuda-barrier", "misspelt-rope", "arity"]
+    "bug", INJECTED, ids=["misspelt", "cuda-barrier", "misspelt-rope", "arity", "misspelt-prefill"]
 )
 def test_check_catches_an_injected_error(bug: tuple[str, str, str]) -> None:
     good, bad, diagnostic = bug

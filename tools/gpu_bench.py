@@ -21,14 +21,18 @@ bandwidth of a large device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import io
 import json
 import platform
 import pstats
+import re
 import statistics
 import struct
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from conform import blas
@@ -36,6 +40,7 @@ from conform import blas
 blas.load()  # before MLX is imported: MLX binds its BLAS then (conform/blas.py)
 
 import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from conform.engines import Engine, resolve  # noqa: E402
@@ -48,6 +53,11 @@ BATCHES = [8, 32]
 GENERATE_TOKENS = 256  # after a 16-token prompt
 DEFAULT_ENGINES = ["impl", "impl-compiled", "mlx-lm"]
 Step = Callable[[], None]
+# Primitives that make a view (or nothing) rather than launch a kernel.
+VIEWS = {
+    "AsStrided", "Broadcast", "Depends", "ExpandDims", "Flatten", "Reshape", "Slice",
+    "Split", "Squeeze", "StopGradient", "Transpose", "Unflatten",
+}  # fmt: skip
 
 
 def median_ms(fn: Step, warmup: int = 3, reps: int = 20) -> float:
@@ -133,10 +143,88 @@ def prefill_step(engine: Engine, n: int, vocab: int) -> Step:
     return step
 
 
+def chunked_prefill_step(engine: Engine, prefix: int, n: int, vocab: int) -> Step:
+    """Prefill n tokens after ``prefix`` cached ones (a chunk of a long prompt), rolled
+    back after each step."""
+    cache = common.new_cache(engine, prefix + n)
+    cache.add_sequence(0)
+    engine.fill(cache, 0, prefix)
+    prompt = common.tokens(n, vocab)
+
+    def step() -> None:
+        engine.run_prefill(cache, 0, prompt)
+        cache.trim(0, n)
+
+    return step
+
+
 def generate_step(engine: Engine, vocab: int, new_tokens: int = GENERATE_TOKENS) -> Step:
     """One greedy generation through the engine's own loop (``Engine.generate``)."""
     prompt = common.tokens(16, vocab)
     return lambda: engine.generate(prompt, new_tokens)
+
+
+def graph_primitives(tree: object) -> Counter:
+    """The primitives of the unevaluated graph behind the arrays in ``tree``, by name
+    (a compiled graph's fused kernels appear as ``Compiled...``)."""
+    arrays = [a for _, a in tree_flatten(tree) if isinstance(a, mx.array)]
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *arrays)
+    return Counter(re.findall(r'label ="([^"]+)", shape=rectangle', dot.getvalue()))
+
+
+@contextlib.contextmanager
+def watching_eval(count: bool = True) -> Iterator[dict]:
+    """Replace ``mx.eval`` while inside: every call records the primitives of what it
+    evaluates (if ``count``: that walk is slow, so timed runs leave it out), then
+    queues it (``mx.async_eval``: MLX encodes every kernel on this thread) and waits
+    for it; the dict yielded collects the primitive counts and the time spent
+    encoding and waiting. Engines call ``mx.eval`` through the module, so
+    this sees any engine's step without knowing its code."""
+    seen: dict = {"primitives": Counter(), "encode_s": 0.0, "wait_s": 0.0}
+    real = mx.eval
+
+    def watched(*args: object) -> None:
+        if count:
+            seen["primitives"].update(graph_primitives(list(args)))
+        t0 = time.perf_counter()
+        mx.async_eval(*args)
+        t1 = time.perf_counter()
+        real(*args)
+        seen["encode_s"] += t1 - t0
+        seen["wait_s"] += time.perf_counter() - t1
+
+    mx.eval = watched
+    try:
+        yield seen
+    finally:
+        mx.eval = real
+
+
+def step_anatomy(step: Step, reps: int = 20) -> dict:
+    """Where one step's wall time goes: Python (building the graph, planning), MLX
+    encoding the kernels, and waiting for the GPU after the last one is queued; and
+    the step's launches, estimated as the primitives of its graph that are not views.
+    A host-bound step waits little: the GPU finishes soon after the last launch."""
+    step()  # warm (a compiled engine traces here)
+    with watching_eval() as seen:
+        step()
+    primitives = seen["primitives"]
+    launches = sum(n for name, n in primitives.items() if name not in VIEWS)
+    with watching_eval(count=False) as seen:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        total = time.perf_counter() - t0
+    per = 1e3 / reps
+    return {
+        "launches": launches,
+        "wall_ms": total * per,
+        "python_ms": (total - seen["encode_s"] - seen["wait_s"]) * per,
+        "encode_ms": seen["encode_s"] * per,
+        "wait_ms": seen["wait_s"] * per,
+        "primitives": dict(primitives.most_common()),
+    }
 
 
 def profile(name: str, step: Step, steps: int = 20) -> None:
@@ -219,6 +307,8 @@ def main() -> int:
         add((f"decode b=1 ctx={c} ms", interleaved_ms([decode_step(e, [c]) for e in engines])))
     prefills = [prefill_step(e, 512, vocab) for e in engines]
     add(("prefill 512 ms", interleaved_ms(prefills, reps=15)))
+    chunks = [chunked_prefill_step(e, 1000, 512, vocab) for e in engines]
+    add(("prefill 512 after 1000 cached ms", interleaved_ms(chunks, reps=15)))
     gens = interleaved_ms([generate_step(e, vocab) for e in engines], warmup=1, reps=5)
     add(
         (
@@ -240,6 +330,14 @@ def main() -> int:
         f"{wbytes / 1e9:.3f} GB; copy {gbps:.0f} GB/s; weights-read floor {floor_ms:.3f} ms"
     )
     print_table(names, rows, floor_ms)
+    anatomy = {n: step_anatomy(decode_step(e, [512])) for n, e in zip(names, engines)}
+    print("\none decode step b=1 ctx=512: launches (graph primitives, views excluded), ms")
+    print(f"{'engine':16s}{'launches':>9s}{'wall':>8s}{'python':>8s}{'encode':>8s}{'wait':>8s}")
+    for n, a in anatomy.items():
+        print(
+            f"{n:16s}{a['launches']:9d}{a['wall_ms']:8.3f}{a['python_ms']:8.3f}"
+            f"{a['encode_ms']:8.3f}{a['wait_ms']:8.3f}"
+        )
     if not args.quick:
         profile(names[0], decode_step(engines[0], [512]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +354,7 @@ def main() -> int:
                 "copy_gbps": gbps,
                 "floor_ms": floor_ms,
                 "rows": [{"point": pt, **dict(zip(names, vs))} for pt, vs in rows],
+                "decode_step_anatomy": anatomy,
             },
             indent=2,
         )

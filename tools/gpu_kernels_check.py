@@ -4,13 +4,17 @@
 
 1. Runs ``pytest suites/test_kernels.py`` with the custom kernels active (the run
    fails if MLX has no GPU backend: skipped kernel cases would prove nothing).
-2. Times ``paged_decode_attention`` (the kernel) against ``paged_attention_ops``
-   (the ops twin) on TinyLlama's attention shape (32 q heads, 4 KV heads, head_dim
-   64, float16, block size 16) for batch 1/8/32 and contexts 16/512/2048, and
-   prints a table. A decode step issues one attention call per layer before it
-   syncs, so ``--calls`` calls are issued back to back and evaluated together; the
-   time per call is the median over 5 such rounds, after warm-up calls that also
-   compile the kernels. It includes MLX's per-call overhead, on both sides.
+2. Times each custom kernel beside what it replaces, on TinyLlama's shapes (32 q
+   heads, 4 KV heads, head_dim 64, hidden 2048, float16, block size 16):
+   ``paged_decode_attention`` at the launch shape its policy picks and at a sweep
+   of (warps, partitions), against ``paged_attention_ops`` (the ops twin) and MLX's
+   attention over a contiguous cache (mlx-lm's path), at batch 1 and 32 and
+   several contexts; ``paged_prefill_attention`` against the ops twin for chunks
+   of 7 to 512 tokens after a cached prefix; ``add_rms_norm_kernel`` against
+   MLX's add then rms_norm at 1 to 512 rows. A decode step issues one call per
+   layer before it syncs, so ``--calls`` calls are issued back to back and
+   evaluated together; the time per call is the median over 5 such rounds, after
+   warm-up calls that also compile the kernels. It includes MLX's per-call overhead, on both sides.
 
 Exit status: 0 when the tests pass, 1 otherwise (timings are reported either way).
 Import-safe: nothing runs until ``main``.
@@ -28,9 +32,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCHES = [1, 8, 32]
-CONTEXTS = [16, 512, 2048]
+# (batch, context) points: batch-1 decode and a full batch.
+POINTS = [(1, 16), (1, 512), (1, 2048), (8, 512), (32, 512), (32, 2048)]
 N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 4, 64, 16  # TinyLlama-1.1B attention
+# (batch, chunk, cached prefix) points of the prefill kernel: small chunks to long ones.
+PREFILL_POINTS = [(1, 7, 1000), (1, 64, 1000), (8, 16, 2000), (4, 64, 500), (1, 512, 1000)]
+HIDDEN = 2048  # TinyLlama-1.1B's residual width
+NORM_ROWS = [1, 8, 32, 512]
+ROPE_TOKENS = [1, 32]  # decode batch 1 and 32
 
 
 def run_tests() -> int:
@@ -71,56 +80,265 @@ def per_call_ms(fn, calls: int, rounds: int = 5, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_all(calls: int) -> list[dict]:
+def chained_ms(step, x0, calls: int, rounds: int = 5, warmup: int = 3) -> float:
+    """Per-call ms of ``calls`` calls of ``step`` chained (each output is the next
+    input) inside one ``mx.compile``d function: what a call costs inside a compiled
+    model step, MLX's encoding included and Python's graph building left out."""
     import mlx.core as mx
 
-    from kernels.paged_attention import (
-        num_partitions,
-        paged_attention_ops,
-        paged_decode_attention,
-    )
+    def chain(x):
+        for _ in range(calls):
+            x = step(x)
+        return x
 
-    scale = HEAD_DIM**-0.5
+    run = mx.compile(chain)
+    for _ in range(warmup):
+        mx.eval(run(x0))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        mx.eval(run(x0))
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def sweep(batch: int, context: int, n_blocks: int) -> list[tuple[int, int]]:
+    """(warps, partitions) launch shapes tried at one point, the policy's among them:
+    every split that leaves each warp at least one 32-token chunk."""
+    from kernels.paged_attention import MAX_WARPS, launch_plan
+
+    tried = {launch_plan(batch, N_KV_HEADS, n_blocks, BLOCK_SIZE)}
+    for warps in (1, 2, 4, 8, MAX_WARPS):
+        for parts in (1, 2, 4, 8, 16, 32):
+            if parts <= n_blocks and parts * warps * 32 <= max(32, context):
+                tried.add((warps, parts))
+    return sorted(tried)
+
+
+def time_decode(calls: int) -> list[dict]:
+    """The decode kernel at each point: the policy's launch shape, the best of a sweep
+    of (warps, partitions), the ops twin, and MLX's attention over a contiguous cache
+    (what mlx-lm runs: no block table, no gather)."""
     rows = []
-    for batch in BATCHES:
-        for context in CONTEXTS:
-            q, k_pool, v_pool, tables, ctx = inputs(batch, context)
-            positions = (ctx - 1)[:, None]
-
-            def kernel(q=q, k_pool=k_pool, v_pool=v_pool, tables=tables, ctx=ctx):
-                return paged_decode_attention(q, k_pool, v_pool, tables, ctx, scale)
-
-            def ops(q=q, k_pool=k_pool, v_pool=v_pool, tables=tables, ctx=ctx, pos=positions):
-                return paged_attention_ops(q, k_pool, v_pool, tables, ctx, pos, scale)
-
-            err = mx.abs(kernel().astype(mx.float32) - ops().astype(mx.float32)).max().item()
-            kv_bytes = 2 * batch * context * N_KV_HEADS * HEAD_DIM * 2
-            t_kernel, t_ops = per_call_ms(kernel, calls), per_call_ms(ops, calls)
-            rows.append(
-                {
-                    "batch": batch,
-                    "context": context,
-                    "partitions": num_partitions(batch, N_KV_HEADS, tables.shape[1], BLOCK_SIZE),
-                    "kernel_ms": t_kernel,
-                    "ops_ms": t_ops,
-                    "speedup": t_ops / t_kernel,
-                    "kernel_GBps": kv_bytes / t_kernel / 1e6,
-                    "max_abs_diff": err,
-                }
-            )
-            print(".", end="", flush=True)
+    for batch, context in POINTS:
+        rows.append(time_point(batch, context, calls))
+        print(".", end="", flush=True)
     print()
     return rows
 
 
-def print_table(rows: list[dict], device: str) -> None:
+def time_point(batch: int, context: int, calls: int) -> dict:
+    """One row of ``time_decode``."""
+    import mlx.core as mx
+
+    from kernels.paged_attention import launch_plan, paged_attention_ops, paged_decode_attention
+
+    scale = HEAD_DIM**-0.5
+    q, k_pool, v_pool, tables, ctx = inputs(batch, context)
+    positions = (ctx - 1)[:, None]
+    n_blocks = tables.shape[1]
+    # The same keys and values laid out contiguously, (B, n_kv, L, D).
+    k_contig, v_contig = (
+        p[tables].reshape(batch, -1, N_KV_HEADS, HEAD_DIM).transpose(0, 2, 1, 3)[:, :, :context]
+        for p in (k_pool, v_pool)
+    )
+    mx.eval(k_contig, v_contig)
+
+    def ops():
+        return paged_attention_ops(q, k_pool, v_pool, tables, ctx, positions, scale)
+
+    def contiguous():
+        return mx.fast.scaled_dot_product_attention(q, k_contig, v_contig, scale=scale)
+
+    want = ops().astype(mx.float32)
+    # Each launch shape timed inside a compiled chain: on the GPU's time when that
+    # is the larger, as in a model step (eager calls time mostly the host).
+    shapes = {}
+    for warps, parts in sweep(batch, context, n_blocks):
+
+        def kernel(x, w=warps, p=parts):
+            return paged_decode_attention(x, k_pool, v_pool, tables, ctx, scale, p, w)
+
+        err = mx.abs(kernel(q).astype(mx.float32) - want).max().item()
+        shapes[f"{warps}w{parts}p"] = {"ms": chained_ms(kernel, q, calls), "max_abs_diff": err}
+    plan = launch_plan(batch, N_KV_HEADS, n_blocks, BLOCK_SIZE)
+    policy = "{}w{}p".format(*plan)
+    compiled = {
+        "kernel": shapes[policy]["ms"],
+        "ops": chained_ms(
+            lambda x: paged_attention_ops(x, k_pool, v_pool, tables, ctx, positions, scale),
+            q,
+            calls,
+        ),
+        "contiguous": chained_ms(
+            lambda x: mx.fast.scaled_dot_product_attention(x, k_contig, v_contig, scale=scale),
+            q,
+            calls,
+        ),
+    }
+    best = min(shapes, key=lambda k: shapes[k]["ms"])
+    kv_bytes = 2 * batch * context * N_KV_HEADS * HEAD_DIM * 2
+
+    def eager_kernel():
+        return paged_decode_attention(q, k_pool, v_pool, tables, ctx, scale, *plan[::-1])
+
+    kernel_ms = per_call_ms(eager_kernel, calls)
+    return {
+        "batch": batch,
+        "context": context,
+        "policy": policy,
+        "kernel_ms": kernel_ms,
+        "best": best,
+        "best_ms": shapes[best]["ms"],
+        "ops_ms": per_call_ms(ops, calls),
+        "contiguous_sdpa_ms": per_call_ms(contiguous, calls),
+        "compiled_ms": compiled,
+        "kernel_GBps": kv_bytes / compiled["kernel"] / 1e6,
+        "max_abs_diff": shapes[policy]["max_abs_diff"],
+        "shapes": shapes,
+    }
+
+
+def time_prefill(calls: int) -> list[dict]:
+    """The paged prefill kernel against the ops twin, a chunk of new tokens after a
+    cached prefix per sequence."""
+    import mlx.core as mx
+
+    from kernels.paged_attention import paged_attention_ops, uses_prefill_kernel
+    from kernels.paged_prefill import paged_prefill_attention
+
+    def point(batch: int, chunk: int, prefix: int) -> dict:
+        _, k_pool, v_pool, tables, ctx = inputs(batch, prefix + chunk)
+        key = mx.random.key(chunk)
+        q = mx.random.normal((batch, N_HEADS, chunk, HEAD_DIM), key=key).astype(mx.float16)
+        positions = (
+            prefix + mx.arange(chunk, dtype=mx.int32)[None, :] + mx.zeros((batch, 1), mx.int32)
+        )
+        args = (q, k_pool, v_pool, tables, ctx, positions, HEAD_DIM**-0.5)
+        mx.eval(q, positions)
+        err = mx.abs(paged_prefill_attention(*args) - paged_attention_ops(*args)).max().item()
+        return {
+            "batch": batch,
+            "chunk": chunk,
+            "prefix": prefix,
+            "dispatched_to_kernel": uses_prefill_kernel(q, k_pool),
+            "kernel_ms": per_call_ms(lambda: paged_prefill_attention(*args), calls),
+            "ops_ms": per_call_ms(lambda: paged_attention_ops(*args), calls),
+            "max_abs_diff": err,
+        }
+
+    return [point(*p) for p in PREFILL_POINTS]
+
+
+def time_rope(calls: int) -> list[dict]:
+    """The Q/K RoPE kernel against its ops twin (what it replaces), batch 1 and 32."""
+    import mlx.core as mx
+
+    from kernels.rope import apply_rope, rope_cos_sin, rope_qk
+
+    def point(tokens: int) -> dict:
+        key = mx.random.key(tokens)
+        q = mx.random.normal((tokens, 1, N_HEADS, HEAD_DIM), key=key).astype(mx.float16)
+        k = mx.random.normal((tokens, 1, N_KV_HEADS, HEAD_DIM), key=key).astype(mx.float16)
+        positions = mx.arange(tokens, dtype=mx.int32)[:, None] + 500
+        cos, sin = rope_cos_sin(positions, mx.array(1e4 ** (-mx.arange(0, 1, 2 / HEAD_DIM))))
+        mx.eval(q, k, cos, sin)
+
+        def kernel(x):
+            return rope_qk(x, k, cos, sin)
+
+        def ops(x):
+            return apply_rope(x, cos, sin), apply_rope(k, cos, sin)
+
+        err = max(mx.abs(a.astype(mx.float32) - b).max().item() for a, b in zip(kernel(q), ops(q)))
+        return {
+            "tokens": tokens,
+            "kernel_ms": per_call_ms(lambda: kernel(q), calls),
+            "ops_ms": per_call_ms(lambda: ops(q), calls),
+            "compiled_ms": {
+                # The chain carries q; k's rotation is part of every call on both sides.
+                "kernel": chained_ms(lambda x: kernel(x)[0] + kernel(x)[1].sum(), q, calls),
+                "ops": chained_ms(lambda x: ops(x)[0] + ops(x)[1].sum(), q, calls),
+            },
+            "max_abs_diff": err,
+        }
+
+    return [point(n) for n in ROPE_TOKENS]
+
+
+def time_norm(calls: int) -> list[dict]:
+    """The fused add + RMSNorm kernel against MLX's add then rms_norm (what it replaces)."""
+    import mlx.core as mx
+
+    from kernels.add_rms_norm import add_rms_norm_kernel, add_rms_norm_ops
+
+    def point(n_rows: int) -> dict:
+        key = mx.random.key(n_rows)
+        x, r = mx.random.normal((2, n_rows, HIDDEN), key=key).astype(mx.float16)
+        w = mx.ones((HIDDEN,), dtype=mx.float16)
+        mx.eval(x, r, w)
+        got, want = add_rms_norm_kernel(x, r, w, 1e-5), add_rms_norm_ops(x, r, w, 1e-5)
+        err = max(mx.abs(a.astype(mx.float32) - b).max().item() for a, b in zip(got, want))
+        kernel_ms = per_call_ms(lambda: add_rms_norm_kernel(x, r, w, 1e-5), calls)
+        ops_ms = per_call_ms(lambda: add_rms_norm_ops(x, r, w, 1e-5), calls)
+        compiled = {
+            "kernel": chained_ms(lambda a: add_rms_norm_kernel(a, r, w, 1e-5)[1], x, calls),
+            "ops": chained_ms(lambda a: add_rms_norm_ops(a, r, w, 1e-5)[1], x, calls),
+        }
+        return {
+            "rows": n_rows,
+            "kernel_ms": kernel_ms,
+            "ops_ms": ops_ms,
+            "compiled_ms": compiled,
+            "max_abs_diff": err,
+        }
+
+    return [point(n) for n in NORM_ROWS]
+
+
+def print_tables(
+    decode: list[dict], prefill: list[dict], rope: list[dict], norm: list[dict], device: str
+) -> None:
     print(f"\npaged decode attention, {device}: 32 q / 4 kv heads, head_dim 64, fp16, bs 16")
-    print("batch  context  parts  kernel ms  ops ms  speedup  kernel GB/s  max|diff|")
-    for r in rows:
+    print("(policy/best: warps per group, context partitions; contiguous: MLX SDPA, no paging;")
+    print(" compiled: ms a call in a compiled chain of calls; best: of the sweep, compiled)")
+    print(
+        "batch  context  policy  kernel ms  best      ms  ops ms  contiguous ms"
+        "  compiled: kernel     ops  contig  max|diff|"
+    )
+    for r in decode:
+        c = r["compiled_ms"]
         print(
-            f"{r['batch']:>5}  {r['context']:>7}  {r['partitions']:>5}  {r['kernel_ms']:>9.3f}"
-            f"  {r['ops_ms']:>6.3f}  {r['speedup']:>6.1f}x  {r['kernel_GBps']:>11.1f}"
-            f"  {r['max_abs_diff']:>9.1e}"
+            f"{r['batch']:>5}  {r['context']:>7}  {r['policy']:>6}  {r['kernel_ms']:>9.4f}"
+            f"  {r['best']:>6}  {r['best_ms']:.4f}  {r['ops_ms']:>6.3f}"
+            f"  {r['contiguous_sdpa_ms']:>13.4f}  {c['kernel']:>16.4f}  {c['ops']:.4f}"
+            f"  {c['contiguous']:.4f}  {r['max_abs_diff']:>9.1e}"
+        )
+    print(f"\npaged prefill attention, {device}: same heads; a chunk after a cached prefix")
+    print("batch  chunk  prefix  kernel ms  ops ms  ops/kernel  dispatched  max|diff|")
+    for r in prefill:
+        print(
+            f"{r['batch']:>5}  {r['chunk']:>5}  {r['prefix']:>6}  {r['kernel_ms']:>9.4f}"
+            f"  {r['ops_ms']:>6.4f}  {r['ops_ms'] / r['kernel_ms']:>9.2f}x"
+            f"  {'kernel' if r['dispatched_to_kernel'] else 'ops':>10}  {r['max_abs_diff']:>9.1e}"
+        )
+    print(f"\nRoPE of Q and K, {device}: kernel vs its ops twin")
+    print("tokens  kernel ms  ops ms  ops/kernel  compiled: kernel     ops  ops/kernel  max|diff|")
+    for r in rope:
+        c = r["compiled_ms"]
+        print(
+            f"{r['tokens']:>6}  {r['kernel_ms']:>9.4f}  {r['ops_ms']:>6.4f}"
+            f"  {r['ops_ms'] / r['kernel_ms']:>9.2f}x  {c['kernel']:>16.4f}  {c['ops']:.4f}"
+            f"  {c['ops'] / c['kernel']:>9.2f}x  {r['max_abs_diff']:>9.1e}"
+        )
+    print(f"\nadd + RMSNorm, {device}: hidden {HIDDEN}, fp16 (ops: MLX add, then rms_norm)")
+    print(" rows  kernel ms  ops ms  ops/kernel  compiled: kernel     ops  ops/kernel  max|diff|")
+    for r in norm:
+        c = r["compiled_ms"]
+        print(
+            f"{r['rows']:>5}  {r['kernel_ms']:>9.4f}  {r['ops_ms']:>6.4f}"
+            f"  {r['ops_ms'] / r['kernel_ms']:>9.2f}x  {c['kernel']:>16.4f}  {c['ops']:.4f}"
+            f"  {c['ops'] / c['kernel']:>9.2f}x  {r['max_abs_diff']:>9.1e}"
         )
 
 
@@ -143,10 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     device = f"{backend}: {mx.default_device()}"
     print("backend:", device, "| mlx", mx.__version__, flush=True)
     status = 0 if args.skip_tests else run_tests()
-    rows = time_all(args.calls)
-    print_table(rows, device)
+    decode, prefill = time_decode(args.calls), time_prefill(args.calls)
+    rope, norm = time_rope(args.calls), time_norm(args.calls)
+    print_tables(decode, prefill, rope, norm, device)
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "decode": decode,
+                    "prefill": prefill,
+                    "rope": rope,
+                    "norm": norm,
+                },
+                indent=1,
+            )
+        )
     print("\ntests:", "skipped" if args.skip_tests else ("passed" if status == 0 else "FAILED"))
     return 0 if status == 0 else 1
 

@@ -5,9 +5,11 @@
 For each engine: the wall time of one batch-1 decode step (measured without ncu),
 then, under ``ncu``, the kernels of ``--steps`` steps marked by an NVTX range:
 launches per step, the sum of kernel times per step against the wall time, and the
-largest kernels grouped by name. ncu flushes the caches before every kernel by
-default, so small kernels read long; compare engines within one run, not with the
-wall time alone. TinyLlama-1.1B shape, float16 (benchmarks/common.py's preset).
+largest kernels grouped by name, with the threads each launched. ncu flushes the
+caches before every kernel by default (``--cache-control all``), so small kernels
+read long; ``--cache-control none`` keeps them warm, closer to a real step. Compare
+engines within one run, not with the wall time alone. TinyLlama-1.1B shape,
+float16 (benchmarks/common.py's preset).
 
 Needs ``ncu`` on PATH and NVTX: torch's ``torch.cuda.nvtx`` where torch is
 installed, else ``libnvToolsExt``. ``--worker`` is the process ncu profiles.
@@ -61,18 +63,31 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def kernels(csv_text: str) -> list[tuple[str, float]]:
-    """(kernel name, ns) per launch from ``ncu --csv`` output (its log lines skipped)."""
+METRICS = ["gpu__time_duration.sum", "launch__grid_size", "launch__block_size"]
+
+
+def kernels(csv_text: str) -> list[tuple[str, float, int]]:
+    """(kernel name, ns, threads launched) per launch from ``ncu --csv`` output (its
+    log lines skipped): one CSV row per (launch, metric)."""
     start = csv_text.find('"ID"')
     if start < 0:
         return []
-    rows = csv.DictReader(io.StringIO(csv_text[start:]))
-    out = []
-    for r in rows:
-        if r.get("Metric Name") == "gpu__time_duration.sum":
-            scale = {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(r["Metric Unit"], 1)
-            out.append((r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale))
-    return out
+    launches: dict[str, dict] = {}
+    for r in csv.DictReader(io.StringIO(csv_text[start:])):
+        one = launches.setdefault(r["ID"], {"name": r["Kernel Name"]})
+        value = float(r["Metric Value"].replace(",", ""))
+        if r["Metric Name"] == "gpu__time_duration.sum":
+            value *= {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(r["Metric Unit"], 1)
+        one[r["Metric Name"]] = value
+    return [
+        (
+            k["name"],
+            k.get("gpu__time_duration.sum", 0.0),
+            int(k.get("launch__grid_size", 0) * k.get("launch__block_size", 0)),
+        )
+        for k in launches.values()
+        if "gpu__time_duration.sum" in k
+    ]
 
 
 def short(name: str, width: int = 70) -> str:
@@ -85,29 +100,33 @@ def profile(engine: str, args: argparse.Namespace) -> dict:
     me += ["--context", str(args.context), "--steps", str(args.steps)]
     plain = subprocess.run(me, capture_output=True, text=True, check=True)
     wall = json.loads(plain.stdout.strip().splitlines()[-1])["wall_ms"]
-    ncu = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", "--nvtx"]
-    ncu += ["--nvtx-include", f"{RANGE}/"]
+    ncu = ["ncu", "--csv", "--metrics", ",".join(METRICS), "--nvtx"]
+    ncu += ["--nvtx-include", f"{RANGE}/", "--cache-control", args.cache_control]
     run = subprocess.run([*ncu, *me, "--mark"], capture_output=True, text=True)
     launches = kernels(run.stdout)
     if run.returncode or not launches:
         tail = (run.stdout + run.stderr)[-2000:]
         raise RuntimeError(f"ncu found no kernels for {engine} (exit {run.returncode}):\n{tail}")
     by_name: dict[str, list[float]] = defaultdict(list)
-    for name, ns in launches:
+    threads: dict[str, list[int]] = defaultdict(list)
+    for name, ns, n_threads in launches:
         by_name[short(name)].append(ns)
+        threads[short(name)].append(n_threads)
     per_step = args.steps
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]
     return {
         "engine": engine,
         "wall_ms": wall,
         "launches_per_step": len(launches) / per_step,
-        "kernel_ms_per_step": sum(ns for _, ns in launches) / per_step / 1e6,
+        "kernel_ms_per_step": sum(ns for _, ns, _ in launches) / per_step / 1e6,
+        "cache_control": args.cache_control,
         "top": [
             {
                 "kernel": name,
                 "launches_per_step": len(ns) / per_step,
                 "ms_per_step": sum(ns) / per_step / 1e6,
                 "median_us": statistics.median(ns) / 1e3,
+                "threads": max(threads[name]),
             }
             for name, ns in top
         ],
@@ -120,6 +139,12 @@ def main() -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="profiled steps per engine")
     p.add_argument("--top", type=int, default=12, help="kernels listed per engine")
+    p.add_argument(
+        "--cache-control",
+        choices=["all", "none"],
+        default="all",
+        help="ncu's: flush the caches before every kernel (all), or not (none)",
+    )
     p.add_argument("--out", type=Path, help="JSON of the whole table")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mark", action="store_true", help=argparse.SUPPRESS)
@@ -135,12 +160,12 @@ def main() -> int:
         print(
             f"{engine}: decode b=1 ctx={args.context}: wall {r['wall_ms']:.3f} ms; "
             f"{r['launches_per_step']:.0f} launches, kernels {r['kernel_ms_per_step']:.3f} ms "
-            f"per step (ncu, caches flushed; {time.perf_counter() - t0:.0f} s)"
+            f"per step (ncu, cache control {args.cache_control}; {time.perf_counter() - t0:.0f} s)"
         )
         for k in r["top"]:
             print(
                 f"  {k['ms_per_step']:7.3f} ms  {k['launches_per_step']:5.0f} x "
-                f"{k['median_us']:7.1f} us  {k['kernel']}"
+                f"{k['median_us']:7.1f} us  {k['threads']:>8} thr  {k['kernel']}"
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -5,11 +5,12 @@
 #   pip install -e '.[cuda,test,peers,bench]' && bash tools/gpu_run.sh
 #
 # Steps (STEPS, default all but asv, in this order):
-#   grid          the paged decode attention grid (suites/test_kernels.py); ~8 min of
-#                 kernel compiles on an H100
+#   grid          the paged decode and prefill attention grids (suites/test_kernels.py,
+#                 suites/test_prefill_kernel.py); ~12 min, mostly kernel compiles
 #   fused-grid    the RoPE + cache-write and add + RMSNorm grids (suites/test_fused_kernels.py)
 #   suites        pytest suites/ (all but the grids) with every kernel active
-#   kernel-bench  decode kernel vs its ops twin (tools/gpu_kernels_check.py --skip-tests)
+#   kernel-bench  each kernel vs what it replaces, and the decode launch-shape sweep
+#                 (tools/gpu_kernels_check.py --skip-tests)
 #   model-bench   TinyLlama shape, float16, engines interleaved vs the floor (tools/gpu_bench.py)
 #   profile       per-kernel time of a decode step under ncu, impl-compiled vs mlx-lm
 #                 (tools/gpu_profile.py)
@@ -42,11 +43,11 @@ run() {  # name, command...
 PYTEST="python3 -m pytest -q -p no:cacheprovider -rs"
 for step in $STEPS; do
   case $step in
-    grid) run kernel-grid $PYTEST suites/test_kernels.py ;;
+    grid) run kernel-grid $PYTEST suites/test_kernels.py suites/test_prefill_kernel.py ;;
     fused-grid) run fused-grid $PYTEST suites/test_fused_kernels.py ;;
     suites)
       run suites $PYTEST suites/ --report "$OUT" --ignore=suites/test_kernels.py \
-        --ignore=suites/test_fused_kernels.py ;;
+        --ignore=suites/test_fused_kernels.py --ignore=suites/test_prefill_kernel.py ;;
     kernel-bench) run kernel-bench python3 tools/gpu_kernels_check.py --skip-tests ;;
     model-bench) run model-bench python3 tools/gpu_bench.py --out "$OUT/gpu-bench.json" ;;
     profile) run profile python3 tools/gpu_profile.py --out "$OUT/profile.json" ;;

@@ -1,0 +1,337 @@
+"""Paged prefill attention against a slow, obvious float64 reference.
+
+T new query tokens per sequence (a prefill chunk) attend causally over a paged
+cache that already holds them after a prefix of earlier tokens. The inputs are
+poisoned as in ``suites/test_kernels.py``: every pool slot no sequence owns (the
+tail of a last block, spare blocks, the block the tables are padded with) holds
+NaN, and each table lists its blocks shuffled across the pool, so reading past
+``context_len`` or through the wrong table entry changes the answer. Every case
+is a batch of mixed prefixes sharing one chunk length.
+
+The reference is written here in numpy (each sequence's keys and values gathered
+token by token through its block table); on the CPU it is itself checked against
+the ops twin ``paged_attention_ops`` on a subset, and the poison is shown to catch
+the bugs it is there for. The kernel runs the whole grid on Metal or CUDA: one
+test per template (dtype, head size, heads, block size), the chunk lengths and
+prefixes inside it, since those are run-time sizes that compile nothing new.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kernels.paged_attention import BACKEND, paged_attention_ops
+from kernels.paged_prefill import (
+    HEAD_DIMS,
+    TARGET_ROWS,
+    call_args,
+    paged_prefill_attention,
+    supports,
+)
+from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
+
+ON_GPU = BACKEND != "cpu"
+NO_GPU = "no GPU backend (needs Metal or CUDA)"
+
+HEAD_COUNTS: list[tuple[int, int]] = [(32, 4), (32, 8), (8, 8), (32, 1)]  # (q heads, kv heads)
+BLOCK_SIZES: list[int] = [8, 16, 32]
+DTYPES: list[str] = ["float16", "bfloat16", "float32"]
+# New tokens per sequence (T), and the longest prefix of each case's batch ("bs" is
+# the block size): the chunk starts a prompt, follows one token, starts on a block
+# edge, or follows a long context.
+CHUNKS: list[int] = [1, 7, 64, 512]
+PREFIXES: list[str] = ["0", "1", "bs", "1000"]
+# The CPU check of the reference against the ops twin: every chunk and prefix, at
+# shorter lengths where the twin's dense attention would take long.
+OPS_COMBOS: list[tuple[int, str]] = [(1, "1000"), (7, "bs"), (64, "1"), (40, "0"), (33, "100")]
+
+
+@dataclass
+class Case:
+    q: mx.array  # (B, n_heads, T, D)
+    k_pool: mx.array  # (num_blocks, block_size, n_kv_heads, D)
+    v_pool: mx.array
+    block_tables: mx.array  # (B, max_blocks) int32
+    context_lens: mx.array  # (B,) int32: prefix + T
+    positions: mx.array  # (B, T) int32: prefix, ..., prefix + T - 1
+    scale: float
+
+
+def prefix_len(spec: str, block_size: int) -> int:
+    """Resolve a PREFIXES entry: bs -> block_size, 1000 -> 1000."""
+    return block_size if spec == "bs" else int(spec)
+
+
+def batch_prefixes(longest: int, block_size: int) -> list[int]:
+    """A mixed batch: the case's prefix, about a third of it, and one just past a block."""
+    return [longest, longest // 3, block_size + 1]
+
+
+def make_case(
+    prefixes: list[int],
+    t: int,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    block_size: int,
+    dtype: str,
+    seed: int = 0,
+) -> Case:
+    """Sequence b holds prefixes[b] earlier tokens and the t new ones; q holds the new
+    tokens' queries. Unowned slots are NaN; tables are shuffled across the pool."""
+    rng = np.random.default_rng(seed)
+    lengths = [p + t for p in prefixes]
+    needs = [math.ceil(n / block_size) for n in lengths]
+    num_blocks = sum(needs) + 3  # spare blocks stay all-NaN; the last one pads the tables
+    order = rng.permutation(num_blocks - 1)  # shuffled: neighbours in a table are not in the pool
+    shape = (num_blocks, block_size, n_kv, head_dim)
+    k_pool, v_pool = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    tables = np.full((len(lengths), max(needs)), num_blocks - 1, np.int32)
+    start = 0
+    for b, n in enumerate(lengths):
+        tables[b, : needs[b]] = order[start : start + needs[b]]
+        start += needs[b]
+        tok = np.arange(n)
+        blocks, offsets = tables[b, tok // block_size], tok % block_size
+        k_pool[blocks, offsets] = rng.standard_normal((n, n_kv, head_dim))
+        v_pool[blocks, offsets] = rng.standard_normal((n, n_kv, head_dim))
+    q = rng.standard_normal((len(lengths), n_heads, t, head_dim)).astype(np.float32)
+    positions = np.array([[p + i for i in range(t)] for p in prefixes], np.int32)
+    dt = getattr(mx, dtype)
+    return Case(
+        q=mx.array(q).astype(dt),
+        k_pool=mx.array(k_pool).astype(dt),
+        v_pool=mx.array(v_pool).astype(dt),
+        block_tables=mx.array(tables),
+        context_lens=mx.array(lengths, dtype=mx.int32),
+        positions=mx.array(positions),
+        scale=head_dim**-0.5,
+    )
+
+
+def grid_case(
+    prefix: str, t: int, heads: tuple[int, int], head_dim: int, block_size: int, dtype: str
+) -> Case:
+    longest = prefix_len(prefix, block_size)
+    return make_case(batch_prefixes(longest, block_size), t, *heads, head_dim, block_size, dtype)
+
+
+def to_f64(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32)).astype(np.float64)
+
+
+def reference_prefill_attention(case: Case, read_past: int = 0) -> np.ndarray:
+    """Deliberately slow: gather each sequence's K/V token by token through its table,
+    then per KV head a masked softmax of its query heads' scores.
+
+    ``read_past`` gathers that many slots past context_len too (masked out, as a
+    buggy kernel might): only there to show the poison catches it.
+    """
+    q, k_pool, v_pool = to_f64(case.q), to_f64(case.k_pool), to_f64(case.v_pool)
+    tables, lengths = np.array(case.block_tables), np.array(case.context_lens)
+    positions = np.array(case.positions)
+    block_size, n_kv = k_pool.shape[1], k_pool.shape[2]
+    group = q.shape[1] // n_kv
+    out = np.zeros(q.shape)
+    for b, n in enumerate(lengths):
+        keys, values = [], []
+        for t in range(n + read_past):
+            block, offset = tables[b, t // block_size], t % block_size
+            keys.append(k_pool[block, offset])  # (n_kv, D)
+            values.append(v_pool[block, offset])
+        k, v = np.stack(keys), np.stack(values)  # (n + read_past, n_kv, D)
+        key_pos = np.arange(len(keys))
+        # Query i at position p sees keys 0..p that the sequence holds.
+        visible = (key_pos[None, :] <= positions[b][:, None]) & (key_pos[None, :] < n)  # (T, L)
+        for h in range(n_kv):
+            rows = q[b, h * group : (h + 1) * group]  # (group, T, D)
+            scores = rows @ k[:, h].T * case.scale  # (group, T, L)
+            scores = np.where(visible, scores, -np.inf)
+            p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            out[b, h * group : (h + 1) * group] = (p / p.sum(axis=-1, keepdims=True)) @ v[:, h]
+    return out
+
+
+def assert_matches_reference(got: mx.array, case: Case, dtype: str, what: str = "") -> None:
+    assert got.dtype == case.q.dtype and got.shape == case.q.shape
+    np.testing.assert_allclose(
+        to_f64(got),
+        reference_prefill_attention(case),
+        atol=KERNEL_ATOL[dtype],
+        rtol=KERNEL_RTOL[dtype],
+        err_msg=what,
+    )
+
+
+def ops_args(case: Case) -> tuple:
+    """The arguments of ``paged_attention_ops`` / ``paged_prefill_attention``, in order."""
+    c = case
+    return (c.q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, c.positions, c.scale)
+
+
+def run_ops(case: Case) -> mx.array:
+    return paged_attention_ops(*ops_args(case))
+
+
+def run_kernel(case: Case) -> mx.array:
+    return paged_prefill_attention(*ops_args(case))
+
+
+# -- the reference is the oracle: check it against the ops twin (CPU) ------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("heads", [(32, 4), (8, 8), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_reference_matches_ops_twin(
+    head_dim: int, heads: tuple[int, int], block_size: int, dtype: str
+) -> None:
+    for t, prefix in OPS_COMBOS:
+        case = grid_case(prefix, t, heads, head_dim, block_size, dtype)
+        assert_matches_reference(run_ops(case), case, dtype, f"T={t} prefix={prefix}")
+
+
+def test_reference_matches_ops_twin_long_chunk() -> None:
+    """The grid's longest chunk after its longest prefix, once."""
+    case = grid_case("1000", 512, (8, 2), 64, 16, "float32")
+    assert_matches_reference(run_ops(case), case, "float32")
+
+
+# -- the poison and the shuffle catch the bugs they are there for ----------------------
+
+
+def test_unowned_slots_hold_nan() -> None:
+    case = make_case([5, 8, 0], 3, 8, 2, 64, 8, "float32", seed=1)
+    k = np.array(case.k_pool)
+    owned = np.isfinite(k).all(axis=(2, 3))  # (num_blocks, block_size)
+    assert owned.sum() == int(np.array(case.context_lens).sum())
+    assert np.isnan(k[~owned]).all()
+    # Each sequence's slot just past its context (a partial block's tail, or the
+    # padding block) is poisoned.
+    tables, bs = np.array(case.block_tables), case.k_pool.shape[1]
+    for b, n in enumerate(np.array(case.context_lens)):
+        assert not owned[tables[b, n // bs], n % bs]
+
+
+def test_poison_catches_reading_past_context_len() -> None:
+    # Context 8 (a full block, then the padding block) and 11 (a partial block).
+    case = make_case([5, 8], 3, 8, 2, 64, 8, "float32", seed=2)
+    want = reference_prefill_attention(case)
+    assert np.isfinite(want).all()
+    # A reader that loads one slot too many, even masked out, turns the output NaN.
+    assert np.isnan(reference_prefill_attention(case, read_past=1)).any()
+    # So does the ops twin told the context is one token longer.
+    over = replace(case, context_lens=case.context_lens + 1, positions=case.positions + 1)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(run_ops(over), case, "float32")
+
+
+def test_shuffled_tables_catch_ignoring_the_table() -> None:
+    case = make_case([40, 9], 5, 8, 2, 64, 8, "float32", seed=3)
+    in_pool_order = mx.sort(case.block_tables, axis=1)  # right blocks, wrong order
+    with pytest.raises(AssertionError):
+        assert_matches_reference(
+            run_ops(replace(case, block_tables=in_pool_order)), case, "float32"
+        )
+
+
+def test_causal_mask_is_checked() -> None:
+    """Letting each query see one key past its position (an off-by-one causal mask)
+    fails the check: the new tokens after it hold real keys."""
+    case = make_case([20, 3], 7, 8, 2, 64, 8, "float32", seed=4)
+    shifted = replace(case, positions=case.positions + 1)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(run_ops(shifted), case, "float32")
+
+
+# -- the launch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", HEAD_COUNTS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_call_args(head_dim: int, heads: tuple[int, int]) -> None:
+    """One group per (KV head, sequence x query tile); rows per group near the target."""
+    n_heads, n_kv = heads
+    q, k_pool = mx.zeros((3, n_heads, 7, head_dim)), mx.zeros((9, 16, n_kv, head_dim))
+    assert supports(q, k_pool)
+    args = call_args(q, k_pool)
+    template = dict(args["template"])
+    group, tile = template["GROUP_SIZE"], template["Q_TILE"]
+    assert group == n_heads // n_kv and tile >= 1
+    assert group * tile <= max(group, TARGET_ROWS[head_dim])
+    assert args["grid"] == (args["threadgroup"][0], n_kv, 3 * math.ceil(7 / tile))
+
+
+def test_supports() -> None:
+    q, k_pool = mx.zeros((2, 8, 5, 64)), mx.zeros((4, 16, 2, 64))
+    assert supports(q, k_pool)
+    assert not supports(mx.zeros((2, 8, 5, 16)), mx.zeros((4, 16, 2, 16)))  # head size
+    assert not supports(q.astype(mx.int32), k_pool)
+    assert not supports(q, mx.zeros((4, 16, 3, 64)))  # 8 heads on 3 KV heads
+    # 64 query heads on one KV head at head_dim 128: the queries outgrow shared memory.
+    assert not supports(mx.zeros((1, 64, 5, 128)), mx.zeros((4, 16, 1, 128)))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU backend's refusal")
+def test_kernel_needs_a_gpu() -> None:
+    case = make_case([3], 2, 8, 2, 64, 8, "float32")
+    with pytest.raises(RuntimeError):
+        run_kernel(case)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_kernel_refuses_unsupported_shapes() -> None:
+    case = make_case([3], 2, 4, 2, 16, 8, "float32")
+    with pytest.raises(ValueError):
+        run_kernel(case)
+    case = make_case([3], 2, 8, 2, 64, 8, "float32")
+    with pytest.raises(ValueError):
+        run_kernel(replace(case, positions=case.positions[:, :1]))
+
+
+# -- the kernel (GPU) ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("heads", HEAD_COUNTS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_kernel(head_dim: int, heads: tuple[int, int], block_size: int, dtype: str) -> None:
+    for t in CHUNKS:
+        for prefix in PREFIXES:
+            case = grid_case(prefix, t, heads, head_dim, block_size, dtype)
+            assert_matches_reference(run_kernel(case), case, dtype, f"T={t} prefix={prefix}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("heads", [(32, 4), (8, 8)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_kernel_any_positions(heads: tuple[int, int]) -> None:
+    """Per-row masks: positions out of order, repeated, and past the context (which
+    then limits what a query sees), so rows of one tile see very different keys."""
+    case = make_case([50, 0, 200], 37, *heads, 64, 16, "float32", seed=5)
+    rng = np.random.default_rng(6)
+    ctx = np.array(case.context_lens)
+    positions = np.stack([rng.integers(0, n + 5, size=37) for n in ctx]).astype(np.int32)
+    case = replace(case, positions=mx.array(positions))
+    assert_matches_reference(run_kernel(case), case, "float32")
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_kernel_large_batch_long_context() -> None:
+    case = make_case([4000, 5, 2048] + [33] * 29, 96, 32, 4, 128, 16, "bfloat16", seed=7)
+    assert_matches_reference(run_kernel(case), case, "bfloat16")
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_kernel_agrees_with_the_ops_twin() -> None:
+    case = make_case([300, 17], 45, 32, 8, 128, 16, "float32", seed=8)
+    np.testing.assert_allclose(
+        to_f64(run_kernel(case)), to_f64(run_ops(case)), atol=KERNEL_ATOL["float32"], rtol=0
+    )

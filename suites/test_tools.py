@@ -1,0 +1,69 @@
+"""The GPU tools' own logic, on the CPU: how ``tools/gpu_bench.py`` counts a step's
+launches and splits its time, how ``tools/gpu_profile.py`` reads ncu's CSV, and which
+launch shapes ``tools/gpu_kernels_check.py`` sweeps. Their GPU numbers are only as
+good as these parts."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from conform.engines import resolve
+from tools import gpu_bench, gpu_kernels_check, gpu_profile
+
+
+def test_graph_primitives_names_each_unevaluated_op() -> None:
+    a = mx.ones((4,))
+    mx.eval(a)
+    seen = gpu_bench.graph_primitives([(a * 2 + 1).sum()])
+    assert seen["Multiply"] == 1 and seen["Add"] == 1 and seen["Sum"] == 1
+    assert gpu_bench.graph_primitives([a]) == {}  # evaluated: nothing left to launch
+
+
+def test_watching_eval_records_and_puts_eval_back() -> None:
+    real = mx.eval
+    with pytest.raises(RuntimeError), gpu_bench.watching_eval() as seen:
+        x = mx.arange(3) * 3
+        mx.eval(x)
+        assert x.tolist() == [0, 3, 6]
+        raise RuntimeError("a failing step")
+    assert mx.eval is real
+    assert seen["primitives"]["Multiply"] == 1
+
+
+def test_compiled_step_launches_fewer_kernels(checkpoint) -> None:
+    """The launch estimate sees what mx.compile fuses: a compiled decode step of the
+    same model has fewer non-view primitives than the eager one."""
+    path = checkpoint("tiny-gqa4")
+    launches = {}
+    for name in ("impl", "impl-compiled"):
+        step = gpu_bench.decode_step(resolve(name).load(path, "float32"), [20])
+        anatomy = gpu_bench.step_anatomy(step, reps=2)
+        assert anatomy["wall_ms"] > 0 and anatomy["wait_ms"] >= 0
+        launches[name] = anatomy["launches"]
+    assert 0 < launches["impl-compiled"] < launches["impl"]
+
+
+def test_ncu_csv_rows_become_one_record_per_launch() -> None:
+    head = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = [
+        '"0","gemv","gpu__time_duration.sum","usecond","2.50"',
+        '"0","gemv","launch__block_size","","256"',
+        '"0","gemv","launch__grid_size","","4"',
+        '"1","norm","gpu__time_duration.sum","nsecond","1,500"',
+    ]
+    text = "==PROF== a log line\n" + head + "\n".join(rows)
+    assert gpu_profile.kernels(text) == [("gemv", 2500.0, 1024), ("norm", 1500.0, 0)]
+    assert gpu_profile.kernels("no csv here") == []
+
+
+@pytest.mark.parametrize(("batch", "context"), gpu_kernels_check.POINTS)
+def test_kernel_sweep_holds_the_policy(batch: int, context: int) -> None:
+    from kernels.paged_attention import launch_plan
+
+    n_blocks = -(-context // gpu_kernels_check.BLOCK_SIZE)
+    shapes = gpu_kernels_check.sweep(batch, context, n_blocks)
+    g = gpu_kernels_check
+    plan = launch_plan(batch, g.N_KV_HEADS, n_blocks, g.BLOCK_SIZE)
+    assert plan in shapes
+    assert all(parts <= n_blocks for _, parts in shapes)
