@@ -272,9 +272,9 @@ def test_a_long_compiled_run_traces_about_log2_blocks_graphs(trained_dir, monkey
 
 def test_poisoned_pad_block_is_never_read(model):
     """The pad names block 0; fill it with NaN in every layer while the sequence holds
-    other blocks: a decode step's tables are padded from 3 blocks to 4 (eager and
-    compiled alike), and the logits stay finite, compiled equal to eager. Poisoning
-    a block inside the context does reach them."""
+    other blocks: the compiled step's tables are padded from 3 blocks to 4, and its
+    logits stay finite and equal the eager (unpadded) step's. Poisoning a block
+    inside the context does reach them."""
 
     def setup(poison: int) -> PagedKVCache:
         cache = PagedKVCache(model.config, num_blocks=8, block_size=4)

@@ -118,6 +118,17 @@ def test_plan(benchmark, small_config, batch):
     assert cache.allocator.num_used == blocks_for(contexts, 1)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+def test_compiled_plan_pads_tables_to_the_bucket(small_config, batch):
+    """A compiled decode step's plan (``table_width=bucket_width``): the same plan,
+    its tables widened with block 0 to the next power of two."""
+    contexts, seqs = CONTEXTS[:batch], list(range(batch))
+    cache = filled_cache(small_config, contexts)
+    plan = cache.plan(seqs, 1, table_width=bucket_width)
+    check_plan(cache, seqs, contexts, plan, padded=True)
+    assert plan.block_tables.shape[1] & (plan.block_tables.shape[1] - 1) == 0
+
+
 # -- block allocation, trim, fork ---------------------------------------------------
 def test_grow_across_block_boundary(benchmark, small_config):
     """ensure_room + plan at a block-aligned context: the step takes a new block."""
@@ -221,7 +232,7 @@ def test_decode_step_inputs(benchmark, small_config, small_model, batch):
     tokens, plan = model.seen
     assert tokens.shape == (batch, 1) and tokens.dtype == mx.int32
     assert np.array(tokens)[:, 0].tolist() == ids
-    check_plan(cache, seqs, contexts, plan, padded=True)
+    check_plan(cache, seqs, contexts, plan)  # eager: tables unpadded
 
 
 # -- graph building -----------------------------------------------------------------
