@@ -322,21 +322,21 @@ def print_tables(
             f"  {r['ops_ms']:>6.4f}  {r['ops_ms'] / r['kernel_ms']:>9.2f}x"
             f"  {'kernel' if r['dispatched_to_kernel'] else 'ops':>10}  {r['max_abs_diff']:>9.1e}"
         )
-    print(f"\nRoPE of Q and K, {device}: kernel vs its ops twin")
-    print("tokens  kernel ms  ops ms  ops/kernel  compiled: kernel     ops  ops/kernel  max|diff|")
-    for r in rope:
+    print_vs_ops(f"RoPE of Q and K, {device}: kernel vs its ops twin", "tokens", rope)
+    title = f"add + RMSNorm, {device}: hidden {HIDDEN}, fp16 (ops: MLX add, then rms_norm)"
+    print_vs_ops(title, "rows", norm)
+
+
+def print_vs_ops(title: str, size: str, rows: list[dict]) -> None:
+    """A kernel against its ops, eager and compiled, one row per ``r[size]``."""
+    print(f"\n{title}")
+    print(
+        f"{size:>6}  kernel ms  ops ms  ops/kernel  compiled: kernel     ops  ops/kernel  max|diff|"
+    )
+    for r in rows:
         c = r["compiled_ms"]
         print(
-            f"{r['tokens']:>6}  {r['kernel_ms']:>9.4f}  {r['ops_ms']:>6.4f}"
-            f"  {r['ops_ms'] / r['kernel_ms']:>9.2f}x  {c['kernel']:>16.4f}  {c['ops']:.4f}"
-            f"  {c['ops'] / c['kernel']:>9.2f}x  {r['max_abs_diff']:>9.1e}"
-        )
-    print(f"\nadd + RMSNorm, {device}: hidden {HIDDEN}, fp16 (ops: MLX add, then rms_norm)")
-    print(" rows  kernel ms  ops ms  ops/kernel  compiled: kernel     ops  ops/kernel  max|diff|")
-    for r in norm:
-        c = r["compiled_ms"]
-        print(
-            f"{r['rows']:>5}  {r['kernel_ms']:>9.4f}  {r['ops_ms']:>6.4f}"
+            f"{r[size]:>6}  {r['kernel_ms']:>9.4f}  {r['ops_ms']:>6.4f}"
             f"  {r['ops_ms'] / r['kernel_ms']:>9.2f}x  {c['kernel']:>16.4f}  {c['ops']:.4f}"
             f"  {c['ops'] / c['kernel']:>9.2f}x  {r['max_abs_diff']:>9.1e}"
         )
