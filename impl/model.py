@@ -83,7 +83,8 @@ class Attention(nn.Module):
         plan: StepPlan,
         rope: kernels.RopeStep,
     ) -> mx.array:
-        B, T, _ = x.shape
+        """x: (B * T, hidden), the step's tokens as rows (see ``Model.__call__``)."""
+        B, T = plan.positions.shape
         q, k, v = self.project_qkv(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         )
         cache.update_layer(layer, k_pool, v_pool)
         out = kernels.paged_attention(
-            q.transpose(0, 2, 1, 3),  # (B, n_heads, T, head_dim)
+            q,  # (B, T, n_heads, head_dim): token-major, as the projection made it
             k_pool,
             v_pool,
             plan.block_tables,
@@ -102,7 +103,7 @@ class Attention(nn.Module):
             self.scale,
             own_kv=(k, v) if plan.fresh else None,  # the new tokens are the whole context
         )
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(out.reshape(B * T, -1))
 
 
 class MLP(nn.Module):
@@ -190,10 +191,10 @@ class DecoderLayer(nn.Module):
         rope: kernels.RopeStep,
         trace: dict[str, mx.array] | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """h: the residual stream; pending: the previous layer's MLP output, not yet
-        added to it (None for the first layer). Each residual add is fused with the
-        RMSNorm that follows it (``kernels.add_rms_norm``). Returns (h, mlp): this
-        layer's output is h + mlp, left for the next norm to add.
+        """h: the residual stream, (B * T, hidden); pending: the previous layer's MLP
+        output, not yet added to it (None for the first layer). Each residual add is
+        fused with the RMSNorm that follows it (``kernels.add_rms_norm``). Returns
+        (h, mlp): this layer's output is h + mlp, left for the next norm to add.
         """
         ln = self.input_layernorm
         if pending is None:
@@ -206,10 +207,11 @@ class DecoderLayer(nn.Module):
         mlp = self.mlp(normed_h)
         if trace is not None:
             # Execution order, so the first entry off tolerance is where a fault begins.
-            trace[f"layers.{layer}.input_layernorm"] = normed
-            trace[f"layers.{layer}.self_attn"] = attn
-            trace[f"layers.{layer}.post_attention_layernorm"] = normed_h
-            trace[f"layers.{layer}.mlp"] = mlp
+            B, T = plan.positions.shape
+            trace[f"layers.{layer}.input_layernorm"] = normed.reshape(B, T, -1)
+            trace[f"layers.{layer}.self_attn"] = attn.reshape(B, T, -1)
+            trace[f"layers.{layer}.post_attention_layernorm"] = normed_h.reshape(B, T, -1)
+            trace[f"layers.{layer}.mlp"] = mlp.reshape(B, T, -1)
         return h, mlp
 
 
@@ -297,14 +299,21 @@ class Model(nn.Module):
         cache: KVPools,
         plan: StepPlan,
         trace: dict[str, mx.array] | None = None,
+        marks: dict[int, mx.array] | None = None,
     ) -> mx.array:
         """tokens: (B, T) int32. ``trace``, when given, receives every layer's output
         and its attention/MLP branches under HF-style names, for localizing a
-        parity failure.
+        parity failure. ``marks``, when given, maps layer indices to None; each is
+        replaced by that layer's MLP output, the last array the layer computes, so a
+        caller can queue the step up to there (``impl.engine.CompiledSteps``).
         """
-        h = self.model.embed_tokens(tokens)  # (B, T, hidden)
+        B, T = tokens.shape
+        # The hidden states are (B * T, hidden) rows from here to the logits: a matmul
+        # of 2-D rows needs no flatten and unflatten around it, which in a batch-1
+        # decode step are 178 of the graph's nodes, each a host cost on every step.
+        h = self.model.embed_tokens(tokens.reshape(-1))
         if trace is not None:
-            trace["embed_tokens"] = h
+            trace["embed_tokens"] = h.reshape(B, T, -1)
         # RoPE angles and pool rows of the new tokens: the same for every layer, so
         # computed once here. block_size from the pools: (num_blocks, block_size, ...).
         block_size = cache.k[0].shape[1]
@@ -314,12 +323,16 @@ class Model(nn.Module):
         mlp = None  # the latest MLP output, added to h by the next norm
         for i, layer in enumerate(self.model.layers):
             h, mlp = layer(h, mlp, i, cache, plan, rope, trace)
+            if marks is not None and i in marks:
+                marks[i] = mlp
             if trace is not None:
-                trace[f"layers.{i}"] = h + mlp  # the same rounding as the fused add
+                trace[f"layers.{i}"] = (h + mlp).reshape(B, T, -1)  # the fused add's rounding
         norm = self.model.norm
         x = norm(h) if mlp is None else kernels.add_rms_norm(h, mlp, norm.weight, norm.eps)[1]
         if trace is not None:
-            trace["norm"] = x
+            trace["norm"] = x.reshape(B, T, -1)
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(x)
-        return self.lm_head(x)
+            logits = self.model.embed_tokens.as_linear(x)
+        else:
+            logits = self.lm_head(x)
+        return logits.reshape(B, T, -1)

@@ -79,8 +79,9 @@ def launch_plan(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -
 
 
 def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int, n_warps: int = N_WARPS) -> dict:
-    """Template, grid and thread group of one launch (also used by the Metal check)."""
-    batch, n_heads, _, head_dim = q.shape
+    """Template, grid and thread group of one launch (also used by the Metal check).
+    q: (B, n_heads, 1, D), or (B, 1, n_heads, D): at one token the two are the same bytes."""
+    batch, n_heads, head_dim = q.shape[0], q.shape[1] * q.shape[2], q.shape[3]
     _, block_size, n_kv, _ = k_pool.shape
     return {
         "template": [
@@ -97,8 +98,8 @@ def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int, n_warps: int =
 
 
 def combine_call_args(q: mx.array) -> dict:
-    """Template, grid and thread group of the combine launch."""
-    batch, n_heads, _, head_dim = q.shape
+    """Template, grid and thread group of the combine launch (q as for ``kernel_call_args``)."""
+    batch, n_heads, head_dim = q.shape[0], q.shape[1] * q.shape[2], q.shape[3]
     return {
         "template": [("T", q.dtype), ("HEAD_DIM", head_dim)],
         "grid": (head_dim, n_heads, batch),
@@ -115,18 +116,23 @@ def paged_decode_attention(
     scale: float,
     n_parts: int | None = None,
     n_warps: int | None = None,
+    token_major: bool = False,
 ) -> mx.array:
     """The custom kernel: attention of one query token per sequence over its cache.
 
-    q: (B, n_heads, 1, D); the rest as for ``paged_attention_ops``. ``n_parts``, the
-    context partitions per (sequence, KV head), and ``n_warps``, the warps per thread
-    group, default to ``launch_plan``'s; any counts give the same answer (the
-    suites check it), only the speed differs (``tools/gpu_kernels_check.py`` times them).
+    q: (B, n_heads, 1, D); the rest as for ``paged_attention_ops``. With
+    ``token_major``, q and the result are (B, 1, n_heads, D) instead: the same bytes
+    at one token, so the model's layout needs no transpose (a graph node on every
+    layer of every step) on either side. ``n_parts``, the context partitions per
+    (sequence, KV head), and ``n_warps``, the warps per thread group, default to
+    ``launch_plan``'s; any counts give the same answer (the suites check it), only
+    the speed differs (``tools/gpu_kernels_check.py`` times them).
     """
     if _KERNELS is None:
         raise RuntimeError("paged_decode_attention needs a GPU backend (Metal or CUDA)")
-    batch, n_heads, t, head_dim = q.shape
-    if t != 1 or not supports(q, k_pool):
+    head_major = q.transpose(0, 2, 1, 3) if token_major else q  # shape only: never run
+    batch, n_heads, t, head_dim = head_major.shape
+    if t != 1 or not supports(head_major, k_pool):
         raise ValueError(f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape}; see supports()")
     n_kv, max_blocks = k_pool.shape[2], block_tables.shape[1]
     plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, k_pool.shape[1])
@@ -147,12 +153,7 @@ def paged_decode_attention(
     launch = kernel_call_args(q, k_pool, n_parts, n_warps)
     final, split, combine = _KERNELS
     if n_parts == 1:
-        return final(
-            inputs=inputs,
-            output_shapes=[(batch, n_heads, 1, head_dim)],
-            output_dtypes=[q.dtype],
-            **launch,
-        )[0]
+        return final(inputs=inputs, output_shapes=[q.shape], output_dtypes=[q.dtype], **launch)[0]
     part_acc, part_ml = split(
         inputs=inputs,
         output_shapes=[(batch, n_heads, n_parts, head_dim), (batch, n_heads, n_parts, 2)],
@@ -161,7 +162,7 @@ def paged_decode_attention(
     )
     return combine(
         inputs=[part_acc, part_ml],
-        output_shapes=[(batch, n_heads, 1, head_dim)],
+        output_shapes=[q.shape],
         output_dtypes=[q.dtype],
         **combine_call_args(q),
     )[0]
@@ -177,22 +178,30 @@ def paged_attention(
     scale: float,
     own_kv: tuple[mx.array, mx.array] | None = None,
 ) -> mx.array:
-    """Same contract as ``paged_attention_ops``; the custom kernel serves GPU decode.
+    """``paged_attention_ops``'s attention in the model's token-major layout: q and
+    the result are (B, T, n_heads, head_dim), as the projections make and consume
+    them. The custom kernel serves GPU decode, in that layout directly; the other
+    paths take (B, n_heads, T, head_dim) and are transposed to it and back.
 
     A decode step's single query sits at ``context_len - 1`` (``PagedKVCache.plan``
     builds it so), which is why the kernel needs no ``positions``. ``own_kv``, the
     step's new (k, v) as (B, T, n_kv_heads, head_dim), promises that every sequence
     holds exactly those T tokens, at positions 0..T-1.
     """
-    if BACKEND != "cpu" and q.shape[2] == 1 and supports(q, k_pool):
-        return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale)
+    if BACKEND != "cpu" and q.shape[1] == 1 and supports(q.transpose(0, 2, 1, 3), k_pool):
+        return paged_decode_attention(
+            q, k_pool, v_pool, block_tables, context_lens, scale, token_major=True
+        )
+    q = q.transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
     if own_kv is not None:
-        return causal_self_attention(q, *own_kv, scale)
-    if BACKEND != "cpu" and uses_prefill_kernel(q, k_pool):
-        return paged_prefill.paged_prefill_attention(
+        out = causal_self_attention(q, *own_kv, scale)
+    elif BACKEND != "cpu" and uses_prefill_kernel(q, k_pool):
+        out = paged_prefill.paged_prefill_attention(
             q, k_pool, v_pool, block_tables, context_lens, positions, scale
         )
-    return paged_attention_ops(q, k_pool, v_pool, block_tables, context_lens, positions, scale)
+    else:
+        out = paged_attention_ops(q, k_pool, v_pool, block_tables, context_lens, positions, scale)
+    return out.transpose(0, 2, 1, 3)
 
 
 def uses_prefill_kernel(q: mx.array, k_pool: mx.array) -> bool:

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 import kernels.rope
+from impl import engine
 from impl.engine import (
     CompiledSteps,
+    bucket_width,
+    commit_layers,
     InputError,
     Sampler,
     StepPools,
@@ -218,13 +221,38 @@ def test_compiled_decode_equals_eager(model):
 def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, monkeypatch):
     def forgetful(self, tokens, cache, plan):  # computes, but never installs the pools
         p = plan
-        out, _, _ = self.graph(plan.fresh)(tokens, *step_arrays(p), cache.k, cache.v)
+        out, _, _, _ = self.graph(plan.fresh)(tokens, *step_arrays(p), cache.k, cache.v)
         mx.eval(out)
         return out
 
     monkeypatch.setattr(CompiledSteps, "__call__", forgetful)
     with pytest.raises(AssertionError):
         test_compiled_decode_equals_eager(model)
+
+
+def test_commit_layers_end_the_step_in_small_graphs():
+    assert commit_layers(22) == [15, 17, 19]
+    assert commit_layers(6) == [1, 3]  # layers before the first are skipped
+    assert commit_layers(1) == []
+
+
+def test_compiled_step_queues_each_commit_layers_mlp_output(model, monkeypatch):
+    """The arrays a compiled step queues early are the MLP outputs of
+    ``commit_layers``: the same values the eager trace records under those names.
+    (The test model's few layers get none by default: every layer is marked here.)"""
+    monkeypatch.setattr(engine, "commit_layers", lambda n: list(range(n)))
+    traced, cache = {}, fresh_cache(model)
+    cache.add_sequence("a")
+    prefill(model, cache, "a", ids(5))
+    plan = cache.plan(["a"], 1, table_width=bucket_width)
+    tokens = mx.array([[7]], dtype=mx.int32)
+    *_, marks = CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.k, cache.v)
+    model(tokens, cache, plan, traced)
+    layers = engine.commit_layers(model.config.num_hidden_layers)
+    assert len(marks) == len(layers) > 0
+    for layer, mark in zip(layers, marks):
+        want = traced[f"layers.{layer}.mlp"].reshape(mark.shape)
+        np.testing.assert_allclose(np.array(mark), np.array(want), atol=FP32_SAME_ENGINE_ATOL, rtol=0)
 
 
 def test_compiled_steps_are_held_by_the_model(model):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import impl.model
-from impl.engine import CompiledSteps, decode, prefill, to_numpy
+from impl.engine import CompiledSteps, decode, prefill, step_arrays, to_numpy
 from impl.loader import Checkpoint, build, read_checkpoint
 from impl.model import Model
 from impl.paged_cache import PagedKVCache
@@ -75,9 +75,12 @@ def decode_step_primitives(model: Model) -> Counter[str]:
     cache.add_sequence("s")
     prefill(model, cache, "s", [1, 264, 319, 322, 309])
     plan = cache.plan(["s"], 1)
-    logits = CompiledSteps.of(model).lazy(mx.array([[336]], dtype=mx.int32), cache, plan)
-    counts = graph_primitives(logits, *cache.k, *cache.v)
-    mx.eval(logits, cache.k, cache.v)
+    # The graph itself, not CompiledSteps.lazy: lazy queues the step's last layers
+    # (commit_layers), and what is queued is no longer in the graph to count.
+    step = CompiledSteps.of(model).graph(plan.fresh)
+    logits, k, v, _ = step(mx.array([[336]], dtype=mx.int32), *step_arrays(plan), cache.k, cache.v)
+    counts = graph_primitives(logits, *k, *v)
+    mx.eval(logits, k, v)
     return counts
 
 

@@ -227,6 +227,12 @@ def test_kernel_large_batch_context_8192() -> None:
     assert_matches_reference(run_kernel(case), case, "bfloat16")
 
 
+def dispatch(q: mx.array, *args: object, **kwargs: object) -> mx.array:
+    """``paged_attention`` for a head-major q (B, n_heads, T, D), the layout of the
+    cases and the twin: the dispatcher takes and returns the model's token-major one."""
+    return paged_attention(q.transpose(0, 2, 1, 3), *args, **kwargs).transpose(0, 2, 1, 3)
+
+
 @pytest.mark.parametrize("t", [1, 3, 200])
 def test_dispatch(t: int) -> None:
     """paged_attention on a GPU: the decode kernel for one token, the prefill kernel
@@ -236,7 +242,7 @@ def test_dispatch(t: int) -> None:
     q = mx.repeat(case.q, t, axis=2)  # (B, n_heads, T, D)
     positions = case.context_lens[:, None] - t + mx.arange(t)[None, :]
     args = (case.k_pool, case.v_pool, case.block_tables, case.context_lens, positions, case.scale)
-    got, ops = paged_attention(q, *args), paged_attention_ops(q, *args)
+    got, ops = dispatch(q, *args), paged_attention_ops(q, *args)
     kernel = t == 1 or q.shape[0] * t <= PREFILL_KERNEL_MAX_TOKENS
     if ON_GPU and kernel:
         np.testing.assert_allclose(to_f64(got), to_f64(ops), atol=KERNEL_ATOL["float32"])
@@ -247,7 +253,7 @@ def test_dispatch(t: int) -> None:
 def test_dispatch_falls_back_for_unsupported_head_dim() -> None:
     case = make_case([20], 4, 2, 16, 8, "float32")
     assert not supports(case.q, case.k_pool)
-    assert mx.array_equal(paged_attention(*ops_args(case)), run_ops(case)).item()
+    assert mx.array_equal(dispatch(*ops_args(case)), run_ops(case)).item()
 
 
 # The poison and the shuffle must be able to catch the bugs they are there for:
@@ -291,7 +297,7 @@ def test_fresh_prefill_path_equals_the_twin(t: int) -> None:
     c = case
     positions = mx.broadcast_to(mx.arange(t, dtype=mx.int32)[None], (2, t))
     args = (c.k_pool, c.v_pool, c.block_tables, c.context_lens, positions, c.scale)
-    got = paged_attention(q, *args, own_kv=own)
+    got = dispatch(q, *args, own_kv=own)
     np.testing.assert_allclose(
         to_f64(got), to_f64(paged_attention_ops(q, *args)), atol=KERNEL_ATOL["float32"], rtol=0
     )

@@ -21,14 +21,25 @@ def test_graph_primitives_names_each_unevaluated_op() -> None:
 
 
 def test_watching_eval_records_and_puts_eval_back() -> None:
-    real = mx.eval
+    real, real_async = mx.eval, mx.async_eval
     with pytest.raises(RuntimeError), gpu_bench.watching_eval() as seen:
         x = mx.arange(3) * 3
-        mx.eval(x)
-        assert x.tolist() == [0, 3, 6]
+        y = x + 1
+        mx.async_eval(x)  # queued early by an engine: counted with the final eval
+        mx.eval(y)
+        assert y.tolist() == [1, 4, 7]
         raise RuntimeError("a failing step")
-    assert mx.eval is real
-    assert seen["primitives"]["Multiply"] == 1
+    assert mx.eval is real and mx.async_eval is real_async
+    assert seen["primitives"]["Multiply"] == 1 and seen["primitives"]["Add"] == 1
+
+
+def test_watching_eval_times_an_engines_early_queueing() -> None:
+    with gpu_bench.watching_eval(count=False) as seen:
+        x = mx.arange(3) * 3
+        mx.async_eval(x)
+        assert seen["encode_s"] > 0 and seen["wait_s"] == 0
+        mx.eval(x + 1)
+    assert seen["wait_s"] > 0
 
 
 def test_compiled_step_launches_fewer_kernels(checkpoint) -> None:

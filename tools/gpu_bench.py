@@ -175,30 +175,39 @@ def graph_primitives(tree: object) -> Counter:
 
 @contextlib.contextmanager
 def watching_eval(count: bool = True) -> Iterator[dict]:
-    """Replace ``mx.eval`` while inside: every call records the primitives of what it
-    evaluates (if ``count``: that walk is slow, so timed runs leave it out), then
-    queues it (``mx.async_eval``: MLX encodes every kernel on this thread) and waits
-    for it; the dict yielded collects the primitive counts and the time spent
-    encoding and waiting. Engines call ``mx.eval`` through the module, so
-    this sees any engine's step without knowing its code."""
+    """Replace ``mx.eval`` and ``mx.async_eval`` while inside: every ``mx.eval``
+    records the primitives of what it evaluates (if ``count``: that walk is slow, so
+    timed runs leave it out), then queues it (``mx.async_eval``: MLX encodes every
+    kernel on this thread) and waits for it; the dict yielded collects the primitive
+    counts and the time spent encoding and waiting. An engine's own ``mx.async_eval``
+    (queueing part of a step early) counts as encoding; while counting it is left to
+    the step's final ``mx.eval``, so every primitive is counted once. Engines call
+    both through the module, so this sees any engine's step without knowing its code."""
     seen: dict = {"primitives": Counter(), "encode_s": 0.0, "wait_s": 0.0}
-    real = mx.eval
+    real, real_async = mx.eval, mx.async_eval
 
     def watched(*args: object) -> None:
         if count:
             seen["primitives"].update(graph_primitives(list(args)))
         t0 = time.perf_counter()
-        mx.async_eval(*args)
+        real_async(*args)
         t1 = time.perf_counter()
         real(*args)
         seen["encode_s"] += t1 - t0
         seen["wait_s"] += time.perf_counter() - t1
 
-    mx.eval = watched
+    def queued(*args: object) -> None:
+        if count:
+            return
+        t0 = time.perf_counter()
+        real_async(*args)
+        seen["encode_s"] += time.perf_counter() - t0
+
+    mx.eval, mx.async_eval = watched, queued
     try:
         yield seen
     finally:
-        mx.eval = real
+        mx.eval, mx.async_eval = real, real_async
 
 
 def step_anatomy(step: Step, reps: int = 20) -> dict:
