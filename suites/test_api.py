@@ -11,11 +11,11 @@ import kernels.rope
 from impl import engine
 from impl.engine import (
     CompiledSteps,
-    bucket_width,
-    commit_layers,
     InputError,
     Sampler,
     StepPools,
+    bucket_width,
+    commit_layers,
     decode,
     generate,
     prefill,
@@ -252,7 +252,9 @@ def test_compiled_step_queues_each_commit_layers_mlp_output(model, monkeypatch):
     assert len(marks) == len(layers) > 0
     for layer, mark in zip(layers, marks):
         want = traced[f"layers.{layer}.mlp"].reshape(mark.shape)
-        np.testing.assert_allclose(np.array(mark), np.array(want), atol=FP32_SAME_ENGINE_ATOL, rtol=0)
+        np.testing.assert_allclose(
+            np.array(mark), np.array(want), atol=FP32_SAME_ENGINE_ATOL, rtol=0
+        )
 
 
 def test_compiled_steps_are_held_by_the_model(model):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
+import impl.engine
 from conform.engines import resolve
-from tools import gpu_bench, gpu_kernels_check, gpu_profile
+from tools import gpu_bench, gpu_kernels_check, gpu_policy_ab, gpu_profile
 
 
 def test_graph_primitives_names_each_unevaluated_op() -> None:
@@ -78,3 +79,17 @@ def test_kernel_sweep_holds_the_policy(batch: int, context: int) -> None:
     plan = launch_plan(batch, g.N_KV_HEADS, n_blocks, g.BLOCK_SIZE)
     assert plan in shapes
     assert all(parts <= n_blocks for _, parts in shapes)
+
+
+def test_policy_ab_sets_each_policy_and_puts_it_back() -> None:
+    """gpu_policy_ab's variants differ only while their policy is set."""
+    norm, attention = gpu_policy_ab.NORM, gpu_policy_ab.ATTENTION
+    before = (norm.USE_KERNEL, attention.MIN_PARTITION_TOKENS, impl.engine.commit_layers)
+    with gpu_policy_ab.policy(gpu_policy_ab.VARIANTS["no-early"]):
+        assert impl.engine.commit_layers(22) == []
+    with gpu_policy_ab.policy({"fused_norm": True, "split": False}):
+        assert norm.USE_KERNEL and attention.MIN_PARTITION_TOKENS > 2**20
+    with pytest.raises(RuntimeError), gpu_policy_ab.policy({"fused_norm": True}):
+        raise RuntimeError("a failing step")
+    assert (norm.USE_KERNEL, attention.MIN_PARTITION_TOKENS, impl.engine.commit_layers) == before
+    assert impl.engine.commit_layers(22) == [15, 17, 19]

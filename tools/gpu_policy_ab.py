@@ -1,0 +1,115 @@
+"""A/B of impl's step policies in one process, interleaved with mlx-lm.
+
+Each variant is its own ``impl-compiled`` engine whose module-level policy (which
+layers a compiled step queues early, whether the fused add + RMSNorm kernel runs,
+whether the decode kernel splits the context) is patched while the engine runs.
+A compiled graph keeps what it traced, so every variant keeps its own policy, and
+all of them and mlx-lm are timed turn by turn (``tools/gpu_bench.py``'s steps):
+on a shared host separate processes drifted by up to 30%, one run does not.
+
+  python tools/gpu_policy_ab.py                      # TinyLlama shape, float16
+  python tools/gpu_policy_ab.py --preset small --reps 2   # a CPU smoke run
+
+On the CPU backend no kernel runs, so the variants differ only in what they queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+
+from conform import blas  # noqa: E402
+
+blas.load()  # before MLX is imported: MLX binds its BLAS then (conform/blas.py)
+
+import impl.engine  # noqa: E402
+import kernels  # noqa: E402, F401  (so its submodules are in sys.modules)
+from benchmarks import common  # noqa: E402
+from conform.engines import resolve  # noqa: E402
+from tools import gpu_bench  # noqa: E402
+
+NORM = sys.modules["kernels.add_rms_norm"]
+ATTENTION = sys.modules["kernels.paged_attention"]
+COMMIT_LAYERS = impl.engine.commit_layers
+Policy = dict  # keys: "commit_layers" (n_layers -> layers), "fused_norm", "split"
+VARIANTS: dict[str, Policy] = {
+    "no-early": {"commit_layers": lambda n: []},
+    "default": {},
+    "dense": {"commit_layers": lambda n: list(range(max(n - 8, 0), n - 1))},
+    "fused-norm": {"fused_norm": True},
+    "no-split": {"split": False},
+}
+
+
+@contextlib.contextmanager
+def policy(p: Policy) -> Iterator[None]:
+    """impl's module-level policy set to ``p`` while inside, then put back."""
+    saved = NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, impl.engine.commit_layers
+    NORM.USE_KERNEL = p.get("fused_norm", NORM.USE_KERNEL)
+    if not p.get("split", True):
+        ATTENTION.MIN_PARTITION_TOKENS = 1 << 30
+    impl.engine.commit_layers = p.get("commit_layers", COMMIT_LAYERS)
+    try:
+        yield
+    finally:
+        NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, impl.engine.commit_layers = saved
+
+
+def under(p: Policy, step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with policy(p):
+            step()
+
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=list(common.PRESETS), default="tinyllama")
+    ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="repeatable")
+    ap.add_argument("--reps", type=int, default=40, help="interleaved decode repetitions")
+    args = ap.parse_args()
+    names = args.variant or ["no-early", "default", "dense", "fused-norm"]
+    path = common.checkpoint(args.preset)
+    engines = {n: resolve("impl-compiled").load(path, "float16") for n in names}
+    engines["mlx-lm"] = resolve("mlx-lm").load(path, "float16")
+    policies = {n: VARIANTS[n] for n in names} | {"mlx-lm": {}}
+    vocab = common.vocab_size(args.preset)
+
+    def timed(make: Callable, reps: int, warmup: int = 3) -> list[float]:
+        steps = [under(policies[n], make(e)) for n, e in engines.items()]
+        return gpu_bench.interleaved_ms(steps, warmup=warmup, reps=reps)
+
+    rows = []
+    for c in gpu_bench.CONTEXTS:
+        ms = timed(lambda e, c=c: gpu_bench.decode_step(e, [c]), args.reps)
+        rows.append((f"decode b=1 ctx={c} ms", ms))
+    mixed = gpu_bench.mixed_contexts(32)
+    ms = timed(lambda e: gpu_bench.decode_step(e, mixed), max(1, args.reps // 2))
+    rows.append(("decode b=32 tokens/s", [32e3 / m for m in ms]))
+    ms = timed(lambda e: gpu_bench.generate_step(e, vocab), max(1, args.reps // 8), warmup=1)
+    rows.append(
+        (
+            f"generate {gpu_bench.GENERATE_TOKENS} tokens/s",
+            [gpu_bench.GENERATE_TOKENS * 1e3 / m for m in ms],
+        )
+    )
+    gpu_bench.print_table(list(engines), rows, floor_ms=float("nan"))
+    print("\none decode step b=1 ctx=512, ms")
+    for n, e in engines.items():
+        with policy(policies[n]):
+            a = gpu_bench.step_anatomy(gpu_bench.decode_step(e, [512]))
+        print(
+            f"{n:12s} launches {a['launches']:4d} wall {a['wall_ms']:.3f} python "
+            f"{a['python_ms']:.3f} encode {a['encode_ms']:.3f} wait {a['wait_ms']:.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
