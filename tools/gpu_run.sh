@@ -14,6 +14,9 @@
 #   model-bench   TinyLlama shape, float16, engines interleaved vs the floor (tools/gpu_bench.py)
 #   profile       per-kernel time of a decode step under ncu, impl-compiled vs mlx-lm
 #                 (tools/gpu_profile.py)
+#   policy-ab     impl's step policies against each other and mlx-lm in one process
+#                 (tools/gpu_policy_ab.py); not in the default list
+#   encode-cost   host encode time per op kind (tools/gpu_encode_cost.py); not in the default
 #   quantized     SmolLM2-135M GGUF Q4_1 (if installed) and a 4-bit TinyLlama shape,
 #                 engines interleaved (tools/gpu_bench.py --model / --quantize 4 --quick)
 #   asv           the TinyLlama asv benchmarks for this commit (conform history --gpu;
@@ -51,6 +54,8 @@ for step in $STEPS; do
     kernel-bench) run kernel-bench python3 tools/gpu_kernels_check.py --skip-tests ;;
     model-bench) run model-bench python3 tools/gpu_bench.py --out "$OUT/gpu-bench.json" ;;
     profile) run profile python3 tools/gpu_profile.py --out "$OUT/profile.json" ;;
+    policy-ab) run policy-ab python3 tools/gpu_policy_ab.py ;;
+    encode-cost) run encode-cost python3 tools/gpu_encode_cost.py ;;
     quantized)
       run smollm2 python3 tools/gpu_bench.py --model smollm2-135m --quick --out "$OUT/smollm2.json"
       run tinyllama-4bit python3 tools/gpu_bench.py --quantize 4 --quick \
