@@ -99,7 +99,8 @@ def main() -> int:
             [gpu_bench.GENERATE_TOKENS * 1e3 / m for m in ms],
         )
     )
-    gpu_bench.print_table(list(engines), rows, floor_ms=float("nan"))
+    floor_ms = gpu_bench.weight_bytes(path) / (gpu_bench.copy_gbps() * 1e9) * 1e3
+    gpu_bench.print_table(list(engines), rows, floor_ms)
     print("\none decode step b=1 ctx=512, ms")
     for n, e in engines.items():
         with policy(policies[n]):
