@@ -56,6 +56,24 @@ def test_compiled_step_launches_fewer_kernels(checkpoint) -> None:
     assert 0 < launches["impl-compiled"] < launches["impl"]
 
 
+def test_paired_ratios_are_quartiles_of_each_reps_ratio() -> None:
+    q1, median, q3 = gpu_bench.paired_ratios([2.0, 4.0, 6.0, 8.0], [4.0] * 4)
+    assert (q1, median, q3) == pytest.approx((0.875, 1.25, 1.625))
+    # A tokens/s row: the rate ratio, the reference's time over the engine's.
+    assert gpu_bench.paired_ratios([2.0, 2.0], [4.0, 4.0], per_s=True) == [2.0] * 3
+    with pytest.raises(ValueError):  # samples from different runs cannot be paired
+        gpu_bench.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_paired_ratios_cancel_drift_that_medians_do_not() -> None:
+    """The host slows down 3x halfway through: each pair still reads 0.8, while the
+    engines' separate spreads overlap (the reason the bench pairs reps)."""
+    ref = [5.0] * 10 + [15.0] * 10
+    ours = [0.8 * t for t in ref]
+    assert gpu_bench.paired_ratios(ours, ref) == pytest.approx([0.8] * 3)
+    assert max(ours) > min(ref)
+
+
 def test_ncu_csv_rows_become_one_record_per_launch() -> None:
     head = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
     rows = [

@@ -66,6 +66,11 @@ def median_ms(fn: Step, warmup: int = 3, reps: int = 20) -> float:
 
 def interleaved_ms(fns: list[Step], warmup: int = 3, reps: int = 30) -> list[float]:
     """Median ms of each step function, the functions taking turns rep by rep."""
+    return [statistics.median(t) for t in interleaved_samples(fns, warmup, reps)]
+
+
+def interleaved_samples(fns: list[Step], warmup: int = 3, reps: int = 30) -> list[list[float]]:
+    """Every rep's ms of each step function, the functions taking turns rep by rep."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -75,7 +80,18 @@ def interleaved_ms(fns: list[Step], warmup: int = 3, reps: int = 30) -> list[flo
             t0 = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def paired_ratios(ms: list[float], ref_ms: list[float], per_s: bool = False) -> list[float]:
+    """Quartiles (q1, median, q3) of one engine's ratio to the reference, rep by rep:
+    each rep's pair was timed back to back, so host drift between reps cancels. In
+    the row's unit: a time ratio, or for a tokens/s row the rate ratio."""
+    pairs = [b / a if per_s else a / b for a, b in zip(ms, ref_ms, strict=True)]
+    if len(pairs) < 2:
+        return pairs * 3
+    q1, median, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
+    return [q1, median, q3]
 
 
 def copy_gbps() -> float:
@@ -270,6 +286,22 @@ def print_table(names: list[str], rows: list[tuple[str, list[float]]], floor_ms:
         print(f"{point:48s}" + "".join(text))
 
 
+def print_spreads(names: list[str], samples: dict[str, list[list[float]]]) -> dict:
+    """Each engine's ``paired_ratios`` to the last one, per point; printed and returned.
+    A ratio target is clear of the noise when the whole q1-q3 range is on its side."""
+    ref = names[-1]
+    print(f"\nratios to {ref} rep by rep (paired): q1 median q3")
+    spreads = {}
+    for point, ms in samples.items():
+        per_s = point.endswith("tokens/s")
+        spreads[point] = {n: paired_ratios(t, ms[-1], per_s) for n, t in zip(names, ms[:-1])}
+        cells = "".join(
+            f"  {n} {q[0]:.3f} {q[1]:.3f} {q[2]:.3f}" for n, q in spreads[point].items()
+        )
+        print(f"{point:48s}{cells}")
+    return spreads
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/gpu-bench.json"))
@@ -306,40 +338,41 @@ def main() -> int:
     floor_ms = wbytes / (gbps * 1e9) * 1e3
     # (point, one value per engine): ms, or tokens/s for the batched rows.
     rows: list[tuple[str, list[float]]] = []
+    samples: dict[str, list[list[float]]] = {}  # point -> each engine's ms, rep by rep
     print(f"loaded {', '.join(names)} on {path.name}", flush=True)
 
-    def add(row: tuple[str, list[float]]) -> None:
-        rows.append(row)
-        print(f"  {row[0]}: {', '.join(f'{v:.3f}' for v in row[1])}", flush=True)
+    def add(point: str, steps: list[Step], per: float | None = None, **reps: int) -> None:
+        """Time ``steps`` interleaved; a row of medians in ms, or with ``per`` (tokens a
+        step) in tokens/s."""
+        ms = interleaved_samples(steps, **reps)
+        samples[point] = ms
+        medians = [statistics.median(t) for t in ms]
+        rows.append((point, medians if per is None else [per / (m / 1e3) for m in medians]))
+        print(f"  {point}: {', '.join(f'{v:.3f}' for v in rows[-1][1])}", flush=True)
 
     for c in [c for c in CONTEXTS if c <= cfg.max_position_embeddings]:
-        add((f"decode b=1 ctx={c} ms", interleaved_ms([decode_step(e, [c]) for e in engines])))
-    prefills = [prefill_step(e, 512, vocab) for e in engines]
-    add(("prefill 512 ms", interleaved_ms(prefills, reps=15)))
+        add(f"decode b=1 ctx={c} ms", [decode_step(e, [c]) for e in engines])
+    add("prefill 512 ms", [prefill_step(e, 512, vocab) for e in engines], reps=15)
     chunks = [chunked_prefill_step(e, 1000, 512, vocab) for e in engines]
-    add(("prefill 512 after 1000 cached ms", interleaved_ms(chunks, reps=15)))
+    add("prefill 512 after 1000 cached ms", chunks, reps=15)
     # 9 runs: on a shared host the peers' generate rates moved by up to 30% run to run.
-    gens = interleaved_ms([generate_step(e, vocab) for e in engines], warmup=1, reps=9)
-    add(
-        (
-            f"generate {GENERATE_TOKENS} after 16 tokens/s",
-            [GENERATE_TOKENS / (m / 1e3) for m in gens],
-        )
-    )
+    gens = [generate_step(e, vocab) for e in engines]
+    add(f"generate {GENERATE_TOKENS} after 16 tokens/s", gens, GENERATE_TOKENS, warmup=1, reps=9)
     for b in [] if args.quick else BATCHES:
-        ms = interleaved_ms([decode_step(e, mixed_contexts(b)) for e in engines])
-        add((f"decode b={b} mixed tokens/s", [b / (m / 1e3) for m in ms]))
+        steps = [decode_step(e, mixed_contexts(b)) for e in engines]
+        add(f"decode b={b} mixed tokens/s", steps, b)
     # Room for 256 more sequences of 512 tokens (impl: +8192 blocks of 16) must not
     # show in the step time: the cache write is in place.
     if not args.quick:
-        big = interleaved_ms([decode_step(e, [512], spare_sequences=256) for e in engines])
-        add(("decode b=1 ctx=512 ms, cache for 257 sequences", big))
+        big = [decode_step(e, [512], spare_sequences=256) for e in engines]
+        add("decode b=1 ctx=512 ms, cache for 257 sequences", big)
     device = f"{mx.default_device()} {platform.node()}"
     print(
         f"device {device}; model {path.name} ({engines[0].weights()}), {args.dtype}; weights "
         f"{wbytes / 1e9:.3f} GB; copy {gbps:.0f} GB/s; weights-read floor {floor_ms:.3f} ms"
     )
     print_table(names, rows, floor_ms)
+    spreads = print_spreads(names, samples)
     anatomy = {n: step_anatomy(decode_step(e, [512])) for n, e in zip(names, engines)}
     print("\none decode step b=1 ctx=512: launches (graph primitives, views excluded), ms")
     print(f"{'engine':16s}{'launches':>9s}{'wall':>8s}{'python':>8s}{'encode':>8s}{'wait':>8s}")
@@ -364,6 +397,8 @@ def main() -> int:
                 "copy_gbps": gbps,
                 "floor_ms": floor_ms,
                 "rows": [{"point": pt, **dict(zip(names, vs))} for pt, vs in rows],
+                "samples_ms": {pt: dict(zip(names, ms)) for pt, ms in samples.items()},
+                "paired_ratio_quartiles": spreads,
                 "decode_step_anatomy": anatomy,
             },
             indent=2,
