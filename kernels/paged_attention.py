@@ -55,9 +55,10 @@ BACKEND: Backend = active_backend()
 _KERNELS = build_kernels(BACKEND) if BACKEND != "cpu" else None
 
 
-def supports(q: mx.array, k_pool: mx.array) -> bool:
-    """Whether the kernel takes these shapes and dtype (the dispatcher falls back if not)."""
-    n_heads, head_dim = q.shape[1], q.shape[3]
+def supports(q: mx.array, k_pool: mx.array, token_major: bool = False) -> bool:
+    """Whether the kernel takes these shapes and dtype (the dispatcher falls back if not).
+    q: (B, n_heads, T, D), or (B, T, n_heads, D) with ``token_major``."""
+    n_heads, head_dim = q.shape[2 if token_major else 1], q.shape[3]
     return (
         head_dim in HEAD_DIMS
         and q.dtype in DTYPES
@@ -130,9 +131,10 @@ def paged_decode_attention(
     """
     if _KERNELS is None:
         raise RuntimeError("paged_decode_attention needs a GPU backend (Metal or CUDA)")
-    head_major = q.transpose(0, 2, 1, 3) if token_major else q  # shape only: never run
-    batch, n_heads, t, head_dim = head_major.shape
-    if t != 1 or not supports(head_major, k_pool):
+    batch, n_heads, t, head_dim = q.shape
+    if token_major:
+        n_heads, t = t, n_heads
+    if t != 1 or not supports(q, k_pool, token_major):
         raise ValueError(f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape}; see supports()")
     n_kv, max_blocks = k_pool.shape[2], block_tables.shape[1]
     plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, k_pool.shape[1])
@@ -188,7 +190,7 @@ def paged_attention(
     step's new (k, v) as (B, T, n_kv_heads, head_dim), promises that every sequence
     holds exactly those T tokens, at positions 0..T-1.
     """
-    if BACKEND != "cpu" and q.shape[1] == 1 and supports(q.transpose(0, 2, 1, 3), k_pool):
+    if BACKEND != "cpu" and q.shape[1] == 1 and supports(q, k_pool, token_major=True):
         return paged_decode_attention(
             q, k_pool, v_pool, block_tables, context_lens, scale, token_major=True
         )

@@ -256,6 +256,17 @@ def test_dispatch_falls_back_for_unsupported_head_dim() -> None:
     assert mx.array_equal(dispatch(*ops_args(case)), run_ops(case)).item()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8, 64), (1, 4, 6, 64)], ids=["decode", "heads-on-axis-2"])
+def test_supports_reads_token_major_heads_without_a_transpose(shape) -> None:
+    """The dispatcher checks token-major q by its shape alone; the answer is the one
+    for the head-major transpose. In the second case the tokens (4) divide among the 4
+    KV heads but the 6 query heads do not: reading the wrong axis would say yes."""
+    q = mx.zeros(shape, dtype=mx.float16)
+    pool = mx.zeros((3, 16, 4, 64), dtype=mx.float16)
+    assert supports(q, pool, token_major=True) == supports(q.transpose(0, 2, 1, 3), pool)
+    assert supports(q, pool, token_major=True) == (shape[2] % 4 == 0)
+
+
 # The poison and the shuffle must be able to catch the bugs they are there for:
 # inject each bug into the ops twin and watch the reference comparison fail.
 def test_poison_catches_reading_past_context_len() -> None:
