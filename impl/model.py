@@ -66,14 +66,12 @@ class Attention(nn.Module):
         changed) where they cannot share a matmul (``fuse_linears``)."""
         return _fuse(self, "qkv_proj", ["q_proj", "k_proj", "v_proj"])
 
-    def project_qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """q, k, v of ``x``, each (..., heads * head_dim): one matmul when fused."""
-        if "qkv_proj" not in self:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        qkv = self.qkv_proj(x)
-        q_end = self.n_heads * self.head_dim
-        k_end = q_end + self.n_kv_heads * self.head_dim
-        return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+    def project_qkv(self, x: mx.array) -> mx.array:
+        """One q | k | v row per row of ``x``: (rows, (n_heads + 2 * n_kv_heads) *
+        head_dim), one matmul when fused (else the three joined)."""
+        if "qkv_proj" in self:
+            return self.qkv_proj(x)
+        return mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
 
     def __call__(
         self,
@@ -85,16 +83,13 @@ class Attention(nn.Module):
     ) -> mx.array:
         """x: (B * T, hidden), the step's tokens as rows (see ``Model.__call__``)."""
         B, T = plan.positions.shape
-        q, k, v = self.project_qkv(x)
-        q = q.reshape(B, T, self.n_heads, self.head_dim)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
-        q, k, k_pool, v_pool = kernels.rope_and_cache_write(
-            q, k, v, rope, cache.k[layer], cache.v[layer]
+        # q: (B, T, n_heads, head_dim), token-major; k, v likewise with the KV heads.
+        q, k, v, k_pool, v_pool = kernels.rope_and_cache_write(
+            self.project_qkv(x), (B, T), rope, cache.k[layer], cache.v[layer]
         )
         cache.update_layer(layer, k_pool, v_pool)
         out = kernels.paged_attention(
-            q,  # (B, T, n_heads, head_dim): token-major, as the projection made it
+            q,
             k_pool,
             v_pool,
             plan.block_tables,

@@ -1,11 +1,16 @@
 """Rotary embedding of the new Q/K at their absolute positions, then the K/V write
 into the paged pools through a slot mapping.
 
-``rope_and_cache_write`` dispatches: on a GPU backend (CUDA or Metal) one custom
-kernel (``rope_qk``) rotates Q and K together, and two MLX scatters (``write_rows``)
-write K and V into their pool rows, in place (the cache's pools can be donated); on
-the CPU backend, or for shapes the kernel does not take, the ops twin
-(``rope_and_cache_write_ops``) runs. The twin is also the kernel's oracle.
+The attention's projection makes one row per token, q | k | v (``qkv``, (B * T,
+(n_heads + 2 * n_kv_heads) * D)). ``rope_and_cache_write`` dispatches: on a GPU
+backend (CUDA or Metal) one custom kernel (``rope_qkv``) reads those rows and
+writes rotated Q and K and a copy of V, each (B, T, heads, D), and two MLX scatters
+(``write_rows``) write K and V into their pool rows, in place (the cache's pools
+can be donated); on the CPU backend, or for shapes the kernel does not take, the
+ops twin (``rope_and_cache_write_ops``) splits the rows with slices and runs. The
+twin is also the kernel's oracle. Reading the rows in the kernel saves the six
+slice and reshape nodes a layer the split costs, each a host cost in every
+launch-bound decode step.
 
 What depends only on the step, not the layer (cos and sin of the tokens' angles,
 their pool rows), is computed once per step by ``rope_step`` and passed to every
@@ -20,13 +25,14 @@ dtype, as HF's element-wise ops do.
 
 Kernel. One body for CUDA (``mx.fast.cuda_kernel``) and Metal
 (``mx.fast.metal_kernel``); ``kernels.backend`` supplies the per-backend lines.
-  q             (B, T, n_heads, D); k (B, T, n_kv_heads, D); one dtype T
+  qkv           (B * T, (N_Q + 2 * N_KV) * D) rows of one dtype T
   cos, sin      float32 (B, T, D/2): ``rope_cos_sin`` of the tokens' positions
-  returns       (q_rot, k_rot), shaped and typed like q and k
+  returns       (q_rot, k_rot, v), (B, T, heads, D) each, of dtype T
 One thread per rotation pair: thread i of group (head, token) owns elements i and
-i + D/2; heads below n_heads are Q's, the next n_kv_heads are K's. The arithmetic
-follows the twin step by step: cos and sin rounded to T, each product and the sum
-rounded to T, so half-precision results match the twin's bit for bit.
+i + D/2; heads below N_Q are Q's, the next N_KV are K's, the last N_KV V's (copied).
+The arithmetic follows the twin step by step: cos and sin rounded to T, each
+product and the sum rounded to T, so half-precision results match the twin's bit
+for bit.
 
 Why the write is not in the kernel: MLX custom kernels have no in-place outputs.
 A first version wrote the pools through its (const) inputs and ordered readers
@@ -47,33 +53,38 @@ from kernels.backend import Backend, active_backend, make_kernel
 
 HEAD_DIMS = (64, 128)  # D / 2 threads per group: whole warps
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-INPUTS = ["q", "k", "cosines", "sines"]
+INPUTS = ["qkv", "cosines", "sines"]
 MAX_TOKENS = 65535  # one group per token along the grid's z, which CUDA caps here
 
-# Template constants: T (dtype), HEAD_DIM.
+# Template constants: T (dtype), HEAD_DIM, N_Q, N_KV.
 _BODY = """
   constexpr int HALF = HEAD_DIM / 2;
-  const int n_tok = q_shape[0] * q_shape[1];
-  const int n_q = q_shape[2];
-  const int n_kv = k_shape[2];
+  constexpr int HEADS = N_Q + 2 * N_KV;
+  const int n_tok = qkv_shape[0];
   const int i = tid;
   const int h = group_y;
   const int n = group_z;
-  if (i >= HALF || h >= n_q + n_kv || n >= n_tok) return;
+  if (i >= HALF || h >= HEADS || n >= n_tok) return;
+  const size_t src = (static_cast<size_t>(n) * HEADS + h) * HEAD_DIM + i;
+  if (h >= N_Q + N_KV) {  // V: copied to its own array
+    const size_t at = (static_cast<size_t>(n) * N_KV + (h - N_Q - N_KV)) * HEAD_DIM + i;
+    v_out[at] = qkv[src];
+    v_out[at + HALF] = qkv[src + HALF];
+    return;
+  }
   // The twin rounds cos/sin to T and every product and sum to T; so does this.
   const float c = kload(kstore<T>(cosines[n * HALF + i]));
   const float s = kload(kstore<T>(sines[n * HALF + i]));
-  const bool is_q = h < n_q;
-  const int heads = is_q ? n_q : n_kv;
-  const size_t at = (static_cast<size_t>(n) * heads + (is_q ? h : h - n_q)) * HEAD_DIM + i;
-  const float x = kload(is_q ? q[at] : k[at]);
-  const float y = kload(is_q ? q[at + HALF] : k[at + HALF]);
+  const float x = kload(qkv[src]);
+  const float y = kload(qkv[src + HALF]);
   const T first = kstore<T>(kload(kstore<T>(x * c)) + kload(kstore<T>(-y * s)));
   const T second = kstore<T>(kload(kstore<T>(y * c)) + kload(kstore<T>(x * s)));
-  if (is_q) {
+  if (h < N_Q) {
+    const size_t at = (static_cast<size_t>(n) * N_Q + h) * HEAD_DIM + i;
     q_rot[at] = first;
     q_rot[at + HALF] = second;
   } else {
+    const size_t at = (static_cast<size_t>(n) * N_KV + (h - N_Q)) * HEAD_DIM + i;
     k_rot[at] = first;
     k_rot[at + HALF] = second;
   }
@@ -82,7 +93,7 @@ _BODY = """
 
 def build_kernel(backend: Backend) -> object:
     """The kernel object for ``backend`` (construction compiles nothing)."""
-    return make_kernel(backend, "rope_qk", INPUTS, ["q_rot", "k_rot"], _BODY)
+    return make_kernel(backend, "rope_qkv", INPUTS, ["q_rot", "k_rot", "v_out"], _BODY)
 
 
 BACKEND: Backend = active_backend()
@@ -90,41 +101,64 @@ BACKEND: Backend = active_backend()
 _KERNEL = build_kernel(BACKEND) if BACKEND != "cpu" else None
 
 
-def supports(q: mx.array, k: mx.array) -> bool:
-    """Whether the kernel takes these shapes and dtypes (the dispatcher falls back if not)."""
-    return (
-        q.shape[-1] in HEAD_DIMS
-        and q.dtype in DTYPES
-        and k.dtype == q.dtype
-        and k.shape[:2] == q.shape[:2]
-        and k.shape[-1] == q.shape[-1]
-        and q.shape[0] * q.shape[1] <= MAX_TOKENS
-    )
+def head_counts(qkv: mx.array, n_kv: int, head_dim: int) -> tuple[int, int]:
+    """(n_heads, n_kv_heads) of q | k | v rows ``qkv``, or ValueError when its width
+    is not a whole number of heads with room for Q."""
+    heads, rest = divmod(qkv.shape[-1], head_dim)
+    n_q = heads - 2 * n_kv
+    if qkv.ndim != 2 or rest or n_q < 1:
+        raise ValueError(
+            f"qkv {qkv.shape} is not (tokens, (n_heads + 2 * {n_kv}) * {head_dim}) rows"
+        )
+    return n_q, n_kv
 
 
-def call_args(q: mx.array, k: mx.array) -> dict:
+def supports(qkv: mx.array, head_dim: int) -> bool:
+    """Whether the kernel takes these rows (the dispatcher falls back if not)."""
+    return head_dim in HEAD_DIMS and qkv.dtype in DTYPES and qkv.shape[0] <= MAX_TOKENS
+
+
+def call_args(qkv: mx.array, n_kv: int, head_dim: int) -> dict:
     """Template, grid and thread group of one launch (also used by the Metal check)."""
-    batch, t, n_q, head_dim = q.shape
+    n_q, _ = head_counts(qkv, n_kv, head_dim)
     return {
-        "template": [("T", q.dtype), ("HEAD_DIM", head_dim)],
-        "grid": (head_dim // 2, n_q + k.shape[2], batch * t),  # in threads
+        "template": [("T", qkv.dtype), ("HEAD_DIM", head_dim), ("N_Q", n_q), ("N_KV", n_kv)],
+        "grid": (head_dim // 2, n_q + 2 * n_kv, qkv.shape[0]),  # in threads
         "threadgroup": (head_dim // 2, 1, 1),
     }
 
 
-def rope_qk(q: mx.array, k: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
-    """The custom kernel: (q_rot, k_rot), q and k rotated at the angles of ``cos``/``sin``."""
+def rope_qkv(
+    qkv: mx.array, tokens: tuple[int, int], n_kv: int, head_dim: int, cos: mx.array, sin: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The custom kernel: (q_rot, k_rot, v) of the rows ``qkv``, (B, T, heads, D) each,
+    q and k rotated at the angles of ``cos``/``sin``; ``tokens`` is (B, T)."""
     if _KERNEL is None:
-        raise RuntimeError("rope_qk needs a GPU backend (Metal or CUDA)")
-    if not supports(q, k):
-        raise ValueError(f"unsupported q {q.shape} {q.dtype} / k {k.shape} {k.dtype}")
-    q_rot, k_rot = _KERNEL(
-        inputs=[q, k, cos, sin],
-        output_shapes=[q.shape, k.shape],
-        output_dtypes=[q.dtype, k.dtype],
-        **call_args(q, k),
+        raise RuntimeError("rope_qkv needs a GPU backend (Metal or CUDA)")
+    if not supports(qkv, head_dim):
+        raise ValueError(f"unsupported qkv {qkv.shape} {qkv.dtype}, head_dim {head_dim}")
+    n_q, _ = head_counts(qkv, n_kv, head_dim)
+    shapes = [(*tokens, n, head_dim) for n in (n_q, n_kv, n_kv)]
+    q_rot, k_rot, v = _KERNEL(
+        inputs=[qkv, cos, sin],
+        output_shapes=shapes,
+        output_dtypes=[qkv.dtype] * 3,
+        **call_args(qkv, n_kv, head_dim),
     )
-    return q_rot, k_rot
+    return q_rot, k_rot, v
+
+
+def split_qkv(
+    qkv: mx.array, tokens: tuple[int, int], n_kv: int, head_dim: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v of the rows ``qkv`` as (B, T, heads, D) views (the twin's split)."""
+    n_q, _ = head_counts(qkv, n_kv, head_dim)
+    q_end, k_end = n_q * head_dim, (n_q + n_kv) * head_dim
+    return (
+        qkv[:, :q_end].reshape(*tokens, n_q, head_dim),
+        qkv[:, q_end:k_end].reshape(*tokens, n_kv, head_dim),
+        qkv[:, k_end:].reshape(*tokens, n_kv, head_dim),
+    )
 
 
 # -- the rotation's ops ----------------------------------------------------------------
@@ -180,39 +214,43 @@ def rope_step(
 
 
 def rope_and_cache_write(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    qkv: mx.array,
+    tokens: tuple[int, int],
     step: RopeStep,
     k_pool: mx.array,
     v_pool: mx.array,
-) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """Rotate q and k, write k and v to their slots; return (q_rot, k_rot, k_pool', v_pool').
+) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    """Rotate q and k, write k and v to their slots; return (q_rot, k_rot, v, k_pool',
+    v_pool').
 
-    q: (B, T, n_heads, D); k, v: (B, T, n_kv_heads, D); step: from ``rope_step``;
-    pools: (num_blocks, block_size, n_kv_heads, D).
+    qkv: (B * T, (n_heads + 2 * n_kv_heads) * D), one q | k | v row per token;
+    tokens: (B, T); step: from ``rope_step``; pools: (num_blocks, block_size,
+    n_kv_heads, D), which give n_kv_heads and D. q_rot, k_rot and v are (B, T,
+    heads, D).
 
     The pools are written the way MLX's ``pool[idx] = rows`` writes: the array
     objects passed in are updated, and returned. MLX reuses their buffers when
     nothing else holds them, so a step costs the new rows, not a copy of the pool.
     """
-    if BACKEND != "cpu" and supports(q, k):
-        q, k = rope_qk(q, k, step.cos, step.sin)
-        return q, k, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
-    return rope_and_cache_write_ops(q, k, v, step, k_pool, v_pool)
+    n_kv, head_dim = k_pool.shape[2:]
+    head_counts(qkv, n_kv, head_dim)  # a clear error before any kernel sees the rows
+    if BACKEND != "cpu" and supports(qkv, head_dim):
+        q, k, v = rope_qkv(qkv, tokens, n_kv, head_dim, step.cos, step.sin)
+        return q, k, v, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
+    return rope_and_cache_write_ops(qkv, tokens, step, k_pool, v_pool)
 
 
 def rope_and_cache_write_ops(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
+    qkv: mx.array,
+    tokens: tuple[int, int],
     step: RopeStep,
     k_pool: mx.array,
     v_pool: mx.array,
-) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
     """The ops twin of ``rope_and_cache_write``."""
+    q, k, v = split_qkv(qkv, tokens, *k_pool.shape[2:])
     q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-    return q, k, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
+    return q, k, v, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
 
 
 def write_rows(pool: mx.array, rows: mx.array, step: RopeStep) -> mx.array:

@@ -157,19 +157,18 @@ def prefill_metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array)
 def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int) -> list[str]:
     """The Metal text of the Q/K RoPE and the add + RMSNorm kernels."""
     rope_kernel, norm_kernel = rope.build_kernel("metal"), build_norm_kernel("metal")
-    q = mx.zeros((2, 3, n_heads, head_dim), dtype=dtype)
-    k = mx.zeros((2, 3, n_kv, head_dim), dtype=dtype)
+    qkv = mx.zeros((6, (n_heads + 2 * n_kv) * head_dim), dtype=dtype)
     cos = mx.zeros((2, 3, head_dim // 2), dtype=mx.float32)
     x = mx.zeros((6, n_heads * head_dim), dtype=dtype)
     weight, eps = mx.zeros((n_heads * head_dim,), dtype=dtype), mx.array([1e-5])
-    inputs = [q, k, cos, x, weight, eps]
+    inputs = [qkv, cos, x, weight, eps]
 
-    def run(q, k, cos, x, weight, eps) -> list[mx.array]:
+    def run(qkv, cos, x, weight, eps) -> list[mx.array]:
         one = rope_kernel(
-            inputs=[q, k, cos, cos],
-            output_shapes=[q.shape, k.shape],
-            output_dtypes=[dtype, dtype],
-            **rope.call_args(q, k),
+            inputs=[qkv, cos, cos],
+            output_shapes=[(2, 3, n, head_dim) for n in (n_heads, n_kv, n_kv)],
+            output_dtypes=[dtype] * 3,
+            **rope.call_args(qkv, n_kv, head_dim),
         )
         two = norm_kernel(
             inputs=[x, x, weight, eps],

@@ -113,9 +113,9 @@ def pool_rows(pool: mx.array) -> np.ndarray:
 
 
 def assert_rope_write_matches(
-    got: tuple[mx.array, mx.array, mx.array, mx.array], case: RopeCase, dtype: str
+    got: tuple[mx.array, mx.array, mx.array, mx.array, mx.array], case: RopeCase, dtype: str
 ) -> None:
-    q_rot, k_rot, k_pool, v_pool = got
+    q_rot, k_rot, v, k_pool, v_pool = got
     pos, inv = np.array(case.positions), np.array(case.inv_freq)
     tol = dict(atol=KERNEL_ATOL[dtype], rtol=KERNEL_RTOL[dtype])
     assert q_rot.shape == case.q.shape and q_rot.dtype == case.q.dtype
@@ -123,7 +123,10 @@ def assert_rope_write_matches(
     k_rows, v_rows = pool_rows(k_pool), pool_rows(v_pool)
     slots = np.array(case.slots)
     k_ref = reference_rope(to_f64(case.k), pos, inv)
-    np.testing.assert_allclose(to_f64(k_rot), k_ref, **tol)  # returned for the fresh path
+    # k and v are returned for the fresh path, split from the rows as given.
+    assert k_rot.shape == v.shape == case.k.shape
+    np.testing.assert_allclose(to_f64(k_rot), k_ref, **tol)
+    np.testing.assert_array_equal(to_f64(v), to_f64(case.v))
     k_new = k_ref.reshape(-1, *case.k.shape[2:])
     np.testing.assert_allclose(k_rows[slots], k_new, **tol)
     np.testing.assert_array_equal(v_rows[slots], to_f64(case.v).reshape(-1, *case.v.shape[2:]))
@@ -132,18 +135,24 @@ def assert_rope_write_matches(
     assert np.isnan(k_rows[untouched]).all() and np.isnan(v_rows[untouched]).all()
 
 
+def qkv_rows(case: RopeCase) -> mx.array:
+    """The case's q, k, v as the projection makes them: one q | k | v row per token."""
+    rows = case.q.shape[0] * case.q.shape[1]
+    return mx.concatenate([x.reshape(rows, -1) for x in (case.q, case.k, case.v)], axis=-1)
+
+
 def rope_args(case: RopeCase) -> tuple:
     """The arguments of ``rope_and_cache_write`` / its twin; the step's angles come from
     ``rope.rope_cos_sin`` when this runs, so a fault injected there reaches both."""
     c = case
     bs = c.k_pool.shape[1]
     step = rope.rope_step(c.positions, c.inv_freq, c.slots // bs, c.slots % bs, bs)
-    return (c.q, c.k, c.v, step, c.k_pool, c.v_pool)
+    return (qkv_rows(c), c.q.shape[:2], step, c.k_pool, c.v_pool)
 
 
-def run_rope_kernel(case: RopeCase) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+def run_rope_kernel(case: RopeCase) -> tuple[mx.array, ...]:
     """The GPU path: the rotation kernel, then the scatter writes."""
-    assert rope.supports(case.q, case.k)
+    assert rope.supports(qkv_rows(case), case.q.shape[-1])
     return rope.rope_and_cache_write(*rope_args(case))
 
 
@@ -187,7 +196,7 @@ def test_rope_write_readers_see_the_new_rows() -> None:
     """A reader of the returned pools that does not use q_rot (as the prefill gather)
     still runs after the write. The first kernel, which wrote in place, failed this."""
     case = make_rope_case(3, 8, 2, 64, 16, "float16", seed=1)
-    _, _, k_pool, _ = run_rope_kernel(case)
+    _, _, _, k_pool, _ = run_rope_kernel(case)
     gathered = k_pool.reshape(-1, 2, 64)[case.slots]
     assert not np.isnan(to_f64(gathered)).any()
 
@@ -200,6 +209,18 @@ def test_rope_dispatch() -> None:
     if not ON_GPU:
         twin = rope.rope_and_cache_write_ops(*rope_args(case))
         assert all(mx.array_equal(a, b, equal_nan=True).item() for a, b in zip(got, twin))
+
+
+@pytest.mark.parametrize("width", [8 * 64 + 1, 2 * 2 * 64], ids=["ragged", "no-q-heads"])
+def test_rope_refuses_rows_that_are_not_whole_heads(width: int) -> None:
+    """Rows whose width is not (n_heads + 2 * n_kv) whole heads (a pool from another
+    config) fail by name before any kernel or write runs; the pools stay as they were."""
+    case = make_rope_case(1, 8, 2, 64, 8, "float32", seed=5)
+    _, tokens, step, k_pool, v_pool = rope_args(case)
+    before = to_f64(k_pool)
+    with pytest.raises(ValueError, match=r"is not \(tokens, \(n_heads \+ 2 \* 2\) \* 64\) rows"):
+        rope.rope_and_cache_write(mx.zeros((3, width)), tokens, step, k_pool, v_pool)
+    np.testing.assert_array_equal(to_f64(k_pool), before)
 
 
 # The checks must be able to fail: inject the faults they guard against.

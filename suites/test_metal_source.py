@@ -44,7 +44,7 @@ def test_export_holds_the_generated_kernels() -> None:
     """Runs without clang: the text is captured whole, template instantiation included."""
     found = sources("float16", 64, 32, 4, 16)
     kernels = [f"paged_decode_attention{s}" for s in ("", "_split", "_combine")]
-    for kernel in [*kernels, "rope_qk", "add_rms_norm", "paged_prefill_attention"]:
+    for kernel in [*kernels, "rope_qkv", "add_rms_norm", "paged_prefill_attention"]:
         name = f"[[kernel]] void custom_kernel_{kernel}__"
         assert sum(name in src for src in found) == 1, name
     for src in found:
