@@ -182,7 +182,7 @@ def _step(
     step: dict[str, mx.array] | None = {} if trace is not None else None
     out = model(tokens, cache, plan, step)
     if not lazy:
-        mx.eval(out, cache.k, cache.v, step)
+        mx.eval(out, cache.kv, step)
     if trace is not None:
         for name, value in step.items():
             trace.setdefault(name, []).append(value)
@@ -194,17 +194,15 @@ class StepPools:
     """The pools a compiled step reads and rewrites: a ``KVPools`` over the traced
     function's own lists, so the cache itself is not touched inside the trace."""
 
-    k: list[mx.array]
-    v: list[mx.array]
+    kv: list[mx.array]
 
-    def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
-        self.k[layer], self.v[layer] = k_pool, v_pool
+    def update_layer(self, layer: int, kv_pool: mx.array) -> None:
+        self.kv[layer] = kv_pool
 
 
-# forward(tokens, positions, slots, blocks, offsets, block_tables, context_lens, k_pools,
-#         v_pools)
-#   -> (logits, k_pools, v_pools, marks)
-StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array], list[mx.array]]]
+# forward(tokens, positions, slots, blocks, offsets, block_tables, context_lens, kv_pools)
+#   -> (logits, kv_pools, marks)
+StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
 
 
 def commit_layers(num_layers: int) -> list[int]:
@@ -290,12 +288,12 @@ class CompiledSteps:
 
             def forward(tokens, *fields_and_pools):
                 self.traces += 1  # Python here runs only while MLX traces
-                *fields, k_pools, v_pools = fields_and_pools
-                pools = StepPools(list(k_pools), list(v_pools))
+                *fields, kv_pools = fields_and_pools
+                pools = StepPools(list(kv_pools))
                 plan = StepPlan(*fields, fresh=fresh)
                 marks = dict.fromkeys(commit_layers(model.config.num_hidden_layers))
                 logits = model(tokens, pools, plan, marks=marks)
-                return logits, pools.k, pools.v, [marks[i] for i in sorted(marks)]
+                return logits, pools.kv, [marks[i] for i in sorted(marks)]
 
             self.graphs[fresh] = mx.compile(forward, inputs=model.state)
         return self.graphs[fresh]
@@ -303,7 +301,7 @@ class CompiledSteps:
     def __call__(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
         """One step through the compiled graph, evaluated; installs the new pools."""
         out = self.lazy(tokens, cache, plan)
-        mx.eval(out, cache.k, cache.v)
+        mx.eval(out, cache.kv)
         return out
 
     def lazy(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
@@ -312,9 +310,9 @@ class CompiledSteps:
         to each of ``commit_layers`` is queued here already, so the GPU starts on it
         while the host encodes the rest."""
         step = self.graph(plan.fresh)
-        out, k_pools, v_pools, marks = step(tokens, *step_arrays(plan), cache.k, cache.v)
-        for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
-            cache.update_layer(layer, k_pool, v_pool)
+        out, kv_pools, marks = step(tokens, *step_arrays(plan), cache.kv)
+        for layer, kv_pool in enumerate(kv_pools):
+            cache.update_layer(layer, kv_pool)
         for mark in marks:
             mx.async_eval(mark)
         return out
@@ -481,7 +479,7 @@ def generate(
         if sampled < max_new_tokens:
             step = decode_lazy(model, cache, [seq], token, compiled=compiled)
             queued = sampler(step)
-            mx.async_eval(queued, cache.k, cache.v, step if keep_logits else None)
+            mx.async_eval(queued, cache.kv, step if keep_logits else None)
             sampled += 1
             if keep_logits:
                 kept.append(step)

@@ -34,18 +34,17 @@ class CacheMismatchError(ValueError):
 
 @runtime_checkable
 class KVPools(Protocol):
-    """What the model reads and writes of a KV cache: one K and one V pool per layer,
-    each (num_blocks, block_size, num_key_value_heads, head_dim).
+    """What the model reads and writes of a KV cache: one pool per layer, (num_blocks,
+    block_size, 2, num_key_value_heads, head_dim), keys at [:, :, 0], values at [:, :, 1].
 
     ``impl.paged_cache.PagedKVCache`` is one; inside a compiled step the model gets
     the step's own lists of pools (``impl.engine.StepPools``).
     """
 
-    k: list[mx.array]
-    v: list[mx.array]
+    kv: list[mx.array]
 
-    def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
-        """Install a layer's pools after the cache write (ops return new arrays)."""
+    def update_layer(self, layer: int, kv_pool: mx.array) -> None:
+        """Install a layer's pool after the cache write (ops return new arrays)."""
 
 
 class Attention(nn.Module):
@@ -83,20 +82,19 @@ class Attention(nn.Module):
     ) -> mx.array:
         """x: (B * T, hidden), the step's tokens as rows (see ``Model.__call__``)."""
         B, T = plan.positions.shape
-        # q: (B, T, n_heads, head_dim), token-major; k, v likewise with the KV heads.
-        q, k, v, k_pool, v_pool = kernels.rope_and_cache_write(
-            self.project_qkv(x), (B, T), rope, cache.k[layer], cache.v[layer]
+        # q: (B, T, n_heads, head_dim), token-major; kv: (B, T, 2, n_kv_heads, head_dim).
+        q, kv, kv_pool = kernels.rope_and_cache_write(
+            self.project_qkv(x), (B, T), rope, cache.kv[layer]
         )
-        cache.update_layer(layer, k_pool, v_pool)
+        cache.update_layer(layer, kv_pool)
         out = kernels.paged_attention(
             q,
-            k_pool,
-            v_pool,
+            kv_pool,
             plan.block_tables,
             plan.context_lens,
             plan.positions,
             self.scale,
-            own_kv=(k, v) if plan.fresh else None,  # the new tokens are the whole context
+            own_kv=kv if plan.fresh else None,  # the new tokens are the whole context
         )
         return self.o_proj(out.reshape(B * T, -1))
 
@@ -256,8 +254,8 @@ class Model(nn.Module):
         return self.model.norm.weight.dtype
 
     def check_cache(self, cache: KVPools) -> None:
-        """CacheMismatchError unless ``cache`` has one K and one V pool per layer, all
-        (num_blocks, block_size, num_key_value_heads, head_dim) of one float dtype.
+        """CacheMismatchError unless ``cache`` has one pool per layer, all (num_blocks,
+        block_size, 2, num_key_value_heads, head_dim) of one float dtype.
 
         The engine calls this before it reserves anything: a cache made for another
         config would otherwise fail only at the first cache write, after its blocks
@@ -265,24 +263,23 @@ class Model(nn.Module):
         """
         cfg = self.config
         layers, want = cfg.num_hidden_layers, (cfg.num_key_value_heads, cfg.dim_per_head)
-        if len(cache.k) != layers or len(cache.v) != layers:
+        if len(cache.kv) != layers:
             raise CacheMismatchError(
-                f"cache has {len(cache.k)} K and {len(cache.v)} V pools, the model "
-                f"num_hidden_layers={layers}"
+                f"cache has {len(cache.kv)} KV pools, the model num_hidden_layers={layers}"
             )
         # One set over all pools: this runs before every step, so it stays cheap.
-        kinds = {(p.shape, p.dtype) for p in (*cache.k, *cache.v)}
+        kinds = {(p.shape, p.dtype) for p in cache.kv}
         if len(kinds) > 1:
             seen = ", ".join(f"{s} {d}" for s, d in kinds)
             raise CacheMismatchError(f"cache pools differ in shape or dtype: {seen}")
         ((shape, dtype),) = kinds
-        if len(shape) != 4:
+        if len(shape) != 5 or shape[2] != 2:
             raise CacheMismatchError(
-                f"cache pools are {shape}, not (num_blocks, block_size, kv_heads, head_dim)"
+                f"cache pools are {shape}, not (num_blocks, block_size, 2, kv_heads, head_dim)"
             )
-        if shape[2:] != want:
+        if shape[3:] != want:
             raise CacheMismatchError(
-                f"cache pools hold num_key_value_heads={shape[2]}, head_dim={shape[3]}; the "
+                f"cache pools hold num_key_value_heads={shape[3]}, head_dim={shape[4]}; the "
                 f"model has num_key_value_heads={want[0]}, head_dim={want[1]}"
             )
         if not mx.issubdtype(dtype, mx.floating):
@@ -311,7 +308,7 @@ class Model(nn.Module):
             trace["embed_tokens"] = h.reshape(B, T, -1)
         # RoPE angles and pool rows of the new tokens: the same for every layer, so
         # computed once here. block_size from the pools: (num_blocks, block_size, ...).
-        block_size = cache.k[0].shape[1]
+        block_size = cache.kv[0].shape[1]
         rope = kernels.rope_step(
             plan.positions, self._inv_freq, plan.blocks, plan.offsets, block_size
         )

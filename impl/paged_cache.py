@@ -1,7 +1,8 @@
 """Paged KV cache that stores only the K/V heads (grouped-query attention, no repeats).
 
-One pool of fixed-size blocks per layer for K and one for V; each sequence owns a
-block table listing the pool blocks that hold its tokens in order. Blocks are
+One pool of fixed-size blocks per layer, holding K and V together: a pool row is
+one token's K heads then its V heads, so a step writes both with one scatter. Each
+sequence owns a block table listing the pool blocks that hold its tokens in order. Blocks are
 handed out by a free-list allocator with reference counts, so a forked sequence
 shares its parent's blocks until it writes into a shared one (copy on write).
 
@@ -168,13 +169,12 @@ class PagedKVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.allocator = BlockAllocator(num_blocks)
-        # One K and one V pool per layer:
-        # (num_blocks, block_size, num_key_value_heads, head_dim). Only the KV heads are
-        # stored; query heads of a group read the same rows at attention time.
-        shape = (self.num_blocks, block_size, config.num_key_value_heads, config.dim_per_head)
-        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        mx.eval(self.k, self.v)
+        # One pool per layer: (num_blocks, block_size, 2, num_key_value_heads, head_dim),
+        # [:, :, 0] the keys and [:, :, 1] the values. Only the KV heads are stored;
+        # query heads of a group read the same rows at attention time.
+        shape = (self.num_blocks, block_size, 2, config.num_key_value_heads, config.dim_per_head)
+        self.kv = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        mx.eval(self.kv)
         self._tables: dict[Hashable, list[int]] = {}
         self._tokens: dict[Hashable, int] = {}
 
@@ -200,7 +200,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        return sum(a.nbytes for a in self.kv)
 
     @property
     def sequences(self) -> list[Hashable]:
@@ -377,28 +377,26 @@ class PagedKVCache:
                 f"of {self.num_blocks} (block_size={self.block_size})"
             )
 
-    def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
-        """Install a layer's pools after a cache-write op (ops return new arrays)."""
+    def update_layer(self, layer: int, kv_pool: mx.array) -> None:
+        """Install a layer's pool after a cache-write op (ops return new arrays)."""
         layer = check_int(layer, "layer")
-        if not 0 <= layer < len(self.k):
-            raise IndexError(f"layer {layer} is outside [0, {len(self.k)})")
-        old = self.k[layer]
-        for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
-            if not isinstance(pool, mx.array):
-                raise TypeError(f"{name} must be an mx.array, got {type(pool).__name__}")
-            if pool.shape != old.shape or pool.dtype != old.dtype:
-                raise ValueError(
-                    f"layer {layer}: {name} is {pool.shape} {pool.dtype}, the pool is "
-                    f"{old.shape} {old.dtype}"
-                )
-        self.k[layer], self.v[layer] = k_pool, v_pool
+        if not 0 <= layer < len(self.kv):
+            raise IndexError(f"layer {layer} is outside [0, {len(self.kv)})")
+        old = self.kv[layer]
+        if not isinstance(kv_pool, mx.array):
+            raise TypeError(f"kv_pool must be an mx.array, got {type(kv_pool).__name__}")
+        if kv_pool.shape != old.shape or kv_pool.dtype != old.dtype:
+            raise ValueError(
+                f"layer {layer}: kv_pool is {kv_pool.shape} {kv_pool.dtype}, the pool is "
+                f"{old.shape} {old.dtype}"
+            )
+        self.kv[layer] = kv_pool
 
     def _copy_last_block(self, table: list[int]) -> None:
         shared = table[-1]
         (fresh,) = self.allocator.allocate(1)
-        for layer in range(len(self.k)):
-            self.k[layer][fresh] = self.k[layer][shared]
-            self.v[layer][fresh] = self.v[layer][shared]
+        for pool in self.kv:
+            pool[fresh] = pool[shared]
         self.allocator.decref(shared)
         table[-1] = fresh
 

@@ -55,15 +55,18 @@ BACKEND: Backend = active_backend()
 _KERNELS = build_kernels(BACKEND) if BACKEND != "cpu" else None
 
 
-def supports(q: mx.array, k_pool: mx.array, token_major: bool = False) -> bool:
+def supports(q: mx.array, kv_pool: mx.array, token_major: bool = False) -> bool:
     """Whether the kernel takes these shapes and dtype (the dispatcher falls back if not).
-    q: (B, n_heads, T, D), or (B, T, n_heads, D) with ``token_major``."""
+    q: (B, n_heads, T, D), or (B, T, n_heads, D) with ``token_major``; kv_pool:
+    (num_blocks, block_size, 2, n_kv_heads, D)."""
     n_heads, head_dim = q.shape[2 if token_major else 1], q.shape[3]
     return (
         head_dim in HEAD_DIMS
         and q.dtype in DTYPES
-        and k_pool.shape[3] == head_dim
-        and n_heads % k_pool.shape[2] == 0
+        and kv_pool.ndim == 5
+        and kv_pool.shape[2] == 2
+        and kv_pool.shape[4] == head_dim
+        and n_heads % kv_pool.shape[3] == 0
     )
 
 
@@ -79,11 +82,11 @@ def launch_plan(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -
     return N_WARPS, num_partitions(batch, n_kv_heads, max_blocks, block_size)
 
 
-def kernel_call_args(q: mx.array, k_pool: mx.array, n_parts: int, n_warps: int = N_WARPS) -> dict:
+def kernel_call_args(q: mx.array, kv_pool: mx.array, n_parts: int, n_warps: int = N_WARPS) -> dict:
     """Template, grid and thread group of one launch (also used by the Metal check).
     q: (B, n_heads, 1, D), or (B, 1, n_heads, D): at one token the two are the same bytes."""
     batch, n_heads, head_dim = q.shape[0], q.shape[1] * q.shape[2], q.shape[3]
-    _, block_size, n_kv, _ = k_pool.shape
+    _, block_size, _, n_kv, _ = kv_pool.shape
     return {
         "template": [
             ("T", q.dtype),
@@ -110,8 +113,7 @@ def combine_call_args(q: mx.array) -> dict:
 
 def paged_decode_attention(
     q: mx.array,
-    k_pool: mx.array,
-    v_pool: mx.array,
+    kv_pool: mx.array,
     block_tables: mx.array,
     context_lens: mx.array,
     scale: float,
@@ -134,25 +136,26 @@ def paged_decode_attention(
     batch, n_heads, t, head_dim = q.shape
     if token_major:
         n_heads, t = t, n_heads
-    if t != 1 or not supports(q, k_pool, token_major):
-        raise ValueError(f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape}; see supports()")
-    n_kv, max_blocks = k_pool.shape[2], block_tables.shape[1]
-    plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, k_pool.shape[1])
+    if t != 1 or not supports(q, kv_pool, token_major):
+        raise ValueError(
+            f"unsupported q {q.shape} {q.dtype} / pool {kv_pool.shape}; see supports()"
+        )
+    n_kv, max_blocks = kv_pool.shape[3], block_tables.shape[1]
+    plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, kv_pool.shape[1])
     n_parts = plan_parts if n_parts is None else n_parts
     n_warps = plan_warps if n_warps is None else n_warps
     if not 1 <= n_warps <= MAX_WARPS:
         raise ValueError(f"n_warps must be in 1..{MAX_WARPS}, got {n_warps}")
     inputs = [
         q,
-        k_pool.astype(q.dtype),
-        v_pool.astype(q.dtype),
+        kv_pool.astype(q.dtype),
         block_tables.astype(mx.int32),
         context_lens.astype(mx.int32),
         # Made per call, not cached: inside mx.compile an array from outside the traced
         # function would be an uncaptured input.
         mx.array([scale], dtype=mx.float32),
     ]
-    launch = kernel_call_args(q, k_pool, n_parts, n_warps)
+    launch = kernel_call_args(q, kv_pool, n_parts, n_warps)
     final, split, combine = _KERNELS
     if n_parts == 1:
         return final(inputs=inputs, output_shapes=[q.shape], output_dtypes=[q.dtype], **launch)[0]
@@ -172,13 +175,12 @@ def paged_decode_attention(
 
 def paged_attention(
     q: mx.array,
-    k_pool: mx.array,
-    v_pool: mx.array,
+    kv_pool: mx.array,
     block_tables: mx.array,
     context_lens: mx.array,
     positions: mx.array,
     scale: float,
-    own_kv: tuple[mx.array, mx.array] | None = None,
+    own_kv: mx.array | None = None,
 ) -> mx.array:
     """``paged_attention_ops``'s attention in the model's token-major layout: q and
     the result are (B, T, n_heads, head_dim), as the projections make and consume
@@ -187,45 +189,46 @@ def paged_attention(
 
     A decode step's single query sits at ``context_len - 1`` (``PagedKVCache.plan``
     builds it so), which is why the kernel needs no ``positions``. ``own_kv``, the
-    step's new (k, v) as (B, T, n_kv_heads, head_dim), promises that every sequence
-    holds exactly those T tokens, at positions 0..T-1.
+    step's new keys and values as (B, T, 2, n_kv_heads, head_dim) (the pool's row
+    layout), promises that every sequence holds exactly those T tokens, at
+    positions 0..T-1.
     """
-    if BACKEND != "cpu" and q.shape[1] == 1 and supports(q, k_pool, token_major=True):
+    if BACKEND != "cpu" and q.shape[1] == 1 and supports(q, kv_pool, token_major=True):
         return paged_decode_attention(
-            q, k_pool, v_pool, block_tables, context_lens, scale, token_major=True
+            q, kv_pool, block_tables, context_lens, scale, token_major=True
         )
     q = q.transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
     if own_kv is not None:
-        out = causal_self_attention(q, *own_kv, scale)
-    elif BACKEND != "cpu" and uses_prefill_kernel(q, k_pool):
+        out = causal_self_attention(q, own_kv, scale)
+    elif BACKEND != "cpu" and uses_prefill_kernel(q, kv_pool):
         out = paged_prefill.paged_prefill_attention(
-            q, k_pool, v_pool, block_tables, context_lens, positions, scale
+            q, kv_pool, block_tables, context_lens, positions, scale
         )
     else:
-        out = paged_attention_ops(q, k_pool, v_pool, block_tables, context_lens, positions, scale)
+        out = paged_attention_ops(q, kv_pool, block_tables, context_lens, positions, scale)
     return out.transpose(0, 2, 1, 3)
 
 
-def uses_prefill_kernel(q: mx.array, k_pool: mx.array) -> bool:
+def uses_prefill_kernel(q: mx.array, kv_pool: mx.array) -> bool:
     """Whether a GPU step of T > 1 tokens over a cache runs the prefill kernel: a
     shape it takes, and a chunk small enough that it beats the ops twin."""
     batch, _, t, _ = q.shape
-    return paged_prefill.supports(q, k_pool) and batch * t <= PREFILL_KERNEL_MAX_TOKENS
+    return paged_prefill.supports(q, kv_pool) and batch * t <= PREFILL_KERNEL_MAX_TOKENS
 
 
-def causal_self_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def causal_self_attention(q: mx.array, kv: mx.array, scale: float) -> mx.array:
     """Causal attention of T queries over the same T tokens' keys and values.
 
-    q: (B, n_heads, T, D); k, v: (B, T, n_kv_heads, D), K/V heads not repeated.
+    q: (B, n_heads, T, D); kv: (B, T, 2, n_kv_heads, D), K/V heads not repeated.
     """
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, n_kv_heads, T, D)
+    kv = kv.transpose(2, 0, 3, 1, 4)  # (2, B, n_kv_heads, T, D)
+    k, v = kv[0], kv[1]
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
 
 
 def paged_attention_ops(
     q: mx.array,
-    k_pool: mx.array,
-    v_pool: mx.array,
+    kv_pool: mx.array,
     block_tables: mx.array,
     context_lens: mx.array,
     positions: mx.array,
@@ -234,23 +237,21 @@ def paged_attention_ops(
     """Causal attention of ``q`` over the cached keys/values of each sequence.
 
     q:            (B, n_heads, T, head_dim), already rotated
-    k_pool/v_pool:(num_blocks, block_size, n_kv_heads, head_dim)
+    kv_pool:      (num_blocks, block_size, 2, n_kv_heads, head_dim): K then V
+                  heads of each cached token
     block_tables: (B, max_blocks) int32
     context_lens: (B,) int32, cached tokens per sequence including the new ones
     positions:    (B, T) int32, absolute position of each query token
     returns       (B, n_heads, T, head_dim)
     """
     batch, max_blocks = block_tables.shape
-    _, block_size, n_kv_heads, head_dim = k_pool.shape
+    _, block_size, _, n_kv_heads, head_dim = kv_pool.shape
     length = max_blocks * block_size
     key_pos = mx.arange(length, dtype=mx.int32)
     in_seq = key_pos[None, :] < context_lens[:, None]  # (B, L)
-
-    def gather(pool: mx.array) -> mx.array:
-        rows = pool[block_tables].reshape(batch, length, n_kv_heads, head_dim)
-        rows = mx.where(in_seq[:, :, None, None], rows, mx.zeros((), dtype=pool.dtype))
-        return rows.transpose(0, 2, 1, 3)  # (B, n_kv_heads, L, head_dim)
-
-    k, v = gather(k_pool), gather(v_pool)
+    rows = kv_pool[block_tables].reshape(batch, length, 2, n_kv_heads, head_dim)
+    rows = mx.where(in_seq[:, :, None, None, None], rows, mx.zeros((), dtype=kv_pool.dtype))
+    rows = rows.transpose(2, 0, 3, 1, 4)  # (2, B, n_kv_heads, L, head_dim)
+    k, v = rows[0], rows[1]
     visible = (key_pos[None, None, :] <= positions[:, :, None]) & in_seq[:, None, :]  # (B, T, L)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible[:, None])

@@ -9,7 +9,8 @@ objects once, launches them (``paged_decode_attention``) and holds their ops twi
 
 Shapes:
   q             (B, n_heads, 1, D), already rotated, float16/bfloat16/float32
-  k_pool/v_pool (num_blocks, block_size, n_kv_heads, D), q's dtype
+  kv_pool       (num_blocks, block_size, 2, n_kv_heads, D), q's dtype: a token's
+                K heads then its V heads, one pool row (one scatter writes both)
   block_tables  (B, max_blocks) int32; entries past ceil(context_len / block_size)
                 are never read
   context_lens  (B,) int32, >= 1
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 from kernels.backend import Backend, make_kernel
 
-INPUTS = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale"]
+INPUTS = ["q", "kv_pool", "block_tables", "context_lens", "scale"]
 
 # The shared body. Template constants: T (dtype), HEAD_DIM, GROUP_SIZE, KV_BLOCK
 # (tokens per cache block), N_WARPS. Sizes read at run time come from the
@@ -55,7 +56,7 @@ _BODY = """
   KSHARED float sm_m[N_WARPS * GROUP_SIZE];
   KSHARED float sm_l[N_WARPS * GROUP_SIZE];
   const int batch = context_lens_shape[0];
-  const int n_kv = k_pool_shape[2];
+  const int n_kv = kv_pool_shape[3];
   const int max_blocks = block_tables_shape[1];
   const int n_parts = groups_z / batch;
   const int seq = group_z / n_parts;
@@ -97,10 +98,10 @@ _BODY = """
     for (int g = 0; g < GROUP_SIZE; ++g) s[g] = 0.0f;
     if (mine) {
       row = block_tables[seq * max_blocks + t / KV_BLOCK] * KV_BLOCK + t % KV_BLOCK;
-      const size_t k_off = (static_cast<size_t>(row) * n_kv + kvh) * HEAD_DIM;
+      const size_t k_off = (static_cast<size_t>(row) * 2 * n_kv + kvh) * HEAD_DIM;
       for (int d0 = 0; d0 < HEAD_DIM; d0 += 8) {
         float kf[8];
-        kload8(k_pool + k_off + d0, kf);  // one wide load per 8 elements
+        kload8(kv_pool + k_off + d0, kf);  // one wide load per 8 elements
         for (int g = 0; g < GROUP_SIZE; ++g) {
           for (int j = 0; j < 8; ++j) s[g] += sm_buf[g * HEAD_DIM + d0 + j] * kf[j];
         }
@@ -121,9 +122,9 @@ _BODY = """
       float vr[VROWS][DPL];
       for (int k = 0; k < VROWS; ++k) {
         const int r = kshfl(row, u0 + k);  // u0 + k < 32: n_valid <= 32, VROWS | 32
-        const size_t v_off = (static_cast<size_t>(r) * n_kv + kvh) * HEAD_DIM + lane;
+        const size_t v_off = ((static_cast<size_t>(r) * 2 + 1) * n_kv + kvh) * HEAD_DIM + lane;
         for (int i = 0; i < DPL; ++i) {
-          vr[k][i] = u0 + k < n_valid ? kload(v_pool[v_off + 32 * i]) : 0.0f;
+          vr[k][i] = u0 + k < n_valid ? kload(kv_pool[v_off + 32 * i]) : 0.0f;
         }
       }
       for (int k = 0; k < VROWS; ++k) {

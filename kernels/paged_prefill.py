@@ -34,38 +34,39 @@ def q_tile(group_size: int, head_dim: int) -> int:
     return max(1, TARGET_ROWS[head_dim] // group_size)
 
 
-def _tiling(q: mx.array, k_pool: mx.array) -> tuple[int, int, int]:
+def _tiling(q: mx.array, kv_pool: mx.array) -> tuple[int, int, int]:
     """(GROUP_SIZE, Q_TILE, query tiles per sequence) of a launch."""
     n_heads, t, head_dim = q.shape[1:]
-    group = n_heads // k_pool.shape[2]
+    group = n_heads // kv_pool.shape[3]
     tile = q_tile(group, head_dim)
     return group, tile, -(-t // tile)
 
 
-def supports(q: mx.array, k_pool: mx.array) -> bool:
-    """Whether the kernel takes these shapes and dtype."""
-    if q.ndim != 4 or k_pool.ndim != 4:
+def supports(q: mx.array, kv_pool: mx.array) -> bool:
+    """Whether the kernel takes these shapes and dtype (``kv_pool`` as the cache's,
+    (num_blocks, block_size, 2, n_kv_heads, D))."""
+    if q.ndim != 4 or kv_pool.ndim != 5 or kv_pool.shape[2] != 2:
         return False
     batch, n_heads, t, head_dim = q.shape
     if not (
         head_dim in HEAD_DIMS
         and q.dtype in DTYPES
-        and k_pool.shape[3] == head_dim
-        and n_heads % k_pool.shape[2] == 0
+        and kv_pool.shape[4] == head_dim
+        and n_heads % kv_pool.shape[3] == 0
         and t >= 1
     ):
         return False
-    group, tile, n_tiles = _tiling(q, k_pool)
+    group, tile, n_tiles = _tiling(q, kv_pool)
     rows = group * tile
     shared = 4 * (rows * head_dim + 2 * N_WARPS * rows)  # float32 sm_buf, sm_m, sm_l
     return shared <= SHARED_BYTES and batch * n_tiles <= MAX_GROUPS_Z
 
 
-def call_args(q: mx.array, k_pool: mx.array) -> dict:
+def call_args(q: mx.array, kv_pool: mx.array) -> dict:
     """Template, grid and thread group of one launch (also used by the Metal check)."""
     batch, head_dim = q.shape[0], q.shape[3]
-    _, block_size, n_kv, _ = k_pool.shape
-    group, tile, n_tiles = _tiling(q, k_pool)
+    _, block_size, _, n_kv, _ = kv_pool.shape
+    group, tile, n_tiles = _tiling(q, kv_pool)
     return {
         "template": [
             ("T", q.dtype),
@@ -83,8 +84,7 @@ def call_args(q: mx.array, k_pool: mx.array) -> dict:
 
 def paged_prefill_attention(
     q: mx.array,
-    k_pool: mx.array,
-    v_pool: mx.array,
+    kv_pool: mx.array,
     block_tables: mx.array,
     context_lens: mx.array,
     positions: mx.array,
@@ -93,20 +93,19 @@ def paged_prefill_attention(
     """The custom kernel: causal attention of T query tokens per sequence over its cache.
 
     Arguments and result as for ``paged_attention_ops``: q (B, n_heads, T, D) already
-    rotated, the pools already holding the new tokens, positions (B, T) the absolute
+    rotated, the pool already holding the new tokens, positions (B, T) the absolute
     position of each query token; returns (B, n_heads, T, D) in q's dtype.
     """
     if _KERNEL is None:
         raise RuntimeError("paged_prefill_attention needs a GPU backend (Metal or CUDA)")
-    if not supports(q, k_pool) or positions.shape != (q.shape[0], q.shape[2]):
+    if not supports(q, kv_pool) or positions.shape != (q.shape[0], q.shape[2]):
         raise ValueError(
-            f"unsupported q {q.shape} {q.dtype} / pool {k_pool.shape} / positions "
+            f"unsupported q {q.shape} {q.dtype} / pool {kv_pool.shape} / positions "
             f"{positions.shape}; see supports()"
         )
     inputs = [
         q,
-        k_pool.astype(q.dtype),
-        v_pool.astype(q.dtype),
+        kv_pool.astype(q.dtype),
         block_tables.astype(mx.int32),
         context_lens.astype(mx.int32),
         positions.astype(mx.int32),
@@ -118,5 +117,5 @@ def paged_prefill_attention(
         inputs=inputs,
         output_shapes=[q.shape],
         output_dtypes=[q.dtype],
-        **call_args(q, k_pool),
+        **call_args(q, kv_pool),
     )[0]

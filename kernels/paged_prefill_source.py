@@ -12,8 +12,8 @@ launches it (``paged_prefill_attention``).
 
 Shapes:
   q             (B, n_heads, T, D), already rotated, float16/bfloat16/float32
-  k_pool/v_pool (num_blocks, block_size, n_kv_heads, D), q's dtype, already holding
-                the T new tokens' keys and values
+  kv_pool       (num_blocks, block_size, 2, n_kv_heads, D), q's dtype: each row a
+                token's K heads then its V heads; already holds the T new tokens
   block_tables  (B, max_blocks) int32; entries past ceil(context_len / block_size)
                 are never read
   context_lens  (B,) int32: cached tokens including the T new ones, >= 1
@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from kernels.backend import Backend, make_kernel
 
-INPUTS = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "positions", "scale"]
+INPUTS = ["q", "kv_pool", "block_tables", "context_lens", "positions", "scale"]
 
 # Template constants: T (dtype), HEAD_DIM, GROUP_SIZE, KV_BLOCK (tokens per cache
 # block), Q_TILE (query tokens per group), N_WARPS. Everything else (batch, T,
@@ -69,7 +69,7 @@ _BODY = """
   KSHARED float sm_m[N_WARPS * ROWS];
   KSHARED float sm_l[N_WARPS * ROWS];
   const int batch = context_lens_shape[0];
-  const int n_kv = k_pool_shape[2];
+  const int n_kv = kv_pool_shape[3];
   const int max_blocks = block_tables_shape[1];
   const int n_new = q_shape[2];  // T, the new query tokens per sequence
   const int n_tiles = (n_new + Q_TILE - 1) / Q_TILE;
@@ -123,10 +123,10 @@ _BODY = """
     for (int r = 0; r < ROWS; ++r) s[r] = 0.0f;
     if (mine) {
       row = block_tables[seq * max_blocks + t / KV_BLOCK] * KV_BLOCK + t % KV_BLOCK;
-      const size_t k_off = (static_cast<size_t>(row) * n_kv + kvh) * HEAD_DIM;
+      const size_t k_off = (static_cast<size_t>(row) * 2 * n_kv + kvh) * HEAD_DIM;
       for (int d0 = 0; d0 < HEAD_DIM; d0 += 8) {
         float kf[8];
-        kload8(k_pool + k_off + d0, kf);  // one wide load per 8 elements
+        kload8(kv_pool + k_off + d0, kf);  // one wide load per 8 elements
         for (int r = 0; r < ROWS; ++r) {
           for (int j = 0; j < 8; ++j) s[r] += sm_buf[r * HEAD_DIM + d0 + j] * kf[j];
         }
@@ -150,9 +150,9 @@ _BODY = """
       float vr[VROWS][DPL];
       for (int k = 0; k < VROWS; ++k) {
         const int src = kshfl(row, u0 + k);  // u0 + k < 32: n_valid <= 32, VROWS | 32
-        const size_t v_off = (static_cast<size_t>(src) * n_kv + kvh) * HEAD_DIM + lane;
+        const size_t v_off = ((static_cast<size_t>(src) * 2 + 1) * n_kv + kvh) * HEAD_DIM + lane;
         for (int i = 0; i < DPL; ++i) {
-          vr[k][i] = u0 + k < n_valid ? kload(v_pool[v_off + 32 * i]) : 0.0f;
+          vr[k][i] = u0 + k < n_valid ? kload(kv_pool[v_off + 32 * i]) : 0.0f;
         }
       }
       for (int k = 0; k < VROWS; ++k) {

@@ -1,16 +1,19 @@
 """Rotary embedding of the new Q/K at their absolute positions, then the K/V write
-into the paged pools through a slot mapping.
+into the paged pool through a slot mapping.
 
 The attention's projection makes one row per token, q | k | v (``qkv``, (B * T,
-(n_heads + 2 * n_kv_heads) * D)). ``rope_and_cache_write`` dispatches: on a GPU
-backend (CUDA or Metal) one custom kernel (``rope_qkv``) reads those rows and
-writes rotated Q and K and a copy of V, each (B, T, heads, D), and two MLX scatters
-(``write_rows``) write K and V into their pool rows, in place (the cache's pools
-can be donated); on the CPU backend, or for shapes the kernel does not take, the
-ops twin (``rope_and_cache_write_ops``) splits the rows with slices and runs. The
-twin is also the kernel's oracle. Reading the rows in the kernel saves the six
-slice and reshape nodes a layer the split costs, each a host cost in every
-launch-bound decode step.
+(n_heads + 2 * n_kv_heads) * D)). A layer's pool holds K and V together, (num_blocks,
+block_size, 2, n_kv_heads, D): one pool row is a token's K heads then its V heads,
+the same order as the tail of its qkv row. ``rope_and_cache_write`` dispatches: on
+a GPU backend (CUDA or Metal) one custom kernel (``rope_qkv``) reads those rows and
+writes rotated Q (B, T, n_heads, D) and the new pool rows, rotated K with V, (B, T,
+2, n_kv_heads, D); one MLX scatter (``write_rows``) writes them into the pool, in
+place (the cache's pools can be donated). On the CPU backend, or for shapes the
+kernel does not take, the ops twin (``rope_and_cache_write_ops``) splits the rows
+with slices and runs. The twin is also the kernel's oracle. Reading the rows in the
+kernel saves the six slice and reshape nodes a layer the split costs, and one pool
+for K and V saves a scatter a layer: each a host cost in every launch-bound decode
+step.
 
 What depends only on the step, not the layer (cos and sin of the tokens' angles,
 their pool rows), is computed once per step by ``rope_step`` and passed to every
@@ -27,9 +30,11 @@ Kernel. One body for CUDA (``mx.fast.cuda_kernel``) and Metal
 (``mx.fast.metal_kernel``); ``kernels.backend`` supplies the per-backend lines.
   qkv           (B * T, (N_Q + 2 * N_KV) * D) rows of one dtype T
   cos, sin      float32 (B, T, D/2): ``rope_cos_sin`` of the tokens' positions
-  returns       (q_rot, k_rot, v), (B, T, heads, D) each, of dtype T
+  returns       q_rot (B, T, N_Q, D) and kv (B, T, 2, N_KV, D), of dtype T
 One thread per rotation pair: thread i of group (head, token) owns elements i and
 i + D/2; heads below N_Q are Q's, the next N_KV are K's, the last N_KV V's (copied).
+A token's K and V heads are its kv row in the qkv row's order, so head h >= N_Q
+lands at kv head h - N_Q.
 The arithmetic follows the twin step by step: cos and sin rounded to T, each
 product and the sum rounded to T, so half-precision results match the twin's bit
 for bit.
@@ -54,6 +59,7 @@ from kernels.backend import Backend, active_backend, make_kernel
 HEAD_DIMS = (64, 128)  # D / 2 threads per group: whole warps
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 INPUTS = ["qkv", "cosines", "sines"]
+OUTPUTS = ["q_rot", "kv_out"]
 MAX_TOKENS = 65535  # one group per token along the grid's z, which CUDA caps here
 
 # Template constants: T (dtype), HEAD_DIM, N_Q, N_KV.
@@ -66,10 +72,11 @@ _BODY = """
   const int n = group_z;
   if (i >= HALF || h >= HEADS || n >= n_tok) return;
   const size_t src = (static_cast<size_t>(n) * HEADS + h) * HEAD_DIM + i;
-  if (h >= N_Q + N_KV) {  // V: copied to its own array
-    const size_t at = (static_cast<size_t>(n) * N_KV + (h - N_Q - N_KV)) * HEAD_DIM + i;
-    v_out[at] = qkv[src];
-    v_out[at + HALF] = qkv[src + HALF];
+  // K and V: the token's kv row holds heads N_Q.. of its qkv row, in order.
+  const size_t kv_at = (static_cast<size_t>(n) * 2 * N_KV + (h - N_Q)) * HEAD_DIM + i;
+  if (h >= N_Q + N_KV) {  // V: copied
+    kv_out[kv_at] = qkv[src];
+    kv_out[kv_at + HALF] = qkv[src + HALF];
     return;
   }
   // The twin rounds cos/sin to T and every product and sum to T; so does this.
@@ -84,16 +91,15 @@ _BODY = """
     q_rot[at] = first;
     q_rot[at + HALF] = second;
   } else {
-    const size_t at = (static_cast<size_t>(n) * N_KV + (h - N_Q)) * HEAD_DIM + i;
-    k_rot[at] = first;
-    k_rot[at + HALF] = second;
+    kv_out[kv_at] = first;
+    kv_out[kv_at + HALF] = second;
   }
 """
 
 
 def build_kernel(backend: Backend) -> object:
     """The kernel object for ``backend`` (construction compiles nothing)."""
-    return make_kernel(backend, "rope_qkv", INPUTS, ["q_rot", "k_rot", "v_out"], _BODY)
+    return make_kernel(backend, "rope_qkv", INPUTS, OUTPUTS, _BODY)
 
 
 BACKEND: Backend = active_backend()
@@ -130,22 +136,21 @@ def call_args(qkv: mx.array, n_kv: int, head_dim: int) -> dict:
 
 def rope_qkv(
     qkv: mx.array, tokens: tuple[int, int], n_kv: int, head_dim: int, cos: mx.array, sin: mx.array
-) -> tuple[mx.array, mx.array, mx.array]:
-    """The custom kernel: (q_rot, k_rot, v) of the rows ``qkv``, (B, T, heads, D) each,
-    q and k rotated at the angles of ``cos``/``sin``; ``tokens`` is (B, T)."""
+) -> tuple[mx.array, mx.array]:
+    """The custom kernel: (q_rot (B, T, n_heads, D), kv (B, T, 2, n_kv, D)) of the rows
+    ``qkv``, q and k rotated at the angles of ``cos``/``sin``; ``tokens`` is (B, T)."""
     if _KERNEL is None:
         raise RuntimeError("rope_qkv needs a GPU backend (Metal or CUDA)")
     if not supports(qkv, head_dim):
         raise ValueError(f"unsupported qkv {qkv.shape} {qkv.dtype}, head_dim {head_dim}")
     n_q, _ = head_counts(qkv, n_kv, head_dim)
-    shapes = [(*tokens, n, head_dim) for n in (n_q, n_kv, n_kv)]
-    q_rot, k_rot, v = _KERNEL(
+    q_rot, kv = _KERNEL(
         inputs=[qkv, cos, sin],
-        output_shapes=shapes,
-        output_dtypes=[qkv.dtype] * 3,
+        output_shapes=[(*tokens, n_q, head_dim), (*tokens, 2, n_kv, head_dim)],
+        output_dtypes=[qkv.dtype] * 2,
         **call_args(qkv, n_kv, head_dim),
     )
-    return q_rot, k_rot, v
+    return q_rot, kv
 
 
 def split_qkv(
@@ -214,47 +219,49 @@ def rope_step(
 
 
 def rope_and_cache_write(
-    qkv: mx.array,
-    tokens: tuple[int, int],
-    step: RopeStep,
-    k_pool: mx.array,
-    v_pool: mx.array,
-) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
-    """Rotate q and k, write k and v to their slots; return (q_rot, k_rot, v, k_pool',
-    v_pool').
+    qkv: mx.array, tokens: tuple[int, int], step: RopeStep, kv_pool: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Rotate q and k, write k and v to their slots; return (q_rot, kv, kv_pool').
 
     qkv: (B * T, (n_heads + 2 * n_kv_heads) * D), one q | k | v row per token;
-    tokens: (B, T); step: from ``rope_step``; pools: (num_blocks, block_size,
-    n_kv_heads, D), which give n_kv_heads and D. q_rot, k_rot and v are (B, T,
-    heads, D).
+    tokens: (B, T); step: from ``rope_step``; kv_pool: (num_blocks, block_size, 2,
+    n_kv_heads, D), which gives n_kv_heads and D. q_rot is (B, T, n_heads, D); kv,
+    the new pool rows (rotated K, then V), (B, T, 2, n_kv_heads, D).
 
-    The pools are written the way MLX's ``pool[idx] = rows`` writes: the array
-    objects passed in are updated, and returned. MLX reuses their buffers when
-    nothing else holds them, so a step costs the new rows, not a copy of the pool.
+    The pool is written the way MLX's ``pool[idx] = rows`` writes: the array object
+    passed in is updated, and returned. MLX reuses its buffer when nothing else
+    holds it, so a step costs the new rows, not a copy of the pool.
     """
-    n_kv, head_dim = k_pool.shape[2:]
+    n_kv, head_dim = pool_heads(kv_pool)
     head_counts(qkv, n_kv, head_dim)  # a clear error before any kernel sees the rows
     if BACKEND != "cpu" and supports(qkv, head_dim):
-        q, k, v = rope_qkv(qkv, tokens, n_kv, head_dim, step.cos, step.sin)
-        return q, k, v, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
-    return rope_and_cache_write_ops(qkv, tokens, step, k_pool, v_pool)
+        q, kv = rope_qkv(qkv, tokens, n_kv, head_dim, step.cos, step.sin)
+        return q, kv, write_rows(kv_pool, kv, step)
+    return rope_and_cache_write_ops(qkv, tokens, step, kv_pool)
 
 
 def rope_and_cache_write_ops(
-    qkv: mx.array,
-    tokens: tuple[int, int],
-    step: RopeStep,
-    k_pool: mx.array,
-    v_pool: mx.array,
-) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    qkv: mx.array, tokens: tuple[int, int], step: RopeStep, kv_pool: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
     """The ops twin of ``rope_and_cache_write``."""
-    q, k, v = split_qkv(qkv, tokens, *k_pool.shape[2:])
+    q, k, v = split_qkv(qkv, tokens, *pool_heads(kv_pool))
     q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-    return q, k, v, write_rows(k_pool, k, step), write_rows(v_pool, v, step)
+    kv = mx.stack([k, v], axis=2)  # (B, T, 2, n_kv_heads, D): the pool's row layout
+    return q, kv, write_rows(kv_pool, kv, step)
+
+
+def pool_heads(kv_pool: mx.array) -> tuple[int, int]:
+    """(n_kv_heads, head_dim) of a layer's pool, or ValueError if it is not
+    (num_blocks, block_size, 2, n_kv_heads, head_dim)."""
+    if kv_pool.ndim != 5 or kv_pool.shape[2] != 2:
+        raise ValueError(
+            f"kv pool {kv_pool.shape} is not (num_blocks, block_size, 2, n_kv_heads, head_dim)"
+        )
+    return kv_pool.shape[3], kv_pool.shape[4]
 
 
 def write_rows(pool: mx.array, rows: mx.array, step: RopeStep) -> mx.array:
-    """Write ``rows`` (B, T, n_kv_heads, D) into ``pool`` at the step's slots; returns it.
+    """Write ``rows`` (B, T, 2, n_kv_heads, D) into ``pool`` at the step's slots; returns it.
 
     The scatter indexes the pool itself by (block, offset), not a reshaped view of
     it: MLX then reuses the pool's buffer for the result. Through a view made in

@@ -98,8 +98,9 @@ def generated_sources(exported: bytes) -> list[str]:
     return sources
 
 
-def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list[str]:
-    """The Metal text of the three paged decode kernels for these inputs' shapes and dtype.
+def metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array) -> list[str]:
+    """The Metal text of the three paged decode kernels for these inputs' shapes and dtype
+    (kv_pool: (num_blocks, block_size, 2, n_kv_heads, D)).
 
     Runs on any backend: the kernels are built for Metal here regardless of the
     active one, and only traced (exported), never run.
@@ -107,20 +108,20 @@ def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list
     final, split, combine = paged_decode_source.build_kernels("metal")
     batch, n_heads, _, head_dim = q.shape
     context_lens = mx.ones((batch,), dtype=mx.int32)
-    inputs = [q, k_pool, k_pool, block_tables, context_lens, mx.array([0.125], mx.float32)]
+    inputs = [q, kv_pool, block_tables, context_lens, mx.array([0.125], mx.float32)]
 
     def run(*args: mx.array) -> list[mx.array]:
         one = final(
             inputs=list(args),
             output_shapes=[(batch, n_heads, 1, head_dim)],
             output_dtypes=[q.dtype],
-            **kernel_call_args(q, k_pool, 1),
+            **kernel_call_args(q, kv_pool, 1),
         )
         two = split(
             inputs=list(args),
             output_shapes=[(batch, n_heads, 2, head_dim), (batch, n_heads, 2, 2)],
             output_dtypes=[mx.float32, mx.float32],
-            **kernel_call_args(q, k_pool, 2),
+            **kernel_call_args(q, kv_pool, 2),
         )
         three = combine(
             inputs=two,
@@ -133,7 +134,7 @@ def metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list
     return _exported_sources(run, inputs, 3)
 
 
-def prefill_metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array) -> list[str]:
+def prefill_metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array) -> list[str]:
     """The Metal text of the paged prefill kernel for these inputs' shapes and dtype
     (q: (B, n_heads, T, D)); built for Metal and only traced, like ``metal_sources``."""
     kernel = paged_prefill_source.build_kernels("metal")
@@ -141,14 +142,14 @@ def prefill_metal_sources(q: mx.array, k_pool: mx.array, block_tables: mx.array)
     context_lens = mx.full((batch,), t, dtype=mx.int32)
     positions = mx.zeros((batch, t), dtype=mx.int32)
     scale = mx.array([0.125], mx.float32)
-    inputs = [q, k_pool, k_pool, block_tables, context_lens, positions, scale]
+    inputs = [q, kv_pool, block_tables, context_lens, positions, scale]
 
     def run(*args: mx.array) -> list[mx.array]:
         return kernel(
             inputs=list(args),
             output_shapes=[q.shape],
             output_dtypes=[q.dtype],
-            **prefill_call_args(q, k_pool),
+            **prefill_call_args(q, kv_pool),
         )
 
     return _exported_sources(run, inputs, 1)
@@ -166,8 +167,8 @@ def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int)
     def run(qkv, cos, x, weight, eps) -> list[mx.array]:
         one = rope_kernel(
             inputs=[qkv, cos, cos],
-            output_shapes=[(2, 3, n, head_dim) for n in (n_heads, n_kv, n_kv)],
-            output_dtypes=[dtype] * 3,
+            output_shapes=[(2, 3, n_heads, head_dim), (2, 3, 2, n_kv, head_dim)],
+            output_dtypes=[dtype] * 2,
             **rope.call_args(qkv, n_kv, head_dim),
         )
         two = norm_kernel(
@@ -226,10 +227,10 @@ def main() -> int:
     for dtype in DTYPES:
         for head_dim in HEAD_DIMS:
             q = mx.zeros((2, 8, 1, head_dim), dtype=dtype)
-            k_pool = mx.zeros((4, 16, 2, head_dim), dtype=dtype)
+            kv_pool = mx.zeros((4, 16, 2, 2, head_dim), dtype=dtype)
             tables = mx.zeros((2, 2), dtype=mx.int32)
-            found = metal_sources(q, k_pool, tables) + fused_metal_sources(dtype, head_dim, 8, 2)
-            found += prefill_metal_sources(mx.repeat(q, 3, axis=2), k_pool, tables)
+            found = metal_sources(q, kv_pool, tables) + fused_metal_sources(dtype, head_dim, 8, 2)
+            found += prefill_metal_sources(mx.repeat(q, 3, axis=2), kv_pool, tables)
             for src in found:
                 res = clang_check(src)
                 failed += not res.ok

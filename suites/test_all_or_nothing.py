@@ -316,12 +316,11 @@ def fill_batch(cache: PagedKVCache, seqs: list, n: int, values: list[float]) -> 
     plan = cache.plan(seqs, n)
     shape = (CFG.num_key_value_heads, CFG.dim_per_head)
     written = np.broadcast_to(np.array(values, np.float32)[:, None, None], (len(values), *shape))
-    for layer in range(CFG.num_hidden_layers):
-        k = cache.k[layer].reshape(-1, *shape)
-        v = cache.v[layer].reshape(-1, *shape)
-        k[plan.slots] = written
-        v[plan.slots] = -written
-        cache.update_layer(layer, k.reshape(cache.k[layer].shape), v.reshape(cache.v[layer].shape))
+    both = np.stack([written, -written], axis=1)  # each slot's K heads, then V heads
+    for layer, pool in enumerate(cache.kv):
+        kv = pool.reshape(-1, 2, *shape)
+        kv[plan.slots] = both
+        cache.update_layer(layer, kv.reshape(pool.shape))
 
 
 class BatchMachine(RuleBasedStateMachine):

@@ -172,7 +172,7 @@ def test_logits_as_numpy_are_float32(checkpoint, model_factory):
     cache.add_sequence(0)
     out = to_numpy(prefill(m16, cache, 0, ids(4)))
     assert out.dtype == np.float32 and out.shape == (4, m16.config.vocab_size)
-    assert cache.k[0].dtype == mx.float16
+    assert cache.kv[0].dtype == mx.float16
 
 
 def test_rope_angles_are_made_once_a_step_for_all_layers(model, monkeypatch):
@@ -221,7 +221,7 @@ def test_compiled_decode_equals_eager(model):
 def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, monkeypatch):
     def forgetful(self, tokens, cache, plan):  # computes, but never installs the pools
         p = plan
-        out, _, _, _ = self.graph(plan.fresh)(tokens, *step_arrays(p), cache.k, cache.v)
+        out, _, _ = self.graph(plan.fresh)(tokens, *step_arrays(p), cache.kv)
         mx.eval(out)
         return out
 
@@ -246,7 +246,7 @@ def test_compiled_step_queues_each_commit_layers_mlp_output(model, monkeypatch):
     prefill(model, cache, "a", ids(5))
     plan = cache.plan(["a"], 1, table_width=bucket_width)
     tokens = mx.array([[7]], dtype=mx.int32)
-    *_, marks = CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.k, cache.v)
+    *_, marks = CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.kv)
     model(tokens, cache, plan, traced)
     layers = engine.commit_layers(model.config.num_hidden_layers)
     assert len(marks) == len(layers) > 0
@@ -271,4 +271,4 @@ def test_cache_and_step_pools_are_kv_pools(model):
     """The model is typed against KVPools; both pool holders it is given must be one."""
     cache = fresh_cache(model)
     assert isinstance(cache, KVPools)
-    assert isinstance(StepPools(list(cache.k), list(cache.v)), KVPools)
+    assert isinstance(StepPools(list(cache.kv)), KVPools)

@@ -62,20 +62,18 @@ def fill(cache: PagedKVCache, seq, n: int, value: float | list[float]) -> None:
     plan = cache.plan([seq], n)
     shape = (n, CFG.num_key_value_heads, CFG.dim_per_head)
     rows = mx.broadcast_to(mx.array(value, dtype=mx.float32).reshape(-1, 1, 1), shape)
-    for layer in range(CFG.num_hidden_layers):
-        k = cache.k[layer].reshape(-1, *shape[1:])
-        v = cache.v[layer].reshape(-1, *shape[1:])
-        k[plan.slots] = rows
-        v[plan.slots] = -rows
-        cache.update_layer(layer, k.reshape(cache.k[layer].shape), v.reshape(cache.v[layer].shape))
+    for layer, pool in enumerate(cache.kv):
+        kv = pool.reshape(-1, 2, *shape[1:])  # one row per slot: its K heads, then its V heads
+        kv[plan.slots] = mx.stack([rows, -rows], axis=1)
+        cache.update_layer(layer, kv.reshape(pool.shape))
 
 
 def rows(cache: PagedKVCache, seq, layer: int = 0) -> np.ndarray:
     """seq's cached K rows in token order (tokens, kv_heads, head_dim)."""
     bs = cache.block_size
     slots = [cache.block_table(seq)[p // bs] * bs + p % bs for p in range(cache.tokens(seq))]
-    flat = np.array(cache.k[layer]).reshape(-1, CFG.num_key_value_heads, CFG.dim_per_head)
-    return flat[slots]
+    flat = np.array(cache.kv[layer]).reshape(-1, 2, CFG.num_key_value_heads, CFG.dim_per_head)
+    return flat[slots, 0]
 
 
 @IMPL_ONLY
@@ -196,11 +194,11 @@ def test_out_of_blocks_raises_and_changes_nothing(shared_partial: bool):
         cache.add_sequence("b")
         cache.plan(["b"], 4)
     before = snapshot(cache)
-    pools = [np.array(p) for p in cache.k]
+    pools = [np.array(p) for p in cache.kv]
     with pytest.raises(CacheFullError, match=r"need \d+ free block\(s\), have \d+ of 4"):
         cache.plan(["a", "b"], 9)
     assert snapshot(cache) == before
-    for p, q in zip(pools, cache.k):
+    for p, q in zip(pools, cache.kv):
         np.testing.assert_array_equal(p, np.array(q))
     check_invariants(cache)
 
@@ -224,7 +222,7 @@ def test_bad_sequence_arguments_are_refused_without_changes():
 @IMPL_ONLY
 def test_pool_stores_only_kv_heads():
     cache = PagedKVCache(CFG, num_blocks=3, block_size=4, dtype=mx.float16)
-    assert cache.k[0].shape == (3, 4, CFG.num_key_value_heads, CFG.dim_per_head)
+    assert cache.kv[0].shape == (3, 4, 2, CFG.num_key_value_heads, CFG.dim_per_head)
     expected = 2 * CFG.num_hidden_layers * CFG.num_key_value_heads * CFG.dim_per_head * 2 * 3 * 4
     assert cache.nbytes == expected
 

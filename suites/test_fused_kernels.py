@@ -2,10 +2,11 @@
 twins, against slow float64 references (vLLM's kernel-test style).
 
 RoPE + cache write: each case is a batch of sequences, each adding T tokens at
-its own offset, written through a shuffled block table into pools poisoned with
-NaN. The reference rotates token by token from the formula and fills the pool row
-by row; every row no new token owns must still hold its NaN afterwards, so a
-write through a wrong slot, or past the new tokens, fails the case.
+its own offset, written through a shuffled block table into a K/V pool poisoned
+with NaN. The reference rotates token by token from the formula and fills the pool
+row by row; every row no new token owns must still hold its NaN afterwards, in its
+K and its V half, so a write through a wrong slot, or past the new tokens, fails
+the case.
 
 On the CPU backend the twins run the grid; the kernels run it on Metal or CUDA.
 """
@@ -51,8 +52,7 @@ class RopeCase:
     v: mx.array
     positions: mx.array  # (B, T) int32
     inv_freq: mx.array  # (D/2,) float32
-    k_pool: mx.array  # (num_blocks, block_size, n_kv, D), NaN everywhere
-    v_pool: mx.array
+    kv_pool: mx.array  # (num_blocks, block_size, 2, n_kv, D), NaN everywhere
     slots: mx.array  # (B * T,) int32
 
 
@@ -80,7 +80,7 @@ def make_rope_case(
     def normal(*shape: int) -> mx.array:
         return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dt)
 
-    poisoned = np.full((num_blocks, block_size, n_kv, head_dim), np.nan, np.float32)
+    poisoned = np.full((num_blocks, block_size, 2, n_kv, head_dim), np.nan, np.float32)
     inv_freq = 10000.0 ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
     return RopeCase(
         q=normal(len(starts), t, n_heads, head_dim),
@@ -88,9 +88,8 @@ def make_rope_case(
         v=normal(len(starts), t, n_kv, head_dim),
         positions=mx.array(positions),
         inv_freq=mx.array(inv_freq.astype(np.float32)),
-        # Two buffers from numpy: the kernel writes its pools in place.
-        k_pool=mx.array(poisoned).astype(dt),
-        v_pool=mx.array(poisoned).astype(dt),
+        # A buffer of its own from numpy: the write updates the pool in place.
+        kv_pool=mx.array(poisoned).astype(dt),
         slots=mx.array(np.array(slots, np.int32)),
     )
 
@@ -109,24 +108,26 @@ def reference_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -
 
 
 def pool_rows(pool: mx.array) -> np.ndarray:
-    return to_f64(pool).reshape(-1, *pool.shape[2:])  # (num_blocks * block_size, n_kv, D)
+    return to_f64(pool).reshape(-1, *pool.shape[2:])  # (num_blocks * block_size, 2, n_kv, D)
 
 
 def assert_rope_write_matches(
-    got: tuple[mx.array, mx.array, mx.array, mx.array, mx.array], case: RopeCase, dtype: str
+    got: tuple[mx.array, mx.array, mx.array], case: RopeCase, dtype: str
 ) -> None:
-    q_rot, k_rot, v, k_pool, v_pool = got
+    q_rot, kv, kv_pool = got
     pos, inv = np.array(case.positions), np.array(case.inv_freq)
     tol = dict(atol=KERNEL_ATOL[dtype], rtol=KERNEL_RTOL[dtype])
     assert q_rot.shape == case.q.shape and q_rot.dtype == case.q.dtype
     np.testing.assert_allclose(to_f64(q_rot), reference_rope(to_f64(case.q), pos, inv), **tol)
-    k_rows, v_rows = pool_rows(k_pool), pool_rows(v_pool)
+    rows = pool_rows(kv_pool)
+    k_rows, v_rows = rows[:, 0], rows[:, 1]
     slots = np.array(case.slots)
     k_ref = reference_rope(to_f64(case.k), pos, inv)
-    # k and v are returned for the fresh path, split from the rows as given.
-    assert k_rot.shape == v.shape == case.k.shape
-    np.testing.assert_allclose(to_f64(k_rot), k_ref, **tol)
-    np.testing.assert_array_equal(to_f64(v), to_f64(case.v))
+    # kv is returned for the fresh path: k rotated, then v as given, (B, T, 2, n_kv, D).
+    b, t, n_kv, head_dim = case.k.shape
+    assert kv.shape == (b, t, 2, n_kv, head_dim)
+    np.testing.assert_allclose(to_f64(kv[:, :, 0]), k_ref, **tol)
+    np.testing.assert_array_equal(to_f64(kv[:, :, 1]), to_f64(case.v))
     k_new = k_ref.reshape(-1, *case.k.shape[2:])
     np.testing.assert_allclose(k_rows[slots], k_new, **tol)
     np.testing.assert_array_equal(v_rows[slots], to_f64(case.v).reshape(-1, *case.v.shape[2:]))
@@ -145,13 +146,13 @@ def rope_args(case: RopeCase) -> tuple:
     """The arguments of ``rope_and_cache_write`` / its twin; the step's angles come from
     ``rope.rope_cos_sin`` when this runs, so a fault injected there reaches both."""
     c = case
-    bs = c.k_pool.shape[1]
+    bs = c.kv_pool.shape[1]
     step = rope.rope_step(c.positions, c.inv_freq, c.slots // bs, c.slots % bs, bs)
-    return (qkv_rows(c), c.q.shape[:2], step, c.k_pool, c.v_pool)
+    return (qkv_rows(c), c.q.shape[:2], step, c.kv_pool)
 
 
 def run_rope_kernel(case: RopeCase) -> tuple[mx.array, ...]:
-    """The GPU path: the rotation kernel, then the scatter writes."""
+    """The GPU path: the rotation kernel, then the scatter write."""
     assert rope.supports(qkv_rows(case), case.q.shape[-1])
     return rope.rope_and_cache_write(*rope_args(case))
 
@@ -193,11 +194,11 @@ def test_rope_write_kernel(head_dim, heads, block_size, new, dtype) -> None:
 
 @pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
 def test_rope_write_readers_see_the_new_rows() -> None:
-    """A reader of the returned pools that does not use q_rot (as the prefill gather)
+    """A reader of the returned pool that does not use q_rot (as the prefill gather)
     still runs after the write. The first kernel, which wrote in place, failed this."""
     case = make_rope_case(3, 8, 2, 64, 16, "float16", seed=1)
-    _, _, _, k_pool, _ = run_rope_kernel(case)
-    gathered = k_pool.reshape(-1, 2, 64)[case.slots]
+    _, _, kv_pool = run_rope_kernel(case)
+    gathered = kv_pool.reshape(-1, 2, 2, 64)[case.slots]
     assert not np.isnan(to_f64(gathered)).any()
 
 
@@ -214,13 +215,41 @@ def test_rope_dispatch() -> None:
 @pytest.mark.parametrize("width", [8 * 64 + 1, 2 * 2 * 64], ids=["ragged", "no-q-heads"])
 def test_rope_refuses_rows_that_are_not_whole_heads(width: int) -> None:
     """Rows whose width is not (n_heads + 2 * n_kv) whole heads (a pool from another
-    config) fail by name before any kernel or write runs; the pools stay as they were."""
+    config) fail by name before any kernel or write runs; the pool stays as it was."""
     case = make_rope_case(1, 8, 2, 64, 8, "float32", seed=5)
-    _, tokens, step, k_pool, v_pool = rope_args(case)
-    before = to_f64(k_pool)
+    _, tokens, step, kv_pool = rope_args(case)
+    before = to_f64(kv_pool)
     with pytest.raises(ValueError, match=r"is not \(tokens, \(n_heads \+ 2 \* 2\) \* 64\) rows"):
-        rope.rope_and_cache_write(mx.zeros((3, width)), tokens, step, k_pool, v_pool)
-    np.testing.assert_array_equal(to_f64(k_pool), before)
+        rope.rope_and_cache_write(mx.zeros((3, width)), tokens, step, kv_pool)
+    np.testing.assert_array_equal(to_f64(kv_pool), before)
+
+
+def test_rope_write_puts_rotated_k_then_v_in_a_pool_row() -> None:
+    """The twin (the kernel's oracle) writes each new token's pool row as its K heads
+    rotated at [:, 0], then its V heads exactly as in the qkv row at [:, 1]; the
+    returned kv holds the same rows."""
+    case = make_rope_case(3, 8, 2, 64, 8, "float16", seed=6)
+    qkv, tokens, step, kv_pool = rope_args(case)
+    k = qkv[:, 8 * 64 : 10 * 64].reshape(*tokens, 2, 64)
+    k_rot = rope.apply_rope(k, step.cos, step.sin).reshape(-1, 2, 64)
+    v = qkv[:, 10 * 64 :].reshape(-1, 2, 64)
+    _, kv, kv_pool = rope.rope_and_cache_write_ops(qkv, tokens, step, kv_pool)
+    written = kv_pool.reshape(-1, 2, 2, 64)[case.slots]  # (B * T, 2, n_kv, D)
+    for rows in (written, kv.reshape(written.shape)):
+        assert mx.array_equal(rows[:, 0], k_rot).item()
+        assert mx.array_equal(rows[:, 1], v).item()
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 2, 64), (6, 8, 3, 2, 64)], ids=["4-D", "axis-2-not-kv"])
+def test_pool_heads_refuses_a_pool_that_is_not_one_kv_pool(shape: tuple[int, ...]) -> None:
+    """A K or V pool of the old layout (4-D), or a 5-D pool whose axis 2 is not K and
+    V, fails by name; so does a write into it."""
+    assert rope.pool_heads(mx.zeros((6, 8, 2, 3, 64))) == (3, 64)
+    with pytest.raises(ValueError, match=r"is not \(num_blocks, block_size, 2, n_kv_heads"):
+        rope.pool_heads(mx.zeros(shape))
+    qkv, tokens, step, _ = rope_args(make_rope_case(1, 8, 2, 64, 8, "float32", seed=7))
+    with pytest.raises(ValueError, match=r"is not \(num_blocks, block_size, 2, n_kv_heads"):
+        rope.rope_and_cache_write(qkv, tokens, step, mx.zeros(shape))
 
 
 # The checks must be able to fail: inject the faults they guard against.

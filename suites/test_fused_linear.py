@@ -78,9 +78,9 @@ def decode_step_primitives(model: Model) -> Counter[str]:
     # The graph itself, not CompiledSteps.lazy: lazy queues the step's last layers
     # (commit_layers), and what is queued is no longer in the graph to count.
     step = CompiledSteps.of(model).graph(plan.fresh)
-    logits, k, v, _ = step(mx.array([[336]], dtype=mx.int32), *step_arrays(plan), cache.k, cache.v)
-    counts = graph_primitives(logits, *k, *v)
-    mx.eval(logits, k, v)
+    logits, kv, _ = step(mx.array([[336]], dtype=mx.int32), *step_arrays(plan), cache.kv)
+    counts = graph_primitives(logits, *kv)
+    mx.eval(logits, kv)
     return counts
 
 

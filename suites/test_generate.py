@@ -282,12 +282,10 @@ def test_poisoned_pad_block_is_never_read(model):
         cache.plan(["holder"], 1)  # takes block 0, the pad target
         cache.add_sequence("s")
         prefill(model, cache, "s", [*PROMPT, 7, 8, 9, 10])  # 9 tokens: blocks 1, 2, 3
-        hit = mx.arange(cache.num_blocks)[:, None, None, None] == poison
-        for layer in range(len(cache.k)):
-            nan = mx.array(float("nan"), dtype=cache.dtype)
-            cache.update_layer(
-                layer, mx.where(hit, nan, cache.k[layer]), mx.where(hit, nan, cache.v[layer])
-            )
+        hit = mx.arange(cache.num_blocks)[:, None, None, None, None] == poison
+        nan = mx.array(float("nan"), dtype=cache.dtype)
+        for layer, pool in enumerate(cache.kv):
+            cache.update_layer(layer, mx.where(hit, nan, pool))
         return cache
 
     cache = setup(poison=0)

@@ -73,11 +73,10 @@ def trim_back(cache: PagedKVCache, seqs: list[int], contexts: list[int]) -> None
 def random_pools(cache: PagedKVCache, seed: int = 0) -> None:
     """Fill every pool with random values, so a step reads a context that is not zeros."""
     key = mx.random.key(seed)
-    for layer in range(len(cache.k)):
-        key, kk, kv = mx.random.split(key, 3)
-        shape = cache.k[layer].shape
-        cache.update_layer(layer, mx.random.normal(shape, key=kk), mx.random.normal(shape, key=kv))
-    mx.eval(cache.k, cache.v)
+    for layer, pool in enumerate(cache.kv):
+        key, sub = mx.random.split(key)
+        cache.update_layer(layer, mx.random.normal(pool.shape, key=sub))
+    mx.eval(cache.kv)
 
 
 def check_plan(
@@ -176,7 +175,7 @@ def test_fork_copy_on_write(benchmark, small_config):
     def reset():
         if "child" in cache.sequences:
             cache.release("child")
-        mx.eval(cache.k, cache.v)
+        mx.eval(cache.kv)
 
     def fork_and_step():
         cache.fork(0, "child")
@@ -188,8 +187,8 @@ def test_fork_copy_on_write(benchmark, small_config):
     assert child[:-1] == parent[:-1] and child[-1] != parent[-1]
     assert all(cache.allocator.refcount(b) == 2 for b in parent[:-1])
     assert cache.allocator.refcount(parent[-1]) == 1 == cache.allocator.refcount(child[-1])
-    mx.eval(cache.k, cache.v)
-    for pool in (*cache.k, *cache.v):
+    mx.eval(cache.kv)
+    for pool in cache.kv:
         assert mx.array_equal(pool[child[-1]], pool[parent[-1]]).item()
 
 
@@ -241,10 +240,10 @@ class Pools:
     writes kept here, so repeated graph building never chains onto the cache."""
 
     def __init__(self, cache: PagedKVCache) -> None:
-        self.k, self.v = list(cache.k), list(cache.v)
+        self.kv = list(cache.kv)
 
-    def update_layer(self, layer: int, k_pool: mx.array, v_pool: mx.array) -> None:
-        self.k[layer], self.v[layer] = k_pool, v_pool
+    def update_layer(self, layer: int, kv_pool: mx.array) -> None:
+        self.kv[layer] = kv_pool
 
 
 @pytest.fixture

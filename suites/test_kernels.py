@@ -3,9 +3,9 @@
 The reference walks each sequence's block table one token at a time in float64.
 Inputs are poisoned so the grid catches the classic paged-attention bugs: every
 pool slot no sequence owns (the tail of a last block, spare blocks, the block the
-tables are padded with) holds NaN, and each table lists its blocks shuffled
-across the pool, so reading past ``context_len`` or through the wrong table entry
-changes the answer. Every case is a batch of mixed lengths.
+tables are padded with) holds NaN in its K and its V half, and each table lists
+its blocks shuffled across the pool, so reading past ``context_len`` or through
+the wrong table entry changes the answer. Every case is a batch of mixed lengths.
 
 On the CPU backend the ops twin (``paged_attention_ops``) runs the grid on a
 subset of lengths; the custom kernel runs the whole grid on Metal or CUDA.
@@ -50,8 +50,7 @@ OPS_SEQ_LENS: list[str] = ["1", "bs-1", "bs", "bs+1", "1000"]
 @dataclass
 class Case:
     q: mx.array  # (B, n_heads, 1, D)
-    k_pool: mx.array  # (num_blocks, block_size, n_kv_heads, D)
-    v_pool: mx.array
+    kv_pool: mx.array  # (num_blocks, block_size, 2, n_kv_heads, D): K, then V
     block_tables: mx.array  # (B, max_blocks) int32
     context_lens: mx.array  # (B,) int32
     positions: mx.array  # (B, 1) int32: context_len - 1
@@ -83,8 +82,8 @@ def make_case(
     needs = [math.ceil(n / block_size) for n in lengths]
     num_blocks = sum(needs) + 3  # spare blocks stay all-NaN; the last one pads the tables
     order = rng.permutation(num_blocks - 1)  # shuffled: neighbours in a table are not in the pool
-    shape = (num_blocks, block_size, n_kv, head_dim)
-    k_pool, v_pool = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    # NaN in both the K and the V half of every slot until a token owns it.
+    kv_pool = np.full((num_blocks, block_size, 2, n_kv, head_dim), np.nan, np.float32)
     poison_block = num_blocks - 1
     tables = np.full((len(lengths), max(needs)), poison_block, np.int32)
     start = 0
@@ -93,15 +92,13 @@ def make_case(
         start += needs[b]
         for t in range(n):
             row = (tables[b, t // block_size], t % block_size)
-            k_pool[row] = rng.standard_normal((n_kv, head_dim))
-            v_pool[row] = rng.standard_normal((n_kv, head_dim))
+            kv_pool[row] = rng.standard_normal((2, n_kv, head_dim))  # its K heads, then V
     q = rng.standard_normal((len(lengths), n_heads, 1, head_dim)).astype(np.float32)
     dt = getattr(mx, dtype)
     ctx = mx.array(lengths, dtype=mx.int32)
     return Case(
         q=mx.array(q).astype(dt),
-        k_pool=mx.array(k_pool).astype(dt),
-        v_pool=mx.array(v_pool).astype(dt),
+        kv_pool=mx.array(kv_pool).astype(dt),
         block_tables=mx.array(tables),
         context_lens=ctx,
         positions=(ctx - 1)[:, None],
@@ -115,7 +112,8 @@ def to_f64(x: mx.array) -> np.ndarray:
 
 def reference_decode_attention(case: Case) -> np.ndarray:
     """Deliberately slow: gather each sequence's K/V token by token through its table."""
-    q, k_pool, v_pool = to_f64(case.q), to_f64(case.k_pool), to_f64(case.v_pool)
+    q, kv_pool = to_f64(case.q), to_f64(case.kv_pool)
+    k_pool, v_pool = kv_pool[:, :, 0], kv_pool[:, :, 1]
     tables, lengths = np.array(case.block_tables), np.array(case.context_lens)
     block_size, n_kv = k_pool.shape[1], k_pool.shape[2]
     group = q.shape[1] // n_kv
@@ -147,7 +145,7 @@ def assert_matches_reference(got: mx.array, case: Case, dtype: str) -> None:
 def ops_args(case: Case) -> tuple:
     """The arguments of ``paged_attention`` / ``paged_attention_ops``, in order."""
     c = case
-    return (c.q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, c.positions, c.scale)
+    return (c.q, c.kv_pool, c.block_tables, c.context_lens, c.positions, c.scale)
 
 
 def run_ops(case: Case) -> mx.array:
@@ -158,7 +156,7 @@ def run_kernel(case: Case, n_parts: int | None = None, n_warps: int | None = Non
     c = case
     warps = {} if n_warps is None else {"n_warps": n_warps}
     return paged_decode_attention(
-        c.q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, c.scale, n_parts, **warps
+        c.q, c.kv_pool, c.block_tables, c.context_lens, c.scale, n_parts, **warps
     )
 
 
@@ -241,7 +239,7 @@ def test_dispatch(t: int) -> None:
     case = make_case([340, 277], 8, 2, 64, 16, "float32", seed=5)
     q = mx.repeat(case.q, t, axis=2)  # (B, n_heads, T, D)
     positions = case.context_lens[:, None] - t + mx.arange(t)[None, :]
-    args = (case.k_pool, case.v_pool, case.block_tables, case.context_lens, positions, case.scale)
+    args = (case.kv_pool, case.block_tables, case.context_lens, positions, case.scale)
     got, ops = dispatch(q, *args), paged_attention_ops(q, *args)
     kernel = t == 1 or q.shape[0] * t <= PREFILL_KERNEL_MAX_TOKENS
     if ON_GPU and kernel:
@@ -252,7 +250,7 @@ def test_dispatch(t: int) -> None:
 
 def test_dispatch_falls_back_for_unsupported_head_dim() -> None:
     case = make_case([20], 4, 2, 16, 8, "float32")
-    assert not supports(case.q, case.k_pool)
+    assert not supports(case.q, case.kv_pool)
     assert mx.array_equal(dispatch(*ops_args(case)), run_ops(case)).item()
 
 
@@ -262,9 +260,18 @@ def test_supports_reads_token_major_heads_without_a_transpose(shape) -> None:
     for the head-major transpose. In the second case the tokens (4) divide among the 4
     KV heads but the 6 query heads do not: reading the wrong axis would say yes."""
     q = mx.zeros(shape, dtype=mx.float16)
-    pool = mx.zeros((3, 16, 4, 64), dtype=mx.float16)
+    pool = mx.zeros((3, 16, 2, 4, 64), dtype=mx.float16)
     assert supports(q, pool, token_major=True) == supports(q.transpose(0, 2, 1, 3), pool)
     assert supports(q, pool, token_major=True) == (shape[2] % 4 == 0)
+
+
+def test_supports_needs_one_kv_pool() -> None:
+    """Only the (num_blocks, block_size, 2, n_kv_heads, D) pool: not a K or V pool of
+    the old layout, nor one whose axis 2 is not K and V."""
+    q = mx.zeros((1, 8, 1, 64), dtype=mx.float16)
+    assert supports(q, mx.zeros((3, 16, 2, 4, 64), dtype=mx.float16))
+    assert not supports(q, mx.zeros((3, 16, 4, 64), dtype=mx.float16))
+    assert not supports(q, mx.zeros((3, 16, 4, 2, 64), dtype=mx.float16))
 
 
 # The poison and the shuffle must be able to catch the bugs they are there for:
@@ -288,17 +295,14 @@ def test_shuffled_tables_catch_ignoring_the_table() -> None:
 
 # A prompt's first chunk (every sequence empty before the step) attends over its own
 # new keys and values with MLX's fused causal attention instead of the masked twin.
-def fresh_case(t: int, lengths: list[int] | None = None) -> tuple[Case, mx.array, tuple]:
+def fresh_case(t: int, lengths: list[int] | None = None) -> tuple[Case, mx.array, mx.array]:
     """A case, T queries per sequence, and each sequence's first T cached rows as
-    (B, T, n_kv_heads, D) keys and values, read through its table."""
+    (B, T, 2, n_kv_heads, D) keys and values, read through its table."""
     case = make_case(lengths or [t, t], 8, 2, 64, 16, "float32", seed=8)
     q = mx.array(np.random.default_rng(9).standard_normal((2, 8, t, 64)).astype(np.float32))
-    tables, bs = np.array(case.block_tables), case.k_pool.shape[1]
+    tables, bs, pool = np.array(case.block_tables), case.kv_pool.shape[1], np.array(case.kv_pool)
     rows = [[(tables[b, i // bs], i % bs) for i in range(t)] for b in range(2)]
-    own = tuple(
-        mx.array(np.stack([[np.array(pool)[blk, off] for blk, off in r] for r in rows]))
-        for pool in (case.k_pool, case.v_pool)
-    )
+    own = mx.array(np.stack([[pool[blk, off] for blk, off in r] for r in rows]))
     return case, q, own
 
 
@@ -307,7 +311,7 @@ def test_fresh_prefill_path_equals_the_twin(t: int) -> None:
     case, q, own = fresh_case(t)
     c = case
     positions = mx.broadcast_to(mx.arange(t, dtype=mx.int32)[None], (2, t))
-    args = (c.k_pool, c.v_pool, c.block_tables, c.context_lens, positions, c.scale)
+    args = (c.kv_pool, c.block_tables, c.context_lens, positions, c.scale)
     got = dispatch(q, *args, own_kv=own)
     np.testing.assert_allclose(
         to_f64(got), to_f64(paged_attention_ops(q, *args)), atol=KERNEL_ATOL["float32"], rtol=0
@@ -319,9 +323,7 @@ def test_fresh_path_check_catches_a_sequence_with_a_prefix() -> None:
     case, q, own = fresh_case(7, lengths=[7, 12])  # the second holds 5 earlier tokens
     c = case
     positions = mx.array([list(range(7)), list(range(5, 12))], dtype=mx.int32)
-    want = paged_attention_ops(
-        q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, positions, c.scale
-    )
-    got = causal_self_attention(q, *own, c.scale)
+    want = paged_attention_ops(q, c.kv_pool, c.block_tables, c.context_lens, positions, c.scale)
+    got = causal_self_attention(q, own, c.scale)
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(to_f64(got), to_f64(want), atol=KERNEL_ATOL["float32"], rtol=0)

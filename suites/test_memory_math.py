@@ -42,11 +42,11 @@ def config(shape: str) -> LlamaConfig:
 
 def check_kv_memory(cache: PagedKVCache, model_cfg: LlamaConfig) -> None:
     """The cache holds K/V at the model's num_key_value_heads and nothing more."""
-    expected_block = (cache.block_size, model_cfg.num_key_value_heads, model_cfg.dim_per_head)
-    for layer, pool in enumerate([*cache.k, *cache.v]):
+    expected_block = (cache.block_size, 2, model_cfg.num_key_value_heads, model_cfg.dim_per_head)
+    for layer, pool in enumerate(cache.kv):
         assert pool.shape[1:] == expected_block, (
             f"pool {layer} stores blocks of {pool.shape[1:]}, expected {expected_block}: "
-            f"{pool.shape[2]} heads per token where the model has "
+            f"{pool.shape[3]} heads per token where the model has "
             f"{model_cfg.num_key_value_heads} K/V heads (repeated heads?)"
         )
     slots = cache.num_blocks * cache.block_size
@@ -74,7 +74,7 @@ def test_allocated_memory_matches_the_formula():
     cache = PagedKVCache(cfg, num_blocks=64, block_size=16, dtype=mx.float16)
     grown = mx.get_active_memory() - before
     formula = kv_bytes(cfg, 2, 64 * 16)
-    arrays = len(cache.k) + len(cache.v)
+    arrays = len(cache.kv)
     assert formula <= grown <= formula + arrays * ALLOC_SLACK_PER_ARRAY, (grown, formula)
     del cache
 

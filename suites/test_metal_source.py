@@ -31,12 +31,12 @@ SHAPES: list[tuple[int, int, int]] = [(32, 4, 16), (32, 1, 32), (8, 8, 8)]
 def sources(dtype: str, head_dim: int, n_heads: int, n_kv: int, block_size: int) -> list[str]:
     dt = getattr(mx, dtype)
     q = mx.zeros((2, n_heads, 1, head_dim), dtype=dt)
-    k_pool = mx.zeros((4, block_size, n_kv, head_dim), dtype=dt)
+    kv_pool = mx.zeros((4, block_size, 2, n_kv, head_dim), dtype=dt)
     tables = mx.zeros((2, 2), dtype=mx.int32)
-    decode = metal_check.metal_sources(q, k_pool, tables)
+    decode = metal_check.metal_sources(q, kv_pool, tables)
     fused = metal_check.fused_metal_sources(dt, head_dim, n_heads, n_kv)
     # Prefill: 5 query tokens, a partial last tile for every Q_TILE above 1.
-    prefill = metal_check.prefill_metal_sources(mx.repeat(q, 5, axis=2), k_pool, tables)
+    prefill = metal_check.prefill_metal_sources(mx.repeat(q, 5, axis=2), kv_pool, tables)
     return decode + fused + prefill
 
 
@@ -68,7 +68,7 @@ def test_metal_source_parses(dtype: str, head_dim: int, shape: tuple[int, int, i
 INJECTED: list[tuple[str, str, str]] = [
     ("kexp(m[g] - m_new)", "kexpp(m[g] - m_new)", "undeclared identifier"),
     ("ksync();", "__syncthreads();", "undeclared identifier"),  # CUDA spelling
-    ("k_rot[at] = first;", "k_rot[at] = frist;", "undeclared identifier"),
+    ("kv_out[kv_at] = first;", "kv_out[kv_at] = frist;", "undeclared identifier"),
     (
         "kmax(top, sm_m[w * GROUP_SIZE + g])",
         "kmax(sm_m[w * GROUP_SIZE + g])",

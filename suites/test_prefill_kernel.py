@@ -4,9 +4,9 @@ T new query tokens per sequence (a prefill chunk) attend causally over a paged
 cache that already holds them after a prefix of earlier tokens. The inputs are
 poisoned as in ``suites/test_kernels.py``: every pool slot no sequence owns (the
 tail of a last block, spare blocks, the block the tables are padded with) holds
-NaN, and each table lists its blocks shuffled across the pool, so reading past
-``context_len`` or through the wrong table entry changes the answer. Every case
-is a batch of mixed prefixes sharing one chunk length.
+NaN in its K and its V half, and each table lists its blocks shuffled across the
+pool, so reading past ``context_len`` or through the wrong table entry changes the
+answer. Every case is a batch of mixed prefixes sharing one chunk length.
 
 The reference is written here in numpy (each sequence's keys and values gathered
 token by token through its block table); on the CPU it is itself checked against
@@ -54,8 +54,7 @@ OPS_COMBOS: list[tuple[int, str]] = [(1, "1000"), (7, "bs"), (64, "1"), (40, "0"
 @dataclass
 class Case:
     q: mx.array  # (B, n_heads, T, D)
-    k_pool: mx.array  # (num_blocks, block_size, n_kv_heads, D)
-    v_pool: mx.array
+    kv_pool: mx.array  # (num_blocks, block_size, 2, n_kv_heads, D): K, then V
     block_tables: mx.array  # (B, max_blocks) int32
     context_lens: mx.array  # (B,) int32: prefix + T
     positions: mx.array  # (B, T) int32: prefix, ..., prefix + T - 1
@@ -89,8 +88,8 @@ def make_case(
     needs = [math.ceil(n / block_size) for n in lengths]
     num_blocks = sum(needs) + 3  # spare blocks stay all-NaN; the last one pads the tables
     order = rng.permutation(num_blocks - 1)  # shuffled: neighbours in a table are not in the pool
-    shape = (num_blocks, block_size, n_kv, head_dim)
-    k_pool, v_pool = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    # NaN in both the K and the V half of every slot until a token owns it.
+    kv_pool = np.full((num_blocks, block_size, 2, n_kv, head_dim), np.nan, np.float32)
     tables = np.full((len(lengths), max(needs)), num_blocks - 1, np.int32)
     start = 0
     for b, n in enumerate(lengths):
@@ -98,15 +97,14 @@ def make_case(
         start += needs[b]
         tok = np.arange(n)
         blocks, offsets = tables[b, tok // block_size], tok % block_size
-        k_pool[blocks, offsets] = rng.standard_normal((n, n_kv, head_dim))
-        v_pool[blocks, offsets] = rng.standard_normal((n, n_kv, head_dim))
+        kv_pool[blocks, offsets, 0] = rng.standard_normal((n, n_kv, head_dim))  # K
+        kv_pool[blocks, offsets, 1] = rng.standard_normal((n, n_kv, head_dim))  # V
     q = rng.standard_normal((len(lengths), n_heads, t, head_dim)).astype(np.float32)
     positions = np.array([[p + i for i in range(t)] for p in prefixes], np.int32)
     dt = getattr(mx, dtype)
     return Case(
         q=mx.array(q).astype(dt),
-        k_pool=mx.array(k_pool).astype(dt),
-        v_pool=mx.array(v_pool).astype(dt),
+        kv_pool=mx.array(kv_pool).astype(dt),
         block_tables=mx.array(tables),
         context_lens=mx.array(lengths, dtype=mx.int32),
         positions=mx.array(positions),
@@ -132,7 +130,8 @@ def reference_prefill_attention(case: Case, read_past: int = 0) -> np.ndarray:
     ``read_past`` gathers that many slots past context_len too (masked out, as a
     buggy kernel might): only there to show the poison catches it.
     """
-    q, k_pool, v_pool = to_f64(case.q), to_f64(case.k_pool), to_f64(case.v_pool)
+    q, kv_pool = to_f64(case.q), to_f64(case.kv_pool)
+    k_pool, v_pool = kv_pool[:, :, 0], kv_pool[:, :, 1]
     tables, lengths = np.array(case.block_tables), np.array(case.context_lens)
     positions = np.array(case.positions)
     block_size, n_kv = k_pool.shape[1], k_pool.shape[2]
@@ -171,7 +170,7 @@ def assert_matches_reference(got: mx.array, case: Case, dtype: str, what: str = 
 def ops_args(case: Case) -> tuple:
     """The arguments of ``paged_attention_ops`` / ``paged_prefill_attention``, in order."""
     c = case
-    return (c.q, c.k_pool, c.v_pool, c.block_tables, c.context_lens, c.positions, c.scale)
+    return (c.q, c.kv_pool, c.block_tables, c.context_lens, c.positions, c.scale)
 
 
 def run_ops(case: Case) -> mx.array:
@@ -208,13 +207,13 @@ def test_reference_matches_ops_twin_long_chunk() -> None:
 
 def test_unowned_slots_hold_nan() -> None:
     case = make_case([5, 8, 0], 3, 8, 2, 64, 8, "float32", seed=1)
-    k = np.array(case.k_pool)
-    owned = np.isfinite(k).all(axis=(2, 3))  # (num_blocks, block_size)
+    kv = np.array(case.kv_pool)
+    owned = np.isfinite(kv).all(axis=(2, 3, 4))  # (num_blocks, block_size)
     assert owned.sum() == int(np.array(case.context_lens).sum())
-    assert np.isnan(k[~owned]).all()
+    assert np.isnan(kv[~owned]).all()  # the K and the V half
     # Each sequence's slot just past its context (a partial block's tail, or the
     # padding block) is poisoned.
-    tables, bs = np.array(case.block_tables), case.k_pool.shape[1]
+    tables, bs = np.array(case.block_tables), case.kv_pool.shape[1]
     for b, n in enumerate(np.array(case.context_lens)):
         assert not owned[tables[b, n // bs], n % bs]
 
@@ -258,9 +257,9 @@ def test_causal_mask_is_checked() -> None:
 def test_call_args(head_dim: int, heads: tuple[int, int]) -> None:
     """One group per (KV head, sequence x query tile); rows per group near the target."""
     n_heads, n_kv = heads
-    q, k_pool = mx.zeros((3, n_heads, 7, head_dim)), mx.zeros((9, 16, n_kv, head_dim))
-    assert supports(q, k_pool)
-    args = call_args(q, k_pool)
+    q, kv_pool = mx.zeros((3, n_heads, 7, head_dim)), mx.zeros((9, 16, 2, n_kv, head_dim))
+    assert supports(q, kv_pool)
+    args = call_args(q, kv_pool)
     template = dict(args["template"])
     group, tile = template["GROUP_SIZE"], template["Q_TILE"]
     assert group == n_heads // n_kv and tile >= 1
@@ -269,13 +268,16 @@ def test_call_args(head_dim: int, heads: tuple[int, int]) -> None:
 
 
 def test_supports() -> None:
-    q, k_pool = mx.zeros((2, 8, 5, 64)), mx.zeros((4, 16, 2, 64))
-    assert supports(q, k_pool)
-    assert not supports(mx.zeros((2, 8, 5, 16)), mx.zeros((4, 16, 2, 16)))  # head size
-    assert not supports(q.astype(mx.int32), k_pool)
-    assert not supports(q, mx.zeros((4, 16, 3, 64)))  # 8 heads on 3 KV heads
+    q, kv_pool = mx.zeros((2, 8, 5, 64)), mx.zeros((4, 16, 2, 2, 64))
+    assert supports(q, kv_pool)
+    assert not supports(mx.zeros((2, 8, 5, 16)), mx.zeros((4, 16, 2, 2, 16)))  # head size
+    assert not supports(q.astype(mx.int32), kv_pool)
+    assert not supports(q, mx.zeros((4, 16, 2, 3, 64)))  # 8 heads on 3 KV heads
     # 64 query heads on one KV head at head_dim 128: the queries outgrow shared memory.
-    assert not supports(mx.zeros((1, 64, 5, 128)), mx.zeros((4, 16, 1, 128)))
+    assert not supports(mx.zeros((1, 64, 5, 128)), mx.zeros((4, 16, 2, 1, 128)))
+    # Only the one K and V pool: not a pool of the old layout, nor axis 2 other than 2.
+    assert not supports(q, mx.zeros((4, 16, 2, 64)))
+    assert not supports(q, mx.zeros((4, 16, 4, 2, 64)))
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU backend's refusal")

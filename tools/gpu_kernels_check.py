@@ -49,7 +49,8 @@ def run_tests() -> int:
 
 
 def inputs(batch: int, context: int, seed: int = 0) -> tuple:
-    """Random decode inputs: every sequence at ``context`` tokens, tables shuffled."""
+    """Random decode inputs (q, kv_pool, tables, context_lens): every sequence at
+    ``context`` tokens, tables shuffled, K and V in one pool."""
     import mlx.core as mx
     import numpy as np
 
@@ -60,9 +61,10 @@ def inputs(batch: int, context: int, seed: int = 0) -> tuple:
     shape = (num_blocks, BLOCK_SIZE, N_KV_HEADS, HEAD_DIM)
     k_pool = mx.random.normal(shape, key=mx.random.key(seed)).astype(mx.float16)
     v_pool = mx.random.normal(shape, key=mx.random.key(seed + 1)).astype(mx.float16)
+    kv_pool = mx.stack([k_pool, v_pool], axis=2)  # (num_blocks, BLOCK_SIZE, 2, n_kv, D)
     q = mx.random.normal((batch, N_HEADS, 1, HEAD_DIM), key=mx.random.key(seed + 2))
     ctx = mx.full((batch,), context, dtype=mx.int32)
-    args = (q.astype(mx.float16), k_pool, v_pool, mx.array(tables), ctx)
+    args = (q.astype(mx.float16), kv_pool, mx.array(tables), ctx)
     mx.eval(*args)
     return args
 
@@ -134,18 +136,18 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     from kernels.paged_attention import launch_plan, paged_attention_ops, paged_decode_attention
 
     scale = HEAD_DIM**-0.5
-    q, k_pool, v_pool, tables, ctx = inputs(batch, context)
+    q, kv_pool, tables, ctx = inputs(batch, context)
     positions = (ctx - 1)[:, None]
     n_blocks = tables.shape[1]
     # The same keys and values laid out contiguously, (B, n_kv, L, D).
     k_contig, v_contig = (
         p[tables].reshape(batch, -1, N_KV_HEADS, HEAD_DIM).transpose(0, 2, 1, 3)[:, :, :context]
-        for p in (k_pool, v_pool)
+        for p in (kv_pool[:, :, 0], kv_pool[:, :, 1])
     )
     mx.eval(k_contig, v_contig)
 
     def ops():
-        return paged_attention_ops(q, k_pool, v_pool, tables, ctx, positions, scale)
+        return paged_attention_ops(q, kv_pool, tables, ctx, positions, scale)
 
     def contiguous():
         return mx.fast.scaled_dot_product_attention(q, k_contig, v_contig, scale=scale)
@@ -157,7 +159,7 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     for warps, parts in sweep(batch, context, n_blocks):
 
         def kernel(x, w=warps, p=parts):
-            return paged_decode_attention(x, k_pool, v_pool, tables, ctx, scale, p, w)
+            return paged_decode_attention(x, kv_pool, tables, ctx, scale, p, w)
 
         err = mx.abs(kernel(q).astype(mx.float32) - want).max().item()
         shapes[f"{warps}w{parts}p"] = {"ms": chained_ms(kernel, q, calls), "max_abs_diff": err}
@@ -166,7 +168,7 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     compiled = {
         "kernel": shapes[policy]["ms"],
         "ops": chained_ms(
-            lambda x: paged_attention_ops(x, k_pool, v_pool, tables, ctx, positions, scale),
+            lambda x: paged_attention_ops(x, kv_pool, tables, ctx, positions, scale),
             q,
             calls,
         ),
@@ -180,7 +182,7 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     kv_bytes = 2 * batch * context * N_KV_HEADS * HEAD_DIM * 2
 
     def eager_kernel():
-        return paged_decode_attention(q, k_pool, v_pool, tables, ctx, scale, *plan[::-1])
+        return paged_decode_attention(q, kv_pool, tables, ctx, scale, *plan[::-1])
 
     kernel_ms = per_call_ms(eager_kernel, calls)
     return {
@@ -208,20 +210,20 @@ def time_prefill(calls: int) -> list[dict]:
     from kernels.paged_prefill import paged_prefill_attention
 
     def point(batch: int, chunk: int, prefix: int) -> dict:
-        _, k_pool, v_pool, tables, ctx = inputs(batch, prefix + chunk)
+        _, kv_pool, tables, ctx = inputs(batch, prefix + chunk)
         key = mx.random.key(chunk)
         q = mx.random.normal((batch, N_HEADS, chunk, HEAD_DIM), key=key).astype(mx.float16)
         positions = (
             prefix + mx.arange(chunk, dtype=mx.int32)[None, :] + mx.zeros((batch, 1), mx.int32)
         )
-        args = (q, k_pool, v_pool, tables, ctx, positions, HEAD_DIM**-0.5)
+        args = (q, kv_pool, tables, ctx, positions, HEAD_DIM**-0.5)
         mx.eval(q, positions)
         err = mx.abs(paged_prefill_attention(*args) - paged_attention_ops(*args)).max().item()
         return {
             "batch": batch,
             "chunk": chunk,
             "prefix": prefix,
-            "dispatched_to_kernel": uses_prefill_kernel(q, k_pool),
+            "dispatched_to_kernel": uses_prefill_kernel(q, kv_pool),
             "kernel_ms": per_call_ms(lambda: paged_prefill_attention(*args), calls),
             "ops_ms": per_call_ms(lambda: paged_attention_ops(*args), calls),
             "max_abs_diff": err,
@@ -231,8 +233,9 @@ def time_prefill(calls: int) -> list[dict]:
 
 
 def time_rope(calls: int) -> list[dict]:
-    """The RoPE kernel (q | k | v rows in, rotated q and k and v out) against its ops
-    twin (the split into views, then the rotation), batch 1 and 32."""
+    """The RoPE kernel (q | k | v rows in; rotated q, and the pool rows of rotated k
+    and v out) against its ops twin (the split into views, the rotation, then the
+    stack into pool rows), batch 1 and 32."""
     import mlx.core as mx
 
     from kernels.rope import apply_rope, rope_cos_sin, rope_qkv, split_qkv
@@ -250,14 +253,14 @@ def time_rope(calls: int) -> list[dict]:
 
         def ops(x):
             q, k, v = split_qkv(x, (tokens, 1), N_KV_HEADS, HEAD_DIM)
-            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            return apply_rope(q, cos, sin), mx.stack([apply_rope(k, cos, sin), v], axis=2)
 
         err = max(
             mx.abs(a.astype(mx.float32) - b).max().item() for a, b in zip(kernel(qkv), ops(qkv))
         )
 
         def chained(fn):
-            # The chain carries the rows; all three outputs are part of every call.
+            # The chain carries the rows; both outputs are part of every call.
             return lambda x: x + sum(o.sum() for o in fn(x))
 
         return {
