@@ -124,6 +124,19 @@ def test_a_cache_of_another_shape_is_refused_before_anything_is_reserved(model, 
         calls[0]()
 
 
+def test_pools_in_the_old_two_pool_layout_are_refused(model):
+    """Pools of (num_blocks, block_size, kv_heads, head_dim), one for K and one for V as
+    the cache once held them, are named as the wrong layout before any step runs."""
+    cache = PagedKVCache(model.config, 8, 4)
+    cache.add_sequence("s")
+    before = snapshot(cache)
+    half = cache.kv[0][:, :, 0]
+    cache.kv = [half] * len(cache.kv)
+    with pytest.raises(impl.model.CacheMismatchError, match=r"not \(num_blocks, block_size, 2,"):
+        prefill(model, cache, "s", [1, 2, 3])
+    assert snapshot(cache) == before
+
+
 # -- argument types -----------------------------------------------------------------------
 # name -> (call on a cache and one of its sequences, the argument its TypeError names)
 BAD_CALLS = {
