@@ -1,8 +1,11 @@
-"""Where a decode step's GPU time goes, per engine, under Nsight Compute (``ncu``).
+"""Where a step's GPU time goes, per engine, under Nsight Compute (``ncu``).
 
     python3 tools/gpu_profile.py --engine impl-compiled --engine mlx-lm [--context 512]
+        [--point decode|prefill|chunked]
 
-For each engine: the wall time of one batch-1 decode step (measured without ncu),
+The step is a batch-1 decode at ``--context`` (the default), a 512-token prefill
+into an empty sequence, or a 512-token chunk after 1000 cached tokens (the points
+of tools/gpu_bench.py). For each engine: the wall time of one step (measured without ncu),
 then, under ``ncu``, the kernels of ``--steps`` steps marked by an NVTX range:
 launches per step, the sum of kernel times per step against the wall time, and the
 largest kernels grouped by name, with the threads each launched. ncu flushes the
@@ -30,6 +33,8 @@ from collections import defaultdict
 from pathlib import Path
 
 RANGE = "conform-step"
+PREFILL_TOKENS = 512  # the prefill points' chunk, as in tools/gpu_bench.py
+CHUNK_PREFIX = 1000
 
 
 def nvtx() -> tuple:
@@ -48,10 +53,15 @@ def worker(args: argparse.Namespace) -> int:
     --mark, run --steps more steps inside the NVTX range for ncu."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import common  # loads the BLAS before MLX
-    from tools.gpu_bench import decode_step, median_ms
+    from tools.gpu_bench import chunked_prefill_step, decode_step, median_ms, prefill_step
 
     engine = common.engine(args.engine[0], "tinyllama", "float16")
-    step = decode_step(engine, [args.context])
+    vocab = common.vocab_size("tinyllama")
+    step = {
+        "decode": lambda: decode_step(engine, [args.context]),
+        "prefill": lambda: prefill_step(engine, PREFILL_TOKENS, vocab),
+        "chunked": lambda: chunked_prefill_step(engine, CHUNK_PREFIX, PREFILL_TOKENS, vocab),
+    }[args.point]()
     ms = median_ms(step, warmup=5, reps=20)
     if args.mark:
         push, pop = nvtx()
@@ -97,7 +107,7 @@ def short(name: str, width: int = 70) -> str:
 
 def profile(engine: str, args: argparse.Namespace) -> dict:
     me = [sys.executable, __file__, "--worker", "--engine", engine]
-    me += ["--context", str(args.context), "--steps", str(args.steps)]
+    me += ["--context", str(args.context), "--steps", str(args.steps), "--point", args.point]
     plain = subprocess.run(me, capture_output=True, text=True, check=True)
     wall = json.loads(plain.stdout.strip().splitlines()[-1])["wall_ms"]
     ncu = ["ncu", "--csv", "--metrics", ",".join(METRICS), "--nvtx"]
@@ -116,6 +126,7 @@ def profile(engine: str, args: argparse.Namespace) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]
     return {
         "engine": engine,
+        "point": args.point,
         "wall_ms": wall,
         "launches_per_step": len(launches) / per_step,
         "kernel_ms_per_step": sum(ns for _, ns, _ in launches) / per_step / 1e6,
@@ -133,10 +144,26 @@ def profile(engine: str, args: argparse.Namespace) -> dict:
     }
 
 
+def what(args: argparse.Namespace) -> str:
+    """The profiled step in words."""
+    if args.point == "decode":
+        return f"decode b=1 ctx={args.context}"
+    if args.point == "prefill":
+        return f"prefill {PREFILL_TOKENS}"
+    return f"prefill {PREFILL_TOKENS} after {CHUNK_PREFIX} cached"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", action="append", default=None, help="repeatable")
-    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--context", type=int, default=512, help="the decode point's context")
+    p.add_argument(
+        "--point",
+        choices=["decode", "prefill", "chunked"],
+        default="decode",
+        help=f"the step profiled: decode, prefill {PREFILL_TOKENS}, or {PREFILL_TOKENS} "
+        f"after {CHUNK_PREFIX} cached",
+    )
     p.add_argument("--steps", type=int, default=3, help="profiled steps per engine")
     p.add_argument("--top", type=int, default=12, help="kernels listed per engine")
     p.add_argument(
@@ -158,7 +185,7 @@ def main() -> int:
         r = profile(engine, args)
         results.append(r)
         print(
-            f"{engine}: decode b=1 ctx={args.context}: wall {r['wall_ms']:.3f} ms; "
+            f"{engine}: {what(args)}: wall {r['wall_ms']:.3f} ms; "
             f"{r['launches_per_step']:.0f} launches, kernels {r['kernel_ms_per_step']:.3f} ms "
             f"per step (ncu, cache control {args.cache_control}; {time.perf_counter() - t0:.0f} s)"
         )
