@@ -85,7 +85,7 @@ def prefill(
     for chunk in chunks:
         plan = cache.plan([seq], chunk.size)
         out = _step(model, mx.array(chunk)[None], cache, plan, trace, compiled)  # (1, t, vocab)
-        logits.append(out[0])
+        logits.append(out.squeeze(0))  # not out[0]: MLX would gather (copy) the logits
     return logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0)
 
 

@@ -79,8 +79,10 @@ class Attention(nn.Module):
         cache: KVPools,
         plan: StepPlan,
         rope: kernels.RopeStep,
+        context: kernels.ContextRows | None,
     ) -> mx.array:
-        """x: (B * T, hidden), the step's tokens as rows (see ``Model.__call__``)."""
+        """x: (B * T, hidden), the step's tokens as rows (see ``Model.__call__``);
+        ``context``: the step's context rows, for a chunk over a cache."""
         B, T = plan.positions.shape
         # q: (B, T, n_heads, head_dim), token-major; kv: (B, T, 2, n_kv_heads, head_dim).
         q, kv, kv_pool = kernels.rope_and_cache_write(
@@ -95,6 +97,7 @@ class Attention(nn.Module):
             plan.positions,
             self.scale,
             own_kv=kv if plan.fresh else None,  # the new tokens are the whole context
+            rows=context,
         )
         return self.o_proj(out.reshape(B * T, -1))
 
@@ -182,6 +185,7 @@ class DecoderLayer(nn.Module):
         cache: KVPools,
         plan: StepPlan,
         rope: kernels.RopeStep,
+        context: kernels.ContextRows | None,
         trace: dict[str, mx.array] | None = None,
     ) -> tuple[mx.array, mx.array]:
         """h: the residual stream, (B * T, hidden); pending: the previous layer's MLP
@@ -194,7 +198,7 @@ class DecoderLayer(nn.Module):
             normed = ln(h)
         else:
             h, normed = kernels.add_rms_norm(h, pending, ln.weight, ln.eps)
-        attn = self.self_attn(normed, layer, cache, plan, rope)
+        attn = self.self_attn(normed, layer, cache, plan, rope, context)
         ln = self.post_attention_layernorm
         h, normed_h = kernels.add_rms_norm(h, attn, ln.weight, ln.eps)
         mlp = self.mlp(normed_h)
@@ -312,9 +316,17 @@ class Model(nn.Module):
         rope = kernels.rope_step(
             plan.positions, self._inv_freq, plan.blocks, plan.offsets, block_size
         )
+        # Where a chunk's cached context lies and what each token sees, for attention
+        # over the pools: also the same for every layer. Unused arrays cost nothing:
+        # MLX computes only what the logits need.
+        context = None
+        if T > 1 and not plan.fresh:
+            context = kernels.context_rows(
+                plan.block_tables, plan.context_lens, plan.positions, block_size, h.dtype
+            )
         mlp = None  # the latest MLP output, added to h by the next norm
         for i, layer in enumerate(self.model.layers):
-            h, mlp = layer(h, mlp, i, cache, plan, rope, trace)
+            h, mlp = layer(h, mlp, i, cache, plan, rope, context, trace)
             if marks is not None and i in marks:
                 marks[i] = mlp
             if trace is not None:

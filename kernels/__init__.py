@@ -16,7 +16,15 @@ function): reach a module's other names with ``from kernels.paged_attention impo
 """
 
 from kernels.add_rms_norm import add_rms_norm
-from kernels.paged_attention import paged_attention
+from kernels.paged_attention import ContextRows, context_rows, paged_attention
 from kernels.rope import RopeStep, rope_and_cache_write, rope_step
 
-__all__ = ["RopeStep", "add_rms_norm", "paged_attention", "rope_and_cache_write", "rope_step"]
+__all__ = [
+    "ContextRows",
+    "RopeStep",
+    "add_rms_norm",
+    "context_rows",
+    "paged_attention",
+    "rope_and_cache_write",
+    "rope_step",
+]

@@ -7,20 +7,27 @@ step whose sequences were all empty (a prompt's first chunk) passes its own new
 keys and values (``own_kv``), which are the whole context, and runs MLX's fused
 causal attention on them without reading the pools; a small chunk over a cache
 (at most ``PREFILL_KERNEL_MAX_TOKENS`` query tokens in the batch) runs the paged
-prefill kernel (``kernels.paged_prefill``); everything else (long chunks after
-the first, other head sizes, the CPU backend) runs the ops twin
-(``paged_attention_ops``), which is also the oracle the kernels are tested against.
+prefill kernel (``kernels.paged_prefill``); a longer chunk over a cache on a GPU
+gathers each sequence's context rows and runs MLX's fused attention on them with
+an additive mask (``gathered_attention``; rows and mask from ``context_rows``,
+built once a step); everything else (other head sizes, the CPU backend) runs the
+ops twin (``paged_attention_ops``), which is also the oracle the other paths are
+tested against.
 
 Ops twin: gathers each sequence's blocks through its block table and calls MLX's
 fused attention with K/V at ``num_key_value_heads`` (never tiled to the query
 heads; MLX maps each query head to its group). Slots past a sequence's length
 are zeroed before use, so garbage (or a NaN poison) in unused pool rows cannot
 reach the output.
+
+K and V are taken apart with slices, never ``kv[0]``: MLX indexes a leading axis
+with an integer through a gather, a copy of the whole context a layer.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -43,10 +50,10 @@ TARGET_GROUPS = 512
 MIN_PARTITION_TOKENS = 128
 HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
 # The prefill kernel runs chunks of at most this many query tokens (batch x chunk)
-# over a cache; bigger chunks go to the ops twin, whose matmuls beat the kernel's
-# scalar arithmetic there. Measured (tools/gpu_kernels_check.py on an H200,
-# results/gpu/kernel-bench.txt): 4 x 64 tokens after 500 took 0.13 ms against the
-# twin's 0.23; 512 after 1000, 0.42 ms against 0.23.
+# over a cache; bigger chunks go to gathered_attention, whose fused attention (cuDNN
+# on CUDA) beats the kernel's scalar arithmetic there. Measured (tools/gpu_kernels_check.py
+# on an H200, results/gpu/kernel-bench.txt): 4 x 64 tokens after 500 took 0.13 ms
+# against the twin's 0.23; 512 after 1000, 0.42 ms against 0.23.
 PREFILL_KERNEL_MAX_TOKENS = 256
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
@@ -173,6 +180,52 @@ def paged_decode_attention(
     )[0]
 
 
+@dataclass(frozen=True)
+class ContextRows:
+    """Where a step's context lies in a pool and what each new token may see: the
+    same for every layer, so the model builds it once a step (``context_rows``)."""
+
+    # (B, L) int32: the pool row (block * block_size + offset) of each sequence's
+    # context token j, L its block table's width times block_size. Past the
+    # sequence's length it is the row of the sequence's token 0, a written row, so a
+    # gather never brings in an unwritten (or NaN-poisoned) one; the mask hides it.
+    slots: mx.array
+    # (B, 1, T, L) in the activations' dtype: 0 where new token t may attend to
+    # context token j (j <= its position, j < the sequence's length), -inf elsewhere.
+    mask: mx.array
+
+
+def context_rows(
+    block_tables: mx.array,
+    context_lens: mx.array,
+    positions: mx.array,
+    block_size: int,
+    dtype: mx.Dtype,
+) -> ContextRows:
+    """``ContextRows`` of a step; arguments as for ``paged_attention_ops``."""
+    batch, width = block_tables.shape
+    offsets = mx.arange(block_size, dtype=mx.int32)
+    slots = (block_tables[:, :, None] * block_size + offsets).reshape(batch, width * block_size)
+    key_pos = mx.arange(width * block_size, dtype=mx.int32)
+    in_seq = key_pos[None, :] < context_lens[:, None]  # (B, L)
+    slots = mx.where(in_seq, slots, slots[:, :1])
+    visible = (key_pos[None, None, :] <= positions[:, :, None]) & in_seq[:, None, :]
+    mask = mx.where(visible, mx.array(0, dtype), mx.array(-math.inf, dtype))
+    return ContextRows(slots, mask[:, None])
+
+
+def gathered_attention(q: mx.array, kv_pool: mx.array, rows: ContextRows, scale: float) -> mx.array:
+    """``paged_attention_ops``'s attention, for long chunks on a GPU: each sequence's
+    context rows gathered by slot (``rows.slots``), no zeroing pass, and MLX's fused
+    attention with the additive mask built once a step (``rows.mask``). q:
+    (B, n_heads, T, D); returns (B, n_heads, T, D)."""
+    num_blocks, block_size, _, n_kv_heads, head_dim = kv_pool.shape
+    flat = kv_pool.reshape(num_blocks * block_size, 2, n_kv_heads, head_dim)
+    gathered = flat[rows.slots]  # (B, L, 2, n_kv_heads, head_dim)
+    k, v = split_kv(gathered.transpose(2, 0, 3, 1, 4))  # each (B, n_kv_heads, L, head_dim)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=rows.mask)
+
+
 def paged_attention(
     q: mx.array,
     kv_pool: mx.array,
@@ -181,6 +234,7 @@ def paged_attention(
     positions: mx.array,
     scale: float,
     own_kv: mx.array | None = None,
+    rows: ContextRows | None = None,
 ) -> mx.array:
     """``paged_attention_ops``'s attention in the model's token-major layout: q and
     the result are (B, T, n_heads, head_dim), as the projections make and consume
@@ -191,7 +245,8 @@ def paged_attention(
     builds it so), which is why the kernel needs no ``positions``. ``own_kv``, the
     step's new keys and values as (B, T, 2, n_kv_heads, head_dim) (the pool's row
     layout), promises that every sequence holds exactly those T tokens, at
-    positions 0..T-1.
+    positions 0..T-1. ``rows``, the step's ``context_rows`` (built here when
+    needed and not given), serves long chunks over a cache on a GPU.
     """
     if BACKEND != "cpu" and q.shape[1] == 1 and supports(q, kv_pool, token_major=True):
         return paged_decode_attention(
@@ -204,6 +259,10 @@ def paged_attention(
         out = paged_prefill.paged_prefill_attention(
             q, kv_pool, block_tables, context_lens, positions, scale
         )
+    elif BACKEND != "cpu":
+        if rows is None:
+            rows = context_rows(block_tables, context_lens, positions, kv_pool.shape[1], q.dtype)
+        out = gathered_attention(q, kv_pool, rows, scale)
     else:
         out = paged_attention_ops(q, kv_pool, block_tables, context_lens, positions, scale)
     return out.transpose(0, 2, 1, 3)
@@ -222,8 +281,13 @@ def causal_self_attention(q: mx.array, kv: mx.array, scale: float) -> mx.array:
     q: (B, n_heads, T, D); kv: (B, T, 2, n_kv_heads, D), K/V heads not repeated.
     """
     kv = kv.transpose(2, 0, 3, 1, 4)  # (2, B, n_kv_heads, T, D)
-    k, v = kv[0], kv[1]
+    k, v = split_kv(kv)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+
+
+def split_kv(rows: mx.array) -> tuple[mx.array, mx.array]:
+    """K and V of rows laid out (2, ...): two views by slicing, no copy."""
+    return rows[0:1].squeeze(0), rows[1:2].squeeze(0)
 
 
 def paged_attention_ops(
@@ -252,6 +316,6 @@ def paged_attention_ops(
     rows = kv_pool[block_tables].reshape(batch, length, 2, n_kv_heads, head_dim)
     rows = mx.where(in_seq[:, :, None, None, None], rows, mx.zeros((), dtype=kv_pool.dtype))
     rows = rows.transpose(2, 0, 3, 1, 4)  # (2, B, n_kv_heads, L, head_dim)
-    k, v = rows[0], rows[1]
+    k, v = split_kv(rows)
     visible = (key_pos[None, None, :] <= positions[:, :, None]) & in_seq[:, None, :]  # (B, T, L)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible[:, None])

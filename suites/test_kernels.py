@@ -24,6 +24,8 @@ from kernels.paged_attention import (
     BACKEND,
     PREFILL_KERNEL_MAX_TOKENS,
     causal_self_attention,
+    context_rows,
+    gathered_attention,
     launch_plan,
     paged_attention,
     paged_attention_ops,
@@ -234,24 +236,33 @@ def dispatch(q: mx.array, *args: object, **kwargs: object) -> mx.array:
 @pytest.mark.parametrize("t", [1, 3, 200])
 def test_dispatch(t: int) -> None:
     """paged_attention on a GPU: the decode kernel for one token, the prefill kernel
-    for a small chunk, the ops twin for a long one (200 x 2 sequences is past
+    for a small chunk, the gathered path for a long one (200 x 2 sequences is past
     PREFILL_KERNEL_MAX_TOKENS); the ops twin for everything on the CPU."""
     case = make_case([340, 277], 8, 2, 64, 16, "float32", seed=5)
     q = mx.repeat(case.q, t, axis=2)  # (B, n_heads, T, D)
     positions = case.context_lens[:, None] - t + mx.arange(t)[None, :]
     args = (case.kv_pool, case.block_tables, case.context_lens, positions, case.scale)
     got, ops = dispatch(q, *args), paged_attention_ops(q, *args)
-    kernel = t == 1 or q.shape[0] * t <= PREFILL_KERNEL_MAX_TOKENS
-    if ON_GPU and kernel:
+    if ON_GPU:
         np.testing.assert_allclose(to_f64(got), to_f64(ops), atol=KERNEL_ATOL["float32"])
+        if t > 1 and q.shape[0] * t > PREFILL_KERNEL_MAX_TOKENS:
+            rows = context_rows(case.block_tables, case.context_lens, positions, 16, q.dtype)
+            want = gathered_attention(q, case.kv_pool, rows, case.scale)
+            assert mx.array_equal(got, want).item()  # the gathered path ran
     else:
         assert mx.array_equal(got, ops).item()  # the very same ops ran
 
 
 def test_dispatch_falls_back_for_unsupported_head_dim() -> None:
+    """No kernel takes head_dim 16: the ops twin on the CPU, the gathered path (MLX's
+    fused attention, any head size) on a GPU."""
     case = make_case([20], 4, 2, 16, 8, "float32")
     assert not supports(case.q, case.kv_pool)
-    assert mx.array_equal(dispatch(*ops_args(case)), run_ops(case)).item()
+    got = dispatch(*ops_args(case))
+    if ON_GPU:
+        np.testing.assert_allclose(to_f64(got), to_f64(run_ops(case)), atol=KERNEL_ATOL["float32"])
+    else:
+        assert mx.array_equal(got, run_ops(case)).item()
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 8, 64), (1, 4, 6, 64)], ids=["decode", "heads-on-axis-2"])

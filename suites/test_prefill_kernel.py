@@ -25,7 +25,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels.paged_attention import BACKEND, paged_attention_ops
+from kernels.paged_attention import (
+    BACKEND,
+    ContextRows,
+    context_rows,
+    gathered_attention,
+    paged_attention_ops,
+)
 from kernels.paged_prefill import (
     HEAD_DIMS,
     TARGET_ROWS,
@@ -181,6 +187,15 @@ def run_kernel(case: Case) -> mx.array:
     return paged_prefill_attention(*ops_args(case))
 
 
+def case_rows(case: Case) -> ContextRows:
+    c = case
+    return context_rows(c.block_tables, c.context_lens, c.positions, c.kv_pool.shape[1], c.q.dtype)
+
+
+def run_gathered(case: Case, rows: ContextRows | None = None) -> mx.array:
+    return gathered_attention(case.q, case.kv_pool, rows or case_rows(case), case.scale)
+
+
 # -- the reference is the oracle: check it against the ops twin (CPU) ------------------
 
 
@@ -247,6 +262,62 @@ def test_causal_mask_is_checked() -> None:
     shifted = replace(case, positions=case.positions + 1)
     with pytest.raises(AssertionError):
         assert_matches_reference(run_ops(shifted), case, "float32")
+
+
+# -- the gathered path (long chunks on a GPU; plain MLX ops, so any backend runs it) ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("heads", [(32, 4), (8, 8), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_gathered_attention(
+    head_dim: int, heads: tuple[int, int], block_size: int, dtype: str
+) -> None:
+    """On a GPU the whole grid of chunks and prefixes; on the CPU the twin's subset."""
+    combos = [(t, p) for t in CHUNKS for p in PREFIXES] if ON_GPU else OPS_COMBOS
+    for t, prefix in combos:
+        case = grid_case(prefix, t, heads, head_dim, block_size, dtype)
+        assert_matches_reference(run_gathered(case), case, dtype, f"T={t} prefix={prefix}")
+
+
+def test_context_rows() -> None:
+    """Slots follow the table token by token; past a sequence's length they repeat
+    its token 0's row; the mask is 0 exactly where the reference lets a query see."""
+    case = make_case([20, 3], 5, 8, 2, 64, 8, "float16", seed=9)
+    rows = case_rows(case)
+    tables, lengths = np.array(case.block_tables), np.array(case.context_lens)
+    width = tables.shape[1] * 8
+    assert rows.slots.shape == (2, width) and rows.mask.shape == (2, 1, 5, width)
+    assert rows.mask.dtype == mx.float16
+    for b, n in enumerate(lengths):
+        tok = np.arange(width)
+        want = np.where(tok < n, tables[b, tok // 8] * 8 + tok % 8, tables[b, 0] * 8)
+        np.testing.assert_array_equal(np.array(rows.slots[b]), want)
+        pos = np.array(case.positions[b])
+        visible = (tok[None, :] <= pos[:, None]) & (tok[None, :] < n)
+        mask = np.array(rows.mask[b, 0].astype(mx.float32))
+        assert (mask[visible] == 0).all() and (mask[~visible] == -np.inf).all()
+
+
+def test_gathered_rows_keep_the_poison_out() -> None:
+    """Rows past a sequence's length are masked, but a gather of the unowned (NaN) slots
+    they point to would still turn the output NaN (0 * NaN): repeating token 0's row
+    is what keeps them out."""
+    case = make_case([20, 3], 5, 8, 2, 64, 8, "float32", seed=10)
+    rows = case_rows(case)
+    batch, width = case.block_tables.shape
+    raw = (case.block_tables[:, :, None] * 8 + mx.arange(8)).reshape(batch, width * 8)
+    assert np.isfinite(np.array(run_gathered(case, rows))).all()
+    assert np.isnan(np.array(run_gathered(case, ContextRows(raw, rows.mask)))).any()
+
+
+def test_gathered_mask_is_checked() -> None:
+    """A mask one position late (each query sees the next new token) fails the check."""
+    case = make_case([20, 3], 7, 8, 2, 64, 8, "float32", seed=11)
+    late = case_rows(replace(case, positions=case.positions + 1))
+    with pytest.raises(AssertionError):
+        assert_matches_reference(run_gathered(case, late), case, "float32")
 
 
 # -- the launch ------------------------------------------------------------------------
