@@ -36,7 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 POINTS = [(1, 16), (1, 512), (1, 2048), (8, 512), (32, 512), (32, 2048)]
 N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 4, 64, 16  # TinyLlama-1.1B attention
 # (batch, chunk, cached prefix) points of the prefill kernel: small chunks to long ones.
-PREFILL_POINTS = [(1, 7, 1000), (1, 64, 1000), (8, 16, 2000), (4, 64, 500), (1, 512, 1000)]
+PREFILL_POINTS = [
+    (1, 7, 1000),
+    (1, 64, 1000),
+    (8, 16, 2000),
+    (4, 64, 500),
+    (1, 128, 1000),
+    (1, 256, 1000),
+    (8, 64, 1000),
+    (1, 512, 1000),
+]
 HIDDEN = 2048  # TinyLlama-1.1B's residual width
 NORM_ROWS = [1, 8, 32, 512]
 ROPE_TOKENS = [1, 32]  # decode batch 1 and 32
