@@ -6,7 +6,7 @@ whose CUDA/Metal source and algorithm are in ``kernels.paged_decode_source``); a
 step whose sequences were all empty (a prompt's first chunk) passes its own new
 keys and values (``own_kv``), which are the whole context, and runs MLX's fused
 causal attention on them without reading the pools; a small chunk over a cache
-(at most ``PREFILL_KERNEL_MAX_TOKENS`` query tokens in the batch) runs the paged
+(at most ``PREFILL_KERNEL_MAX_CHUNK`` query tokens per sequence) runs the paged
 prefill kernel (``kernels.paged_prefill``); a longer chunk over a cache on a GPU
 gathers each sequence's context rows and runs MLX's fused attention on them with
 an additive mask (``gathered_attention``; rows and mask from ``context_rows``,
@@ -49,12 +49,13 @@ TARGET_GROUPS = 512
 # a chunk of 32 to stream and the per-partition fixed cost stays small.
 MIN_PARTITION_TOKENS = 128
 HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
-# The prefill kernel runs chunks of at most this many query tokens (batch x chunk)
-# over a cache; bigger chunks go to gathered_attention, whose fused attention (cuDNN
-# on CUDA) beats the kernel's scalar arithmetic there. Measured (tools/gpu_kernels_check.py
-# on an H200, results/gpu/kernel-bench.txt): 4 x 64 tokens after 500 took 0.13 ms
-# against the twin's 0.23; 512 after 1000, 0.42 ms against 0.23.
-PREFILL_KERNEL_MAX_TOKENS = 256
+# The prefill kernel runs chunks of at most this many query tokens per sequence over
+# a cache; longer ones go to gathered_attention, whose fused attention (cuDNN on CUDA)
+# beats the kernel's scalar arithmetic there. Measured per call (H200, TinyLlama heads,
+# tools/gpu_kernels_check.py, results/gpu/README.md), kernel / gathered ms: 7 tokens
+# after 1000, 0.024 / 0.037; 8 x 16 after 2000, 0.186 / 0.182; 64 after 1000,
+# 0.064 / 0.037; 4 x 64 after 500, 0.117 / 0.052; 512 after 1000, 0.426 / 0.092.
+PREFILL_KERNEL_MAX_CHUNK = 16
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 
 BACKEND: Backend = active_backend()
@@ -270,9 +271,9 @@ def paged_attention(
 
 def uses_prefill_kernel(q: mx.array, kv_pool: mx.array) -> bool:
     """Whether a GPU step of T > 1 tokens over a cache runs the prefill kernel: a
-    shape it takes, and a chunk small enough that it beats the ops twin."""
-    batch, _, t, _ = q.shape
-    return paged_prefill.supports(q, kv_pool) and batch * t <= PREFILL_KERNEL_MAX_TOKENS
+    shape it takes, and a chunk short enough that it beats ``gathered_attention``."""
+    t = q.shape[2]
+    return paged_prefill.supports(q, kv_pool) and t <= PREFILL_KERNEL_MAX_CHUNK
 
 
 def causal_self_attention(q: mx.array, kv: mx.array, scale: float) -> mx.array:

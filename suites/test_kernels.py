@@ -22,7 +22,7 @@ import pytest
 
 from kernels.paged_attention import (
     BACKEND,
-    PREFILL_KERNEL_MAX_TOKENS,
+    PREFILL_KERNEL_MAX_CHUNK,
     causal_self_attention,
     context_rows,
     gathered_attention,
@@ -236,8 +236,8 @@ def dispatch(q: mx.array, *args: object, **kwargs: object) -> mx.array:
 @pytest.mark.parametrize("t", [1, 3, 200])
 def test_dispatch(t: int) -> None:
     """paged_attention on a GPU: the decode kernel for one token, the prefill kernel
-    for a small chunk, the gathered path for a long one (200 x 2 sequences is past
-    PREFILL_KERNEL_MAX_TOKENS); the ops twin for everything on the CPU."""
+    for a short chunk, the gathered path for a long one (200 tokens a sequence is past
+    PREFILL_KERNEL_MAX_CHUNK); the ops twin for everything on the CPU."""
     case = make_case([340, 277], 8, 2, 64, 16, "float32", seed=5)
     q = mx.repeat(case.q, t, axis=2)  # (B, n_heads, T, D)
     positions = case.context_lens[:, None] - t + mx.arange(t)[None, :]
@@ -245,7 +245,7 @@ def test_dispatch(t: int) -> None:
     got, ops = dispatch(q, *args), paged_attention_ops(q, *args)
     if ON_GPU:
         np.testing.assert_allclose(to_f64(got), to_f64(ops), atol=KERNEL_ATOL["float32"])
-        if t > 1 and q.shape[0] * t > PREFILL_KERNEL_MAX_TOKENS:
+        if t > PREFILL_KERNEL_MAX_CHUNK:
             rows = context_rows(case.block_tables, case.context_lens, positions, 16, q.dtype)
             want = gathered_attention(q, case.kv_pool, rows, case.scale)
             assert mx.array_equal(got, want).item()  # the gathered path ran
