@@ -132,6 +132,36 @@ class BlockAllocator:
         return block
 
 
+# MLX's CUDA allocator gives an array made on the host managed memory. One of at most
+# this many bytes comes from a small pool the GPU maps where it lies; a larger one
+# moves to the GPU on the GPU's first read of it, a page fault.
+SMALL_POOL_BYTES = 8
+
+
+def step_fields(fields: list[list[int]]) -> list[mx.array]:
+    """A step's int32 fields as MLX arrays, made so that the GPU reads them cheaply.
+
+    Fields of at most two ints (a batch-1 decode step's) become one array each, all
+    in MLX's small pool (``SMALL_POOL_BYTES``): no page migrates. Larger fields
+    share one array, views of it, so a step costs one migration rather than one a
+    field. Measured on an H200 (TinyLlama shape, results/gpu/README.md): one packed
+    array of a batch-1 step's fields and tables cost 127-164 us a step (ncu: the
+    first kernel that read it, an 8-thread multiply, took that long). In the small
+    pool each kernel that reads a field waits on the bus instead (the decode
+    attention kernel: 17.7 -> 20.3 us), but the step's wall time still fell. Making
+    the fields on the device from one 8-byte array took those waits away too and
+    cost one launch; it timed no faster than this, so it is not done.
+    """
+    if all(len(f) * 4 <= SMALL_POOL_BYTES for f in fields):
+        return [mx.array(f, mx.int32) for f in fields]
+    packed = mx.array([v for f in fields for v in f], mx.int32)
+    views, start = [], 0
+    for f in fields:
+        views.append(packed[start : start + len(f)])
+        start += len(f)
+    return views
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Where one forward step's new tokens go; built by ``PagedKVCache.plan``.
@@ -177,6 +207,8 @@ class PagedKVCache:
         mx.eval(self.kv)
         self._tables: dict[Hashable, list[int]] = {}
         self._tokens: dict[Hashable, int] = {}
+        # The last step's block tables: (width, flat tables) and their array.
+        self._tables_memo: tuple[tuple[int, tuple[int, ...]], mx.array] | None = None
 
     @classmethod
     def for_tokens(
@@ -305,21 +337,29 @@ class PagedKVCache:
         context_lens = [self._tokens[s] for s in seqs]
         blocks = [s // bs for s in slots]
         offsets = [s % bs for s in slots]
-        # One host array a step, the fields views of it: one host-to-device copy, and
-        # no array of 8 bytes or less (MLX's CUDA allocator puts those in a pool of
-        # managed memory, where a batch-1 step's scalars cost a page migration; ncu
-        # showed one tiny kernel at 107-167 us a step).
-        step = mx.array(positions + slots + blocks + offsets + context_lens + tables, mx.int32)
-        batch, n = len(seqs), len(positions)
+        pos, slot, block, offset, lens = step_fields(
+            [positions, slots, blocks, offsets, context_lens]
+        )
         return StepPlan(
-            positions=step[:n].reshape(batch, num_new),
-            slots=step[n : 2 * n],
-            blocks=step[2 * n : 3 * n],
-            offsets=step[3 * n : 4 * n],
-            context_lens=step[4 * n : 4 * n + batch],
-            block_tables=step[4 * n + batch :].reshape(batch, width),
+            positions=pos.reshape(len(seqs), num_new),
+            slots=slot,
+            blocks=block,
+            offsets=offset,
+            context_lens=lens,
+            block_tables=self._table_array(tables, width),
             fresh=fresh,
         )
+
+    def _table_array(self, tables: list[int], width: int) -> mx.array:
+        """The step's block tables (B, width), the same array as last step's while
+        they have not changed. In a decode step they change once every
+        ``block_size`` tokens; an array the GPU has read stays in its memory, and
+        a new one is a page migration (``step_fields``)."""
+        key = (width, tuple(tables))
+        if self._tables_memo is None or self._tables_memo[0] != key:
+            array = mx.array(tables, mx.int32).reshape(len(tables) // width, width)
+            self._tables_memo = (key, array)
+        return self._tables_memo[1]
 
     def ensure_room(self, seqs: Sequence[Hashable], num_new: int) -> None:
         """Raise CacheFullError unless ``num_new`` more tokens fit in each of ``seqs``."""

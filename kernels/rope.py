@@ -174,8 +174,9 @@ def rope_cos_sin(positions: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.
     fault injected here (the suites shift decode positions this way) reaches both.
     """
     # Broadcast before the cast, so no (B, T) float32 array is made: at batch 1 it
-    # would be a 4-byte array, which MLX's CUDA backend keeps in managed memory
-    # shared with the host's scalars (see impl.paged_cache.PagedKVCache.plan).
+    # would be a 4-byte array, which MLX's CUDA backend keeps in its small pool of
+    # managed memory, mapped for the GPU rather than moved to it: each kernel that
+    # reads it waits on the bus (see impl.paged_cache.step_fields).
     wide = mx.broadcast_to(positions[:, :, None], (*positions.shape, inv_freq.shape[0]))
     angles = wide.astype(mx.float32) * inv_freq  # (B, T, D/2)
     return mx.cos(angles), mx.sin(angles)

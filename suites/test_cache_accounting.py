@@ -15,7 +15,14 @@ import pytest
 
 from conform.engines import NotApplicable
 from impl.config import LlamaConfig
-from impl.paged_cache import BlockAllocator, CacheFullError, PagedKVCache
+from impl.paged_cache import (
+    SMALL_POOL_BYTES,
+    BlockAllocator,
+    CacheFullError,
+    PagedKVCache,
+    StepPlan,
+    step_fields,
+)
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
 CFG = LlamaConfig(
@@ -118,6 +125,89 @@ def test_plan_slots_positions_and_tables():
     assert plan.slots.tolist() == [1 * 4 + 2, 2 * 4 + 3]
     assert plan.block_tables.tolist() == [[0, 1], [2, 0]]
     assert plan.context_lens.tolist() == [7, 4]
+
+
+@IMPL_ONLY
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_plan_fields_at_any_batch(batch: int):
+    """Each sequence's fields, whether made one array each (batch 1 and 2: each
+    field fits MLX's small pool) or as views of one packed array (batch 3 and up)."""
+    cache = PagedKVCache(CFG, num_blocks=32, block_size=4)
+    seqs = [f"s{b}" for b in range(batch)]
+    for b, s in enumerate(seqs):
+        cache.add_sequence(s)
+        cache.plan([s], 2 + 3 * b)
+    plan = cache.plan(seqs, 1)
+    for b, s in enumerate(seqs):
+        pos = 2 + 3 * b
+        table = cache.block_table(s)
+        assert plan.positions[b].tolist() == [pos]
+        assert plan.slots[b].item() == table[pos // 4] * 4 + pos % 4
+        assert (plan.blocks[b].item(), plan.offsets[b].item()) == (table[pos // 4], pos % 4)
+        assert plan.context_lens[b].item() == pos + 1
+    small = all(a.nbytes <= SMALL_POOL_BYTES for a in (plan.positions, plan.context_lens))
+    assert small == (batch <= 2)
+
+
+@IMPL_ONLY
+def test_step_fields_pack_only_what_outgrows_the_small_pool():
+    one_each = step_fields([[7], [1, 2]])
+    assert [a.tolist() for a in one_each] == [[7], [1, 2]]
+    assert all(a.nbytes <= SMALL_POOL_BYTES for a in one_each)
+    packed = step_fields([[7, 8, 9], [1], []])
+    assert [a.tolist() for a in packed] == [[7, 8, 9], [1], []]
+
+
+def padded_tables(cache: PagedKVCache, seqs: list, plan: StepPlan) -> list[list[int]]:
+    """What ``plan.block_tables`` must hold: each table padded with block 0."""
+    width = plan.block_tables.shape[1]
+    return [cache.block_table(s) + [0] * (width - cache.blocks_used(s)) for s in seqs]
+
+
+def check_tables_follow_every_change() -> None:
+    """Decode across a block edge, fork and copy-on-write, trim, release and reuse:
+    after each, the plan's tables are the cache's; between edges a decode step gets
+    the array it had (the GPU already holds it)."""
+    cache = PagedKVCache(CFG, num_blocks=16, block_size=4)
+    cache.add_sequence("a")
+
+    def step(seqs: list, n: int = 1) -> StepPlan:
+        plan = cache.plan(seqs, n)
+        assert plan.block_tables.tolist() == padded_tables(cache, seqs, plan)
+        return plan
+
+    step(["a"], 5)
+    first = step(["a"])  # token 6, block 1
+    assert step(["a"]).block_tables is first.block_tables  # token 7, same tables
+    step(["a"], 2)  # block 2
+    cache.fork("a", "b")
+    step(["b"])  # b copies a's shared partial block: a new last block
+    step(["a", "b"])
+    cache.trim("a", 6)
+    step(["a"])
+    cache.release("a")
+    cache.add_sequence("c")
+    step(["c"], 3)  # blocks a let go of
+    step(["b", "c"])
+
+
+@IMPL_ONLY
+def test_plan_tables_follow_every_change():
+    check_tables_follow_every_change()
+
+
+def test_tables_check_catches_stale_tables(monkeypatch) -> None:
+    """Tables remembered by their width alone go stale at the fork: the check fails."""
+
+    def by_width(self, tables: list[int], width: int) -> mx.array:
+        if self._tables_memo is None or self._tables_memo[0][0] != width:
+            array = mx.array(tables, mx.int32).reshape(-1, width)
+            self._tables_memo = ((width, ()), array)
+        return self._tables_memo[1]
+
+    monkeypatch.setattr(PagedKVCache, "_table_array", by_width)
+    with pytest.raises(AssertionError):
+        check_tables_follow_every_change()
 
 
 @IMPL_ONLY
