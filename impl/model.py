@@ -118,7 +118,16 @@ class MLP(nn.Module):
         if "gate_up_proj" in self:
             gate_up = self.gate_up_proj(x)
             f = gate_up.shape[-1] // 2
-            gate, up = gate_up[..., :f], gate_up[..., f:]
+            if gate_up.shape[0] == 1:
+                # One row (a batch-1 decode step): the halves of a (2, f) view. Sliced
+                # along the row instead, they keep its stride of 2f; MLX's fused
+                # silu(gate) * up gives its result its first input's strides, and the
+                # down projection's matmul then copies that row: one more launch a
+                # layer (ncu, H200).
+                halves = gate_up.reshape(2, f)
+                gate, up = halves[0:1], halves[1:2]
+            else:
+                gate, up = gate_up[..., :f], gate_up[..., f:]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(nn.silu(gate) * up)
