@@ -162,6 +162,24 @@ def step_fields(fields: list[list[int]]) -> list[mx.array]:
     return views
 
 
+class TableArrays:
+    """A step's block tables as an MLX array, the same array as the last step's while
+    they have not changed. In decode they change once every ``block_size`` tokens; an
+    array the GPU has read stays in its memory, and a new one is a page migration
+    (``step_fields``)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, tuple[int, ...]] | None = None  # (width, flat tables)
+        self.array: mx.array | None = None
+
+    def __call__(self, tables: list[int], width: int) -> mx.array:
+        """``tables``: B rows of ``width`` blocks, flat; returns them (B, width)."""
+        key = (width, tuple(tables))
+        if key != self.key:
+            self.key, self.array = key, mx.array(tables, mx.int32).reshape(-1, width)
+        return self.array
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Where one forward step's new tokens go; built by ``PagedKVCache.plan``.
@@ -207,8 +225,7 @@ class PagedKVCache:
         mx.eval(self.kv)
         self._tables: dict[Hashable, list[int]] = {}
         self._tokens: dict[Hashable, int] = {}
-        # The last step's block tables: (width, flat tables) and their array.
-        self._tables_memo: tuple[tuple[int, tuple[int, ...]], mx.array] | None = None
+        self._table_arrays = TableArrays()
 
     @classmethod
     def for_tokens(
@@ -346,20 +363,9 @@ class PagedKVCache:
             blocks=block,
             offsets=offset,
             context_lens=lens,
-            block_tables=self._table_array(tables, width),
+            block_tables=self._table_arrays(tables, width),
             fresh=fresh,
         )
-
-    def _table_array(self, tables: list[int], width: int) -> mx.array:
-        """The step's block tables (B, width), the same array as last step's while
-        they have not changed. In a decode step they change once every
-        ``block_size`` tokens; an array the GPU has read stays in its memory, and
-        a new one is a page migration (``step_fields``)."""
-        key = (width, tuple(tables))
-        if self._tables_memo is None or self._tables_memo[0] != key:
-            array = mx.array(tables, mx.int32).reshape(len(tables) // width, width)
-            self._tables_memo = (key, array)
-        return self._tables_memo[1]
 
     def ensure_room(self, seqs: Sequence[Hashable], num_new: int) -> None:
         """Raise CacheFullError unless ``num_new`` more tokens fit in each of ``seqs``."""

@@ -21,6 +21,7 @@ from impl.paged_cache import (
     CacheFullError,
     PagedKVCache,
     StepPlan,
+    TableArrays,
     step_fields,
 )
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
@@ -200,12 +201,11 @@ def test_tables_check_catches_stale_tables(monkeypatch) -> None:
     """Tables remembered by their width alone go stale at the fork: the check fails."""
 
     def by_width(self, tables: list[int], width: int) -> mx.array:
-        if self._tables_memo is None or self._tables_memo[0][0] != width:
-            array = mx.array(tables, mx.int32).reshape(-1, width)
-            self._tables_memo = ((width, ()), array)
-        return self._tables_memo[1]
+        if self.key != width:
+            self.key, self.array = width, mx.array(tables, mx.int32).reshape(-1, width)
+        return self.array
 
-    monkeypatch.setattr(PagedKVCache, "_table_array", by_width)
+    monkeypatch.setattr(TableArrays, "__call__", by_width)
     with pytest.raises(AssertionError):
         check_tables_follow_every_change()
 
