@@ -176,6 +176,7 @@ def _step(
     Evaluated unless ``lazy``. A ``trace`` needs the Python forward, so it runs
     eagerly even when ``compiled`` is asked for.
     """
+    model.keep_transposes()  # outside any trace: weights replaced since get new views
     if compiled and trace is None:
         steps = CompiledSteps.of(model)
         return steps.lazy(tokens, cache, plan) if lazy else steps(tokens, cache, plan)
@@ -311,8 +312,9 @@ class CompiledSteps:
         while the host encodes the rest."""
         step = self.graph(plan.fresh)
         out, kv_pools, marks = step(tokens, *step_arrays(plan), cache.kv)
-        for layer, kv_pool in enumerate(kv_pools):
-            cache.update_layer(layer, kv_pool)
+        # The traced graph returns pools of the shapes and dtype it took: installed
+        # without update_layer's checks, whose Python cost a step is 22 calls.
+        cache.kv[:] = kv_pools
         for mark in marks:
             mx.async_eval(mark)
         return out

@@ -262,6 +262,7 @@ def build(ckpt: Checkpoint, dtype: str | mx.Dtype = "float32", fuse: bool = True
     if fuse:
         model.fuse_projections()
     mx.eval(model.parameters())
+    model.keep_transposes()
     model.weights_format = ckpt.summary
     return model
 

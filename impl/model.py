@@ -11,6 +11,12 @@ After the weights are loaded, ``Model.fuse_projections`` (called by
 gate/up into one ``gate_up_proj``: one matmul where there were three or two, fewer
 launches per layer in a launch-bound batch-1 decode step. The trace names and the
 checkpoint's names are unchanged.
+
+Every float projection is a ``Linear``, which multiplies by a transposed view of its
+weight made once and kept beside it (``Model.keep_transposes``) rather than by
+``weight.T`` made anew in each step's graph: MLX's ``nn.Linear`` costs a Transpose
+node per matmul, 88 of a TinyLlama decode step's 560 nodes, each a host cost on every
+step (graph replay and encoding), which bounds a batch-1 step on a GPU.
 """
 
 from __future__ import annotations
@@ -38,13 +44,33 @@ class KVPools(Protocol):
     block_size, 2, num_key_value_heads, head_dim), keys at [:, :, 0], values at [:, :, 1].
 
     ``impl.paged_cache.PagedKVCache`` is one; inside a compiled step the model gets
-    the step's own lists of pools (``impl.engine.StepPools``).
+    the step's own lists of pools (``impl.engine.StepPools``), and the step's new
+    pools, traced from these, are assigned into ``kv`` at once.
     """
 
     kv: list[mx.array]
 
     def update_layer(self, layer: int, kv_pool: mx.array) -> None:
         """Install a layer's pool after the cache write (ops return new arrays)."""
+
+
+# Key of a Linear's transposed weight: in the module's state, so a compiled step takes
+# it as an input like the weight, but not a parameter (leading underscore), so it is
+# never loaded, saved or counted.
+WEIGHT_T = "_weight_t"
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` multiplying by ``WEIGHT_T``, the transposed view of its weight
+    that ``Model.keep_transposes`` made, when it has one: the same matmul (MLX reads
+    the view's strides as a transposed operand, as it reads ``weight.T``), without a
+    Transpose node in the step's graph. Without the view it is ``nn.Linear``."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        wt = self.get(WEIGHT_T)
+        if wt is None:
+            return super().__call__(x)
+        return x @ wt if "bias" not in self else mx.addmm(self["bias"], x, wt)
 
 
 class Attention(nn.Module):
@@ -55,10 +81,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim_per_head
         self.scale = self.head_dim**-0.5
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_proj = Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias)
 
     def fuse(self) -> bool:
         """Replace q_proj, k_proj, v_proj by one ``qkv_proj``; False (and nothing
@@ -84,7 +110,7 @@ class Attention(nn.Module):
         """x: (B * T, hidden), the step's tokens as rows (see ``Model.__call__``);
         ``context``: the step's context rows, for a chunk over a cache."""
         B, T = plan.positions.shape
-        # q: (B, T, n_heads, head_dim), token-major; kv: (B, T, 2, n_kv_heads, head_dim).
+        # q: (B, T, n_heads, head_dim), token-major; kv: (B * T, 2, n_kv_heads, head_dim).
         q, kv, kv_pool = kernels.rope_and_cache_write(
             self.project_qkv(x), (B, T), rope, cache.kv[layer]
         )
@@ -98,17 +124,17 @@ class Attention(nn.Module):
             self.scale,
             own_kv=kv if plan.fresh else None,  # the new tokens are the whole context
             rows=context,
-        )
-        return self.o_proj(out.reshape(B * T, -1))
+        )  # (B * T, n_heads * head_dim)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         h, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(h, f, bias=bias)
-        self.up_proj = nn.Linear(h, f, bias=bias)
-        self.down_proj = nn.Linear(f, h, bias=bias)
+        self.gate_proj = Linear(h, f, bias=bias)
+        self.up_proj = Linear(h, f, bias=bias)
+        self.down_proj = Linear(f, h, bias=bias)
 
     def fuse(self) -> bool:
         """Replace gate_proj and up_proj by one ``gate_up_proj`` (see ``Attention.fuse``)."""
@@ -133,7 +159,7 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(gate) * up)
 
 
-def fuse_linears(parts: list[nn.Module]) -> nn.Linear | nn.QuantizedLinear | None:
+def fuse_linears(parts: list[nn.Module]) -> Linear | nn.QuantizedLinear | None:
     """One layer computing ``parts`` (Linear layers reading the same input) at once:
     its output is theirs concatenated along the last axis, in order.
 
@@ -146,7 +172,7 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Linear | nn.QuantizedLinear | Non
     """
     first = parts[0]
     kind = type(first)
-    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(p) is not kind for p in parts):
+    if kind not in (Linear, nn.QuantizedLinear) or any(type(p) is not kind for p in parts):
         return None
     names = sorted(first.parameters())
     if any(sorted(p.parameters()) != names for p in parts):  # a bias on some only
@@ -160,7 +186,7 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Linear | nn.QuantizedLinear | Non
         in_dims = in_dims * 32 // first.bits
         fused = nn.QuantizedLinear(in_dims, out_dims, "bias" in first, **quant)
     else:
-        fused = nn.Linear(in_dims, out_dims, bias="bias" in first)
+        fused = Linear(in_dims, out_dims, bias="bias" in first)
     # The constructor's random placeholders are lazy: replaced here, never computed.
     fused.update({n: mx.concatenate([p[n] for p in parts], axis=0) for n in names})
     return fused
@@ -239,13 +265,39 @@ class Model(nn.Module):
         self.weights_format = "unloaded"
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # A plain attribute (leading underscore) so it is not a loadable parameter.
         self._inv_freq = mx.array(cfg.inv_freq())
         # The engine's mx.compile'd forward steps, made on first use (see
         # impl.engine.CompiledSteps). Not a dict: nn.Module files a dict attribute
         # among its children, where it would join the parameter tree.
         self.compiled_steps: CompiledSteps | None = None
+        self._forget_transposes()
+
+    def _forget_transposes(self) -> None:
+        # (Linear, the weight its view was made of) for every float Linear, listed on
+        # first use (keep_transposes). object.__setattr__: nn.Module would file a
+        # list among its children.
+        object.__setattr__(self, "_transposed", None)
+
+    def keep_transposes(self) -> None:
+        """Give every float ``Linear`` a current transposed view of its weight
+        (``WEIGHT_T``), made again for any whose weight was replaced since. The engine
+        calls this before every step (``impl.engine``), outside any compiled trace; it
+        costs one identity test per Linear. Code that replaces weights and then calls
+        the model directly calls it too."""
+        if self._transposed is None:
+            linears = [m for _, m in self.named_modules() if type(m) is Linear]
+            object.__setattr__(self, "_transposed", [[m, None] for m in linears])
+        made = []
+        for entry in self._transposed:
+            linear, weight = entry[0], entry[0]["weight"]
+            if entry[1] is not weight:
+                linear[WEIGHT_T] = weight.T
+                entry[1] = weight
+                made.append(linear[WEIGHT_T])
+        if made:
+            mx.eval(made)  # views: no copy
 
     def fuse_projections(self) -> list[str]:
         """Fuse every layer's q/k/v and gate/up projections (``Attention.fuse``,
@@ -259,6 +311,7 @@ class Model(nn.Module):
                 if not layer[name].fuse():
                     unfused.append(f"model.layers.{i}.{name}")
         self.compiled_steps = None
+        self._forget_transposes()  # the Linears changed
         return unfused
 
     @property

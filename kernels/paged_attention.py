@@ -128,13 +128,16 @@ def paged_decode_attention(
     n_parts: int | None = None,
     n_warps: int | None = None,
     token_major: bool = False,
+    out_shape: tuple[int, ...] | None = None,
 ) -> mx.array:
     """The custom kernel: attention of one query token per sequence over its cache.
 
     q: (B, n_heads, 1, D); the rest as for ``paged_attention_ops``. With
     ``token_major``, q and the result are (B, 1, n_heads, D) instead: the same bytes
     at one token, so the model's layout needs no transpose (a graph node on every
-    layer of every step) on either side. ``n_parts``, the context partitions per
+    layer of every step) on either side. ``out_shape`` gives the result another
+    shape of the same bytes, such as the (B, n_heads * D) rows the output projection
+    takes, for the same reason. ``n_parts``, the context partitions per
     (sequence, KV head), and ``n_warps``, the warps per thread group, default to
     ``launch_plan``'s; any counts give the same answer (the suites check it), only
     the speed differs (``tools/gpu_kernels_check.py`` times them).
@@ -148,6 +151,9 @@ def paged_decode_attention(
         raise ValueError(
             f"unsupported q {q.shape} {q.dtype} / pool {kv_pool.shape}; see supports()"
         )
+    out_shape = q.shape if out_shape is None else tuple(out_shape)
+    if math.prod(out_shape) != q.size:
+        raise ValueError(f"out_shape {out_shape} does not hold the {q.shape} result")
     n_kv, max_blocks = kv_pool.shape[3], block_tables.shape[1]
     plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, kv_pool.shape[1])
     n_parts = plan_parts if n_parts is None else n_parts
@@ -166,7 +172,7 @@ def paged_decode_attention(
     launch = kernel_call_args(q, kv_pool, n_parts, n_warps)
     final, split, combine = _KERNELS
     if n_parts == 1:
-        return final(inputs=inputs, output_shapes=[q.shape], output_dtypes=[q.dtype], **launch)[0]
+        return final(inputs=inputs, output_shapes=[out_shape], output_dtypes=[q.dtype], **launch)[0]
     part_acc, part_ml = split(
         inputs=inputs,
         output_shapes=[(batch, n_heads, n_parts, head_dim), (batch, n_heads, n_parts, 2)],
@@ -175,7 +181,7 @@ def paged_decode_attention(
     )
     return combine(
         inputs=[part_acc, part_ml],
-        output_shapes=[q.shape],
+        output_shapes=[out_shape],
         output_dtypes=[q.dtype],
         **combine_call_args(q),
     )[0]
@@ -237,21 +243,24 @@ def paged_attention(
     own_kv: mx.array | None = None,
     rows: ContextRows | None = None,
 ) -> mx.array:
-    """``paged_attention_ops``'s attention in the model's token-major layout: q and
-    the result are (B, T, n_heads, head_dim), as the projections make and consume
-    them. The custom kernel serves GPU decode, in that layout directly; the other
+    """``paged_attention_ops``'s attention in the model's layouts: q is (B, T,
+    n_heads, head_dim) as the QKV projection and RoPE make it, the result (B * T,
+    n_heads * head_dim) rows as the output projection takes them. The custom kernel
+    serves GPU decode, in those layouts directly (no graph node around it); the other
     paths take (B, n_heads, T, head_dim) and are transposed to it and back.
 
     A decode step's single query sits at ``context_len - 1`` (``PagedKVCache.plan``
     builds it so), which is why the kernel needs no ``positions``. ``own_kv``, the
-    step's new keys and values as (B, T, 2, n_kv_heads, head_dim) (the pool's row
-    layout), promises that every sequence holds exactly those T tokens, at
+    step's new keys and values as (B * T, 2, n_kv_heads, head_dim) pool rows,
+    promises that every sequence holds exactly those T tokens, at
     positions 0..T-1. ``rows``, the step's ``context_rows`` (built here when
     needed and not given), serves long chunks over a cache on a GPU.
     """
-    if BACKEND != "cpu" and q.shape[1] == 1 and supports(q, kv_pool, token_major=True):
+    batch, t, n_heads, head_dim = q.shape
+    out_rows = (batch * t, n_heads * head_dim)
+    if BACKEND != "cpu" and t == 1 and supports(q, kv_pool, token_major=True):
         return paged_decode_attention(
-            q, kv_pool, block_tables, context_lens, scale, token_major=True
+            q, kv_pool, block_tables, context_lens, scale, token_major=True, out_shape=out_rows
         )
     q = q.transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
     if own_kv is not None:
@@ -266,7 +275,7 @@ def paged_attention(
         out = gathered_attention(q, kv_pool, rows, scale)
     else:
         out = paged_attention_ops(q, kv_pool, block_tables, context_lens, positions, scale)
-    return out.transpose(0, 2, 1, 3)
+    return out.transpose(0, 2, 1, 3).reshape(out_rows)
 
 
 def uses_prefill_kernel(q: mx.array, kv_pool: mx.array) -> bool:
@@ -279,8 +288,10 @@ def uses_prefill_kernel(q: mx.array, kv_pool: mx.array) -> bool:
 def causal_self_attention(q: mx.array, kv: mx.array, scale: float) -> mx.array:
     """Causal attention of T queries over the same T tokens' keys and values.
 
-    q: (B, n_heads, T, D); kv: (B, T, 2, n_kv_heads, D), K/V heads not repeated.
+    q: (B, n_heads, T, D); kv: the T tokens' pool rows, (B * T, 2, n_kv_heads, D) or
+    (B, T, 2, n_kv_heads, D), K/V heads not repeated.
     """
+    kv = kv.reshape(q.shape[0], q.shape[2], *kv.shape[-3:])
     kv = kv.transpose(2, 0, 3, 1, 4)  # (2, B, n_kv_heads, T, D)
     k, v = split_kv(kv)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")

@@ -6,14 +6,14 @@ The attention's projection makes one row per token, q | k | v (``qkv``, (B * T,
 block_size, 2, n_kv_heads, D): one pool row is a token's K heads then its V heads,
 the same order as the tail of its qkv row. ``rope_and_cache_write`` dispatches: on
 a GPU backend (CUDA or Metal) one custom kernel (``rope_qkv``) reads those rows and
-writes rotated Q (B, T, n_heads, D) and the new pool rows, rotated K with V, (B, T,
-2, n_kv_heads, D); one MLX scatter (``write_rows``) writes them into the pool, in
-place (the cache's pools can be donated). On the CPU backend, or for shapes the
-kernel does not take, the ops twin (``rope_and_cache_write_ops``) splits the rows
-with slices and runs. The twin is also the kernel's oracle. Reading the rows in the
-kernel saves the six slice and reshape nodes a layer the split costs, and one pool
-for K and V saves a scatter a layer: each a host cost in every launch-bound decode
-step.
+writes rotated Q (B, T, n_heads, D) and the new pool rows, rotated K with V, (B * T,
+2, n_kv_heads, D), already in the shape the scatter takes; one MLX scatter
+(``write_rows``) writes them into the pool, in place (the cache's pools can be
+donated). On the CPU backend, or for shapes the kernel does not take, the ops twin
+(``rope_and_cache_write_ops``) splits the rows with slices and runs. The twin is also
+the kernel's oracle. Reading the rows in the kernel saves the six slice and reshape
+nodes a layer the split costs, and one pool for K and V saves a scatter a layer: each
+a host cost in every launch-bound decode step.
 
 What depends only on the step, not the layer (cos and sin of the tokens' angles,
 their pool rows), is computed once per step by ``rope_step`` and passed to every
@@ -30,7 +30,7 @@ Kernel. One body for CUDA (``mx.fast.cuda_kernel``) and Metal
 (``mx.fast.metal_kernel``); ``kernels.backend`` supplies the per-backend lines.
   qkv           (B * T, (N_Q + 2 * N_KV) * D) rows of one dtype T
   cos, sin      float32 (B, T, D/2): ``rope_cos_sin`` of the tokens' positions
-  returns       q_rot (B, T, N_Q, D) and kv (B, T, 2, N_KV, D), of dtype T
+  returns       q_rot (B, T, N_Q, D) and kv (B * T, 2, N_KV, D), of dtype T
 One thread per rotation pair: thread i of group (head, token) owns elements i and
 i + D/2; heads below N_Q are Q's, the next N_KV are K's, the last N_KV V's (copied).
 A token's K and V heads are its kv row in the qkv row's order, so head h >= N_Q
@@ -137,7 +137,7 @@ def call_args(qkv: mx.array, n_kv: int, head_dim: int) -> dict:
 def rope_qkv(
     qkv: mx.array, tokens: tuple[int, int], n_kv: int, head_dim: int, cos: mx.array, sin: mx.array
 ) -> tuple[mx.array, mx.array]:
-    """The custom kernel: (q_rot (B, T, n_heads, D), kv (B, T, 2, n_kv, D)) of the rows
+    """The custom kernel: (q_rot (B, T, n_heads, D), kv (B * T, 2, n_kv, D)) of the rows
     ``qkv``, q and k rotated at the angles of ``cos``/``sin``; ``tokens`` is (B, T)."""
     if _KERNEL is None:
         raise RuntimeError("rope_qkv needs a GPU backend (Metal or CUDA)")
@@ -146,7 +146,9 @@ def rope_qkv(
     n_q, _ = head_counts(qkv, n_kv, head_dim)
     q_rot, kv = _KERNEL(
         inputs=[qkv, cos, sin],
-        output_shapes=[(*tokens, n_q, head_dim), (*tokens, 2, n_kv, head_dim)],
+        # kv as the scatter takes it: a reshape there would be one more graph node a
+        # layer, a host cost in every launch-bound decode step.
+        output_shapes=[(*tokens, n_q, head_dim), (qkv.shape[0], 2, n_kv, head_dim)],
         output_dtypes=[qkv.dtype] * 2,
         **call_args(qkv, n_kv, head_dim),
     )
@@ -227,7 +229,7 @@ def rope_and_cache_write(
     qkv: (B * T, (n_heads + 2 * n_kv_heads) * D), one q | k | v row per token;
     tokens: (B, T); step: from ``rope_step``; kv_pool: (num_blocks, block_size, 2,
     n_kv_heads, D), which gives n_kv_heads and D. q_rot is (B, T, n_heads, D); kv,
-    the new pool rows (rotated K, then V), (B, T, 2, n_kv_heads, D).
+    the new pool rows (rotated K, then V), (B * T, 2, n_kv_heads, D), token-major.
 
     The pool is written the way MLX's ``pool[idx] = rows`` writes: the array object
     passed in is updated, and returned. MLX reuses its buffer when nothing else
@@ -247,7 +249,7 @@ def rope_and_cache_write_ops(
     """The ops twin of ``rope_and_cache_write``."""
     q, k, v = split_qkv(qkv, tokens, *pool_heads(kv_pool))
     q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-    kv = mx.stack([k, v], axis=2)  # (B, T, 2, n_kv_heads, D): the pool's row layout
+    kv = mx.stack([k, v], axis=2).reshape(-1, 2, *k.shape[2:])  # pool rows (B * T, 2, n_kv, D)
     return q, kv, write_rows(kv_pool, kv, step)
 
 
@@ -262,7 +264,7 @@ def pool_heads(kv_pool: mx.array) -> tuple[int, int]:
 
 
 def write_rows(pool: mx.array, rows: mx.array, step: RopeStep) -> mx.array:
-    """Write ``rows`` (B, T, 2, n_kv_heads, D) into ``pool`` at the step's slots; returns it.
+    """Write ``rows`` (B * T, 2, n_kv_heads, D) into ``pool`` at the step's slots; returns it.
 
     The scatter indexes the pool itself by (block, offset), not a reshaped view of
     it: MLX then reuses the pool's buffer for the result. Through a view made in
@@ -271,5 +273,5 @@ def write_rows(pool: mx.array, rows: mx.array, step: RopeStep) -> mx.array:
     """
     if pool.shape[1] != step.block_size:
         raise ValueError(f"pool blocks of {pool.shape[1]} rows, step for {step.block_size}")
-    pool[step.blocks, step.offsets] = rows.reshape(-1, *rows.shape[2:]).astype(pool.dtype)
+    pool[step.blocks, step.offsets] = rows.astype(pool.dtype)
     return pool

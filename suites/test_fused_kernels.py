@@ -123,9 +123,11 @@ def assert_rope_write_matches(
     k_rows, v_rows = rows[:, 0], rows[:, 1]
     slots = np.array(case.slots)
     k_ref = reference_rope(to_f64(case.k), pos, inv)
-    # kv is returned for the fresh path: k rotated, then v as given, (B, T, 2, n_kv, D).
+    # kv is returned for the fresh path: k rotated, then v as given, as pool rows
+    # (B * T, 2, n_kv, D), token-major.
     b, t, n_kv, head_dim = case.k.shape
-    assert kv.shape == (b, t, 2, n_kv, head_dim)
+    assert kv.shape == (b * t, 2, n_kv, head_dim)
+    kv = kv.reshape(b, t, 2, n_kv, head_dim)
     np.testing.assert_allclose(to_f64(kv[:, :, 0]), k_ref, **tol)
     np.testing.assert_array_equal(to_f64(kv[:, :, 1]), to_f64(case.v))
     k_new = k_ref.reshape(-1, *case.k.shape[2:])

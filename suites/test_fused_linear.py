@@ -199,3 +199,55 @@ def test_decode_step_has_three_fewer_matmuls_per_layer(kind, trained_ckpt, q4_gg
     ops = set(before) | set(after)
     skip = {*MATMULS, "Slice", "Reshape", "Concatenate", "Transpose", "Unflatten"}
     assert all(before[n] == after[n] for n in ops - skip)
+
+
+# -- kept transposes (impl.model.Linear) ------------------------------------------
+def float_linears(model: Model) -> list[nn.Module]:
+    return [m for _, m in model.named_modules() if type(m) is impl.model.Linear]
+
+
+def test_decode_step_multiplies_by_kept_transposes(trained_ckpt, monkeypatch):
+    """Every float projection multiplies by the transposed view of its weight that
+    the model keeps: the compiled decode step's graph holds one Transpose node fewer
+    per Linear (4 a layer and lm_head) than with ``weight.T`` in the graph, nothing
+    else changes, and the logits are the same bits."""
+    model = build(trained_ckpt)
+    assert all(impl.model.WEIGHT_T in m for m in float_linears(model))
+    kept, kept_logits = decode_step_primitives(model), run_logits(model)
+    monkeypatch.setattr(Model, "keep_transposes", lambda self: None)
+    bare = build(trained_ckpt)
+    assert not any(impl.model.WEIGHT_T in m for m in float_linears(bare))
+    plain = decode_step_primitives(bare)
+    layers = model.config.num_hidden_layers
+    assert len(float_linears(model)) == 4 * layers + 1
+    assert plain["Transpose"] - kept["Transpose"] == 4 * layers + 1
+    assert all(plain[n] == kept[n] for n in set(plain) | set(kept) if n != "Transpose")
+    np.testing.assert_array_equal(run_logits(bare), kept_logits)
+
+
+def check_replaced_weight_reaches_steps(model: Model) -> None:
+    """lm_head's weight replaced by twice itself after load: the logits of an eager
+    prefill and of a compiled decode (traced before the change) double exactly."""
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        cache = PagedKVCache(model.config, 8, 4, model.dtype)
+        cache.add_sequence("a")
+        eager = to_numpy(prefill(model, cache, "a", PROMPTS["a"]))
+        return eager, to_numpy(decode(model, cache, ["a"], [7], compiled=True))
+
+    before = run()
+    model.update({"lm_head": {"weight": model.lm_head.weight * 2}})
+    for was, now in zip(before, run()):
+        np.testing.assert_array_equal(now, 2 * was)
+
+
+def test_replaced_weights_reach_eager_and_compiled_steps(trained_ckpt):
+    check_replaced_weight_reaches_steps(build(trained_ckpt))
+
+
+def test_stale_transposes_are_caught(trained_ckpt, monkeypatch):
+    """The check must fail when a kept view is not made again for a new weight."""
+    model = build(trained_ckpt)
+    monkeypatch.setattr(Model, "keep_transposes", lambda self: None)
+    with pytest.raises(AssertionError):
+        check_replaced_weight_reaches_steps(model)

@@ -229,8 +229,11 @@ def test_kernel_large_batch_context_8192() -> None:
 
 def dispatch(q: mx.array, *args: object, **kwargs: object) -> mx.array:
     """``paged_attention`` for a head-major q (B, n_heads, T, D), the layout of the
-    cases and the twin: the dispatcher takes and returns the model's token-major one."""
-    return paged_attention(q.transpose(0, 2, 1, 3), *args, **kwargs).transpose(0, 2, 1, 3)
+    cases and the twin: the dispatcher takes the model's token-major q and returns rows."""
+    b, h, t, d = q.shape
+    rows = paged_attention(q.transpose(0, 2, 1, 3), *args, **kwargs)
+    assert rows.shape == (b * t, h * d)  # the rows the output projection takes
+    return rows.reshape(b, t, h, d).transpose(0, 2, 1, 3)
 
 
 @pytest.mark.parametrize("t", [1, 3, 200])
@@ -263,6 +266,23 @@ def test_dispatch_falls_back_for_unsupported_head_dim() -> None:
         np.testing.assert_allclose(to_f64(got), to_f64(run_ops(case)), atol=KERNEL_ATOL["float32"])
     else:
         assert mx.array_equal(got, run_ops(case)).item()
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_decode_kernel_out_shape_is_the_same_bytes(n_parts: int) -> None:
+    """``out_shape`` reshapes the result in the launch (the model asks for the output
+    projection's rows) without changing a value, with or without the combine; a shape
+    of another size fails by name."""
+    case = make_case([40, 9], 8, 2, 64, 8, "float32", seed=7)
+    want = run_kernel(case, n_parts)
+    c = case
+    args = (c.q, c.kv_pool, c.block_tables, c.context_lens, c.scale, n_parts)
+    rows = paged_decode_attention(*args, out_shape=(2, 8 * 64))
+    assert rows.shape == (2, 8 * 64)
+    assert mx.array_equal(rows, want.reshape(2, -1)).item()
+    with pytest.raises(ValueError, match="does not hold"):
+        paged_decode_attention(*args, out_shape=(2, 64))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 8, 64), (1, 4, 6, 64)], ids=["decode", "heads-on-axis-2"])

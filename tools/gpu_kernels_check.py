@@ -273,7 +273,8 @@ def time_rope(calls: int) -> list[dict]:
 
         def ops(x):
             q, k, v = split_qkv(x, (tokens, 1), N_KV_HEADS, HEAD_DIM)
-            return apply_rope(q, cos, sin), mx.stack([apply_rope(k, cos, sin), v], axis=2)
+            kv = mx.stack([apply_rope(k, cos, sin), v], axis=2)
+            return apply_rope(q, cos, sin), kv.reshape(tokens, 2, N_KV_HEADS, HEAD_DIM)
 
         err = max(
             mx.abs(a.astype(mx.float32) - b).max().item() for a, b in zip(kernel(qkv), ops(qkv))
