@@ -15,7 +15,7 @@ checkpoint's names are unchanged.
 Every float projection is a ``Linear``, which multiplies by a transposed view of its
 weight made once and kept beside it (``Model.keep_transposes``) rather than by
 ``weight.T`` made anew in each step's graph: MLX's ``nn.Linear`` costs a Transpose
-node per matmul, 88 of a TinyLlama decode step's 560 nodes, each a host cost on every
+node per matmul, 89 of a TinyLlama decode step's 563 nodes, each a host cost on every
 step (graph replay and encoding), which bounds a batch-1 step on a GPU.
 """
 
@@ -144,16 +144,15 @@ class MLP(nn.Module):
         if "gate_up_proj" in self:
             gate_up = self.gate_up_proj(x)
             f = gate_up.shape[-1] // 2
+            # One Split node for both halves, not two Slices. At one row (a batch-1
+            # decode step) the halves are those of a (2, f) view: split along the row
+            # instead, they keep its stride of 2f; MLX's fused silu(gate) * up gives
+            # its result its first input's strides, and the down projection's matmul
+            # then copies that row: one more launch a layer (ncu, H200).
             if gate_up.shape[0] == 1:
-                # One row (a batch-1 decode step): the halves of a (2, f) view. Sliced
-                # along the row instead, they keep its stride of 2f; MLX's fused
-                # silu(gate) * up gives its result its first input's strides, and the
-                # down projection's matmul then copies that row: one more launch a
-                # layer (ncu, H200).
-                halves = gate_up.reshape(2, f)
-                gate, up = halves[0:1], halves[1:2]
+                gate, up = mx.split(gate_up.reshape(2, f), 2, axis=0)
             else:
-                gate, up = gate_up[..., :f], gate_up[..., f:]
+                gate, up = mx.split(gate_up, 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(nn.silu(gate) * up)

@@ -190,14 +190,14 @@ def test_decode_step_has_three_fewer_matmuls_per_layer(kind, trained_ckpt, q4_gg
     layers = fused.config.num_hidden_layers
     matmuls = {name: (before[name], after[name]) for name in MATMULS}
     assert sum(before[n] - after[n] for n in MATMULS) == 3 * layers, matmuls
-    # Fused, gate/up are split by 2 slices (views) a layer, of a (2, f) reshape at
+    # Fused, gate/up are split by one Split (a view) a layer, of a (2, f) reshape at
     # batch 1 (impl.model.MLP). q | k | v rows reach the RoPE step either way:
     # unfused, the three outputs are joined (one concatenate).
-    assert after["Slice"] - before["Slice"] == 2 * layers
+    assert after["Split"] - before["Split"] == layers
     assert after["Reshape"] - before["Reshape"] == layers
     assert before["Concatenate"] - after["Concatenate"] == layers
     ops = set(before) | set(after)
-    skip = {*MATMULS, "Slice", "Reshape", "Concatenate", "Transpose", "Unflatten"}
+    skip = {*MATMULS, "Split", "Reshape", "Concatenate", "Transpose", "Unflatten"}
     assert all(before[n] == after[n] for n in ops - skip)
 
 
