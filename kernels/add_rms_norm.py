@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels.backend import WARP, Backend, active_backend, make_kernel
+from kernels.backend import WARP, Backend, active_backend, float_bits, make_kernel
 
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-INPUTS = ["x", "residual", "weight", "eps"]
+INPUTS = ["x", "residual", "weight"]
 MAX_ROWS = 65535  # one group per row along the grid's z, which CUDA caps here
 PER_THREAD = 8  # elements of a row per thread, when the row is wide enough
 MAX_WARPS = 32  # 1024 threads, the most a CUDA thread group holds
 MAX_PER_THREAD = 32  # registers per thread stay bounded: hidden <= 32768
 
-# Template constants: T (dtype), N_WARPS, PER (elements per thread). Each thread owns
+# Template constants: T (dtype), N_WARPS, PER (elements per thread), EPS_BITS
+# (``float_bits``). Each thread owns
 # elements tid + i * threads of its row. All its loads are issued before any store:
 # MLX's kernel arguments are not ``restrict``, so a store to h between two loads
 # would make the compiler wait for each load in turn (the first version of this
@@ -69,7 +70,7 @@ _BODY = """
   ksync();
   float total = 0.0f;
   for (int w = 0; w < N_WARPS; ++w) total += sm_sum[w];
-  const float inv = krsqrt(total / hidden + eps[0]);
+  const float inv = krsqrt(total / hidden + kfloat_bits(EPS_BITS));
   for (int i = 0; i < PER; ++i) {
     const int j = tid + i * THREADS;
     if (j < hidden) normed[row + j] = kstore<T>(wv[i] * kload(kstore<T>(hv[i] * inv)));
@@ -87,8 +88,11 @@ def build_kernel(backend: Backend) -> object:
 # inside a compiled chain of calls the kernel took 0.012-0.019 ms a call at 1 to 32
 # rows against 0.010-0.015 ms for MLX's add then rms_norm in three runs, although
 # its GPU time was lower (ncu: 4.5 us against 2.3 + 3.2 us): MLX encodes a custom
-# kernel more slowly than its own two. So the ops run; Metal is unmeasured and runs
-# them too.
+# kernel more slowly than its own two. With eps a template constant instead of an
+# input array, a whole batch-1 decode step with the kernel still took 1.05 / 1.06 /
+# 1.04 of the time without it at contexts 16 / 512 / 2048 (median step times,
+# results/gpu/consts-ab.txt). So
+# the ops run; Metal is unmeasured and runs them too.
 USE_KERNEL = False
 
 BACKEND: Backend = active_backend()
@@ -108,12 +112,18 @@ def supports(x: mx.array, residual: mx.array, weight: mx.array) -> bool:
     )
 
 
-def call_args(x: mx.array) -> dict:
-    """Template, grid and thread group of one launch (also used by the Metal check)."""
+def call_args(x: mx.array, eps: float) -> dict:
+    """Template, grid and thread group of one launch (also used by the Metal check);
+    eps is a template constant (``kernels.backend.float_bits``)."""
     rows = x.size // x.shape[-1]
     n_warps, per = shape_of_group(x.shape[-1])
     return {
-        "template": [("T", x.dtype), ("N_WARPS", n_warps), ("PER", per)],
+        "template": [
+            ("T", x.dtype),
+            ("N_WARPS", n_warps),
+            ("PER", per),
+            ("EPS_BITS", float_bits(eps)),
+        ],
         "grid": (n_warps * WARP, 1, rows),  # in threads: one group per row
         "threadgroup": (n_warps * WARP, 1, 1),
     }
@@ -136,11 +146,10 @@ def add_rms_norm_kernel(
     if not supports(x, residual, weight):
         raise ValueError(f"unsupported x {x.shape} {x.dtype} / weight {weight.shape}")
     h, normed = _KERNEL(
-        # eps made per call: see paged_decode_attention on mx.compile
-        inputs=[x, residual, weight, mx.array([eps], dtype=mx.float32)],
+        inputs=[x, residual, weight],
         output_shapes=[x.shape, x.shape],
         output_dtypes=[x.dtype, x.dtype],
-        **call_args(x),
+        **call_args(x, eps),
     )
     return h, normed
 

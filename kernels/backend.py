@@ -14,6 +14,7 @@ the Metal Shading Language, against these names:
   kshfl(x, src)        lane src's x (float or int), in every lane
   kexp(x), kmax(a, b)  float32 exp and max
   krsqrt(x)            float32 1 / sqrt(x)
+  kfloat_bits(b)       the float32 whose bits are the int b (``float_bits``' inverse)
   kmini(a, b)          int min (CUDA's and Metal's spellings differ)
   kload(x)             one element of any input dtype widened to float32
   kload8(p, out)       out[0..8) = p[0..8) widened to float32; p 16-byte aligned
@@ -27,12 +28,25 @@ NVIDIA warps are 32 lanes wide, so the same lane arithmetic holds on both.
 
 from __future__ import annotations
 
+import struct
 from typing import Literal
 
 import mlx.core as mx
 
 Backend = Literal["metal", "cuda", "cpu"]
 WARP = 32  # lanes per NVIDIA warp and per Apple simdgroup
+
+
+def float_bits(x: float) -> int:
+    """``x`` rounded to float32, its bits as an int: how a float constant (an
+    attention scale, a norm's epsilon) reaches a kernel as a template argument, which
+    MLX takes as int, bool or dtype only; ``kfloat_bits`` turns it back in the kernel.
+
+    A template constant costs the kernel nothing at run time. The same value passed
+    as a one-element input array sits in MLX's small pool in host memory, which the
+    GPU reads over the bus: on an H200 the decode attention kernel waited about 4 us
+    a call on such reads (results/gpu/README.md)."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
 def active_backend() -> Backend:
@@ -65,6 +79,7 @@ __device__ inline int kshfl(int x, int src) { return __shfl_sync(0xffffffffu, x,
 __device__ inline float kexp(float x) { return expf(x); }
 __device__ inline float kmax(float a, float b) { return fmaxf(a, b); }
 __device__ inline float krsqrt(float x) { return rsqrtf(x); }
+__device__ inline float kfloat_bits(int b) { return __int_as_float(b); }
 __device__ inline int kmini(int a, int b) { return a < b ? a : b; }
 __device__ inline float kload(float x) { return x; }
 __device__ inline float kload(__half x) { return __half2float(x); }
@@ -124,6 +139,7 @@ inline int kshfl(int x, int src) { return metal::simd_shuffle(x, static_cast<ush
 inline float kexp(float x) { return metal::exp(x); }
 inline float kmax(float a, float b) { return metal::max(a, b); }
 inline float krsqrt(float x) { return metal::precise::rsqrt(x); }
+inline float kfloat_bits(int b) { return metal::as_type<float>(b); }
 inline int kmini(int a, int b) { return a < b ? a : b; }
 template <typename U> inline float kload(U x) { return static_cast<float>(x); }
 template <typename U> inline U kstore(float x) { return static_cast<U>(x); }

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from kernels import paged_prefill
-from kernels.backend import WARP, Backend, active_backend
+from kernels.backend import WARP, Backend, active_backend, float_bits
 from kernels.paged_decode_source import build_kernels
 
 # Launch shape, from the sweep in tools/gpu_kernels_check.py (H200, TinyLlama's
@@ -90,9 +90,12 @@ def launch_plan(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -
     return N_WARPS, num_partitions(batch, n_kv_heads, max_blocks, block_size)
 
 
-def kernel_call_args(q: mx.array, kv_pool: mx.array, n_parts: int, n_warps: int = N_WARPS) -> dict:
+def kernel_call_args(
+    q: mx.array, kv_pool: mx.array, scale: float, n_parts: int, n_warps: int = N_WARPS
+) -> dict:
     """Template, grid and thread group of one launch (also used by the Metal check).
-    q: (B, n_heads, 1, D), or (B, 1, n_heads, D): at one token the two are the same bytes."""
+    q: (B, n_heads, 1, D), or (B, 1, n_heads, D): at one token the two are the same bytes.
+    The scale is a template constant (``float_bits``), not an input."""
     batch, n_heads, head_dim = q.shape[0], q.shape[1] * q.shape[2], q.shape[3]
     _, block_size, _, n_kv, _ = kv_pool.shape
     return {
@@ -102,6 +105,7 @@ def kernel_call_args(q: mx.array, kv_pool: mx.array, n_parts: int, n_warps: int 
             ("GROUP_SIZE", n_heads // n_kv),
             ("KV_BLOCK", block_size),
             ("N_WARPS", n_warps),
+            ("SCALE_BITS", float_bits(scale)),
         ],
         # In threads on both backends: exactly one group per (kv head, sequence x part).
         "grid": (n_warps * WARP, n_kv, batch * n_parts),
@@ -165,11 +169,8 @@ def paged_decode_attention(
         kv_pool.astype(q.dtype),
         block_tables.astype(mx.int32),
         context_lens.astype(mx.int32),
-        # Made per call, not cached: inside mx.compile an array from outside the traced
-        # function would be an uncaptured input.
-        mx.array([scale], dtype=mx.float32),
     ]
-    launch = kernel_call_args(q, kv_pool, n_parts, n_warps)
+    launch = kernel_call_args(q, kv_pool, scale, n_parts, n_warps)
     final, split, combine = _KERNELS
     if n_parts == 1:
         return final(inputs=inputs, output_shapes=[out_shape], output_dtypes=[q.dtype], **launch)[0]

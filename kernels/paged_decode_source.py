@@ -41,10 +41,11 @@ from __future__ import annotations
 
 from kernels.backend import Backend, make_kernel
 
-INPUTS = ["q", "kv_pool", "block_tables", "context_lens", "scale"]
+INPUTS = ["q", "kv_pool", "block_tables", "context_lens"]
 
 # The shared body. Template constants: T (dtype), HEAD_DIM, GROUP_SIZE, KV_BLOCK
-# (tokens per cache block), N_WARPS. Sizes read at run time come from the
+# (tokens per cache block), N_WARPS, SCALE_BITS (the softmax scale, as
+# ``kernels.backend.float_bits`` gives it). Sizes read at run time come from the
 # input shapes, so a growing block table never triggers a recompile.
 _BODY = """
   constexpr int DPL = HEAD_DIM / 32;  // V elements per lane in P.V: lane + 32 * i
@@ -73,7 +74,7 @@ _BODY = """
   const size_t head0 = static_cast<size_t>(seq) * n_heads + kvh * GROUP_SIZE;
 
   // The group's GROUP_SIZE query heads are consecutive rows of q.
-  const float sc = scale[0];
+  const float sc = kfloat_bits(SCALE_BITS);
   for (int j = tid; j < GROUP_SIZE * HEAD_DIM; j += N_WARPS * 32) {
     sm_buf[j] = sc * kload(q[head0 * HEAD_DIM + j]);
   }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernels.backend import WARP, Backend, active_backend
+from kernels.backend import WARP, Backend, active_backend, float_bits
 from kernels.paged_prefill_source import build_kernels
 
 N_WARPS = 4  # 128 threads per group, as the decode kernel
@@ -62,8 +62,9 @@ def supports(q: mx.array, kv_pool: mx.array) -> bool:
     return shared <= SHARED_BYTES and batch * n_tiles <= MAX_GROUPS_Z
 
 
-def call_args(q: mx.array, kv_pool: mx.array) -> dict:
-    """Template, grid and thread group of one launch (also used by the Metal check)."""
+def call_args(q: mx.array, kv_pool: mx.array, scale: float) -> dict:
+    """Template, grid and thread group of one launch (also used by the Metal check);
+    the scale is a template constant (``kernels.backend.float_bits``)."""
     batch, head_dim = q.shape[0], q.shape[3]
     _, block_size, _, n_kv, _ = kv_pool.shape
     group, tile, n_tiles = _tiling(q, kv_pool)
@@ -75,6 +76,7 @@ def call_args(q: mx.array, kv_pool: mx.array) -> dict:
             ("KV_BLOCK", block_size),
             ("Q_TILE", tile),
             ("N_WARPS", N_WARPS),
+            ("SCALE_BITS", float_bits(scale)),
         ],
         # In threads on both backends: one group per (kv head, sequence x query tile).
         "grid": (N_WARPS * WARP, n_kv, batch * n_tiles),
@@ -109,13 +111,10 @@ def paged_prefill_attention(
         block_tables.astype(mx.int32),
         context_lens.astype(mx.int32),
         positions.astype(mx.int32),
-        # Made per call, not cached: inside mx.compile an array from outside the traced
-        # function would be an uncaptured input.
-        mx.array([scale], dtype=mx.float32),
     ]
     return _KERNEL(
         inputs=inputs,
         output_shapes=[q.shape],
         output_dtypes=[q.dtype],
-        **call_args(q, kv_pool),
+        **call_args(q, kv_pool, scale),
     )[0]

@@ -52,10 +52,11 @@ from __future__ import annotations
 
 from kernels.backend import Backend, make_kernel
 
-INPUTS = ["q", "kv_pool", "block_tables", "context_lens", "positions", "scale"]
+INPUTS = ["q", "kv_pool", "block_tables", "context_lens", "positions"]
 
 # Template constants: T (dtype), HEAD_DIM, GROUP_SIZE, KV_BLOCK (tokens per cache
-# block), Q_TILE (query tokens per group), N_WARPS. Everything else (batch, T,
+# block), Q_TILE (query tokens per group), N_WARPS, SCALE_BITS (the softmax scale,
+# ``kernels.backend.float_bits``). Everything else (batch, T,
 # max_blocks, n_kv_heads) comes from the input shapes at run time, so a new chunk
 # length or a growing block table never triggers a recompile.
 _BODY = """
@@ -94,7 +95,7 @@ _BODY = """
   }
 
   // Row r's query is q[seq, kvh * GROUP_SIZE + r / Q_TILE, q0 + r % Q_TILE, :].
-  const float sc = scale[0];
+  const float sc = kfloat_bits(SCALE_BITS);
   for (int j = tid; j < ROWS * HEAD_DIM; j += N_WARPS * 32) {
     const int r = j / HEAD_DIM;
     const int g = r / Q_TILE;

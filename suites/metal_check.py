@@ -108,20 +108,20 @@ def metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array) -> lis
     final, split, combine = paged_decode_source.build_kernels("metal")
     batch, n_heads, _, head_dim = q.shape
     context_lens = mx.ones((batch,), dtype=mx.int32)
-    inputs = [q, kv_pool, block_tables, context_lens, mx.array([0.125], mx.float32)]
+    inputs = [q, kv_pool, block_tables, context_lens]
 
     def run(*args: mx.array) -> list[mx.array]:
         one = final(
             inputs=list(args),
             output_shapes=[(batch, n_heads, 1, head_dim)],
             output_dtypes=[q.dtype],
-            **kernel_call_args(q, kv_pool, 1),
+            **kernel_call_args(q, kv_pool, 0.125, 1),
         )
         two = split(
             inputs=list(args),
             output_shapes=[(batch, n_heads, 2, head_dim), (batch, n_heads, 2, 2)],
             output_dtypes=[mx.float32, mx.float32],
-            **kernel_call_args(q, kv_pool, 2),
+            **kernel_call_args(q, kv_pool, 0.125, 2),
         )
         three = combine(
             inputs=two,
@@ -141,15 +141,14 @@ def prefill_metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array
     batch, _, t, _ = q.shape
     context_lens = mx.full((batch,), t, dtype=mx.int32)
     positions = mx.zeros((batch, t), dtype=mx.int32)
-    scale = mx.array([0.125], mx.float32)
-    inputs = [q, kv_pool, block_tables, context_lens, positions, scale]
+    inputs = [q, kv_pool, block_tables, context_lens, positions]
 
     def run(*args: mx.array) -> list[mx.array]:
         return kernel(
             inputs=list(args),
             output_shapes=[q.shape],
             output_dtypes=[q.dtype],
-            **prefill_call_args(q, kv_pool),
+            **prefill_call_args(q, kv_pool, 0.125),
         )
 
     return _exported_sources(run, inputs, 1)
@@ -161,10 +160,10 @@ def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int)
     qkv = mx.zeros((6, (n_heads + 2 * n_kv) * head_dim), dtype=dtype)
     cos = mx.zeros((2, 3, head_dim // 2), dtype=mx.float32)
     x = mx.zeros((6, n_heads * head_dim), dtype=dtype)
-    weight, eps = mx.zeros((n_heads * head_dim,), dtype=dtype), mx.array([1e-5])
-    inputs = [qkv, cos, x, weight, eps]
+    weight = mx.zeros((n_heads * head_dim,), dtype=dtype)
+    inputs = [qkv, cos, x, weight]
 
-    def run(qkv, cos, x, weight, eps) -> list[mx.array]:
+    def run(qkv, cos, x, weight) -> list[mx.array]:
         one = rope_kernel(
             inputs=[qkv, cos, cos],
             output_shapes=[(2, 3, n_heads, head_dim), (2, 3, 2, n_kv, head_dim)],
@@ -172,10 +171,10 @@ def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int)
             **rope.call_args(qkv, n_kv, head_dim),
         )
         two = norm_kernel(
-            inputs=[x, x, weight, eps],
+            inputs=[x, x, weight],
             output_shapes=[x.shape, x.shape],
             output_dtypes=[dtype, dtype],
-            **norm_call_args(x),
+            **norm_call_args(x, 1e-5),
         )
         return one + two
 

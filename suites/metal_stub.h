@@ -54,6 +54,9 @@ template <typename T> T simd_max(T);
 template <typename T> T simd_shuffle(T, ushort);
 template <typename T> T simd_shuffle_xor(T, ushort);
 
+// Reinterprets the bits of its argument as T (same size).
+template <typename T, typename U> T as_type(U);
+
 float exp(float);
 float fast_exp(float);
 float sqrt(float);

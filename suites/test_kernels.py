@@ -20,12 +20,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from kernels import paged_decode_source, paged_prefill, paged_prefill_source
+from kernels.add_rms_norm import INPUTS as NORM_INPUTS
+from kernels.add_rms_norm import call_args as norm_call_args
+from kernels.backend import float_bits
 from kernels.paged_attention import (
     BACKEND,
     PREFILL_KERNEL_MAX_CHUNK,
     causal_self_attention,
     context_rows,
     gathered_attention,
+    kernel_call_args,
     launch_plan,
     paged_attention,
     paged_attention_ops,
@@ -219,6 +224,32 @@ def test_kernel_any_warp_count(n_warps: int, n_parts: int) -> None:
 def test_launch_plan(batch: int, tokens: int, want: tuple) -> None:
     """The launch shapes the kernel bench measured best or near it (4 KV heads)."""
     assert launch_plan(batch, 4, tokens // 16, 16) == want
+
+
+def float_of(bits: int) -> float:
+    return float(np.array([bits], np.int32).view(np.float32)[0])
+
+
+@pytest.mark.parametrize("x", [0.125, 64**-0.5, 128**-0.5, 1e-5, 1e-6, -2.5, 0.0])
+def test_float_bits_round_trip_to_float32(x: float) -> None:
+    """A float constant reaches a kernel as the bits of its float32 value, in an int
+    (MLX's template arguments are int, bool or dtype): exactly np.float32(x) back."""
+    assert float_of(float_bits(x)) == np.float32(x)
+
+
+def test_float_constants_are_template_arguments_not_inputs() -> None:
+    """The softmax scale and the norm's epsilon are template constants. As one-element
+    input arrays they sat in MLX's small pool in host memory, which the GPU read over
+    the bus at every launch; nothing of the kind is an input any more."""
+    scale = 64**-0.5
+    q, pool = mx.zeros((1, 32, 1, 64)), mx.zeros((4, 16, 2, 4, 64))
+    decode = dict(kernel_call_args(q, pool, scale, 1)["template"])
+    prefill = dict(paged_prefill.call_args(mx.zeros((1, 32, 5, 64)), pool, scale)["template"])
+    norm = dict(norm_call_args(mx.zeros((3, 2048)), 1e-5)["template"])
+    assert float_of(decode["SCALE_BITS"]) == float_of(prefill["SCALE_BITS"]) == np.float32(scale)
+    assert float_of(norm["EPS_BITS"]) == np.float32(1e-5)
+    inputs = paged_decode_source.INPUTS + paged_prefill_source.INPUTS + NORM_INPUTS
+    assert not {"scale", "eps"} & set(inputs)
 
 
 @pytest.mark.skipif(not ON_GPU, reason=NO_GPU)

@@ -330,7 +330,7 @@ def test_call_args(head_dim: int, heads: tuple[int, int]) -> None:
     n_heads, n_kv = heads
     q, kv_pool = mx.zeros((3, n_heads, 7, head_dim)), mx.zeros((9, 16, 2, n_kv, head_dim))
     assert supports(q, kv_pool)
-    args = call_args(q, kv_pool)
+    args = call_args(q, kv_pool, 0.125)
     template = dict(args["template"])
     group, tile = template["GROUP_SIZE"], template["Q_TILE"]
     assert group == n_heads // n_kv and tile >= 1
