@@ -36,18 +36,25 @@ from kernels.backend import WARP, Backend, active_backend, float_bits
 from kernels.paged_decode_source import build_kernels
 
 # Launch shape, from the sweep in tools/gpu_kernels_check.py (H200, TinyLlama's
-# heads, each shape timed in a compiled chain of calls): 4 warps per group with
-# split-K as below was best or within 25% of the best at batch 1, 8 and 32 and
-# contexts 512 and 2048; one wide group per KV head (16 warps, no split) was up to
-# 2.3x slower on the GPU, though it saves the combine launch.
-N_WARPS = 4  # 128 threads per group: enough warps to overlap loads, small merge
+# heads, block tables padded to the compiled step's width bucket, each shape timed in
+# a compiled chain of calls; results/gpu/decode-kernel-variants.txt, section 6):
+# about one 32-token chunk of the table's width per warp, split-K only while the
+# batch leaves the GPU idle, and at most MAX_PARTS partitions.
+MIN_WARPS = 4  # fewer ran slower even at 16 tokens: the group loads its queries faster
 MAX_WARPS = 16  # 32 warps (1024 threads) ran out of registers on the H200
 # Split-K only when B * n_kv_heads groups would leave the GPU idle: aim for about
 # this many groups (an H100 has 132 SMs, an M-series GPU up to 80 cores) ...
-TARGET_GROUPS = 512
-# ... but keep at least this many tokens per partition, so each warp still has
-# a chunk of 32 to stream and the per-partition fixed cost stays small.
+TARGET_GROUPS = 128
+# ... with at most this many partitions (32 of them, each merged by the combine, ran
+# 1.5x slower than 8 wider ones at batch 1, context 2048) ...
+MAX_PARTS = 8
+# ... and at least this many tokens of the table's width per partition.
 MIN_PARTITION_TOKENS = 128
+# A thread group's budget: the float32 accumulators a thread holds (GROUP_SIZE *
+# HEAD_DIM / 32) times its warps (16 x 16 for TinyLlama's 8 x 64 ran at 98 registers a
+# thread), and Metal's 32 KiB of thread-group memory for the merge slots.
+ACC_WARP_BUDGET = 256
+SHARED_BYTES = 32 * 1024
 HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
 # The prefill kernel runs chunks of at most this many query tokens per sequence over
 # a cache; longer ones go to gathered_attention, whose fused attention (cuDNN on CUDA)
@@ -78,20 +85,43 @@ def supports(q: mx.array, kv_pool: mx.array, token_major: bool = False) -> bool:
     )
 
 
-def num_partitions(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -> int:
-    """Context partitions per (sequence, KV head): 1 unless the batch leaves the GPU idle."""
-    by_length = math.ceil(max_blocks * block_size / MIN_PARTITION_TOKENS)
+def max_warps(group_size: int, head_dim: int) -> int:
+    """The most warps a group of this shape may have (a power of two, at least 1):
+    registers for its accumulators and shared memory for its merge slots."""
+    acc = group_size * head_dim // WARP
+    warps = MAX_WARPS
+    while warps > 1 and (
+        acc * warps > ACC_WARP_BUDGET
+        or 4 * shared_floats(group_size, head_dim, warps) > SHARED_BYTES
+    ):
+        warps //= 2
+    return warps
+
+
+def shared_floats(group_size: int, head_dim: int, n_warps: int) -> int:
+    """The kernel's thread-group floats: max(1, n_warps // 2) merge slots of a warp's
+    (acc, l), the first of which holds the queries during the walk, and each warp's
+    running max."""
+    return max(1, n_warps // 2) * (group_size * head_dim + group_size) + n_warps * group_size
+
+
+def launch_plan(
+    batch: int, n_kv_heads: int, max_blocks: int, block_size: int, group_size: int, head_dim: int
+) -> tuple[int, int]:
+    """(warps per thread group, context partitions) of a decode launch over block tables
+    ``max_blocks`` wide. The kernel splits each sequence's own blocks among the
+    partitions, so a table padded past the context leaves none of them empty."""
+    tokens = max_blocks * block_size
     by_occupancy = math.ceil(TARGET_GROUPS / (batch * n_kv_heads))
-    return max(1, min(by_length, by_occupancy, max_blocks))
-
-
-def launch_plan(batch: int, n_kv_heads: int, max_blocks: int, block_size: int) -> tuple[int, int]:
-    """(warps per thread group, context partitions) of a decode launch."""
-    return N_WARPS, num_partitions(batch, n_kv_heads, max_blocks, block_size)
+    by_length = math.ceil(tokens / MIN_PARTITION_TOKENS)
+    parts = max(1, min(by_occupancy, by_length, MAX_PARTS, max_blocks))
+    top = max_warps(group_size, head_dim)
+    warps = min(top, max(MIN_WARPS, math.ceil(tokens / (WARP * parts))))
+    return warps, parts
 
 
 def kernel_call_args(
-    q: mx.array, kv_pool: mx.array, scale: float, n_parts: int, n_warps: int = N_WARPS
+    q: mx.array, kv_pool: mx.array, scale: float, n_parts: int, n_warps: int = MIN_WARPS
 ) -> dict:
     """Template, grid and thread group of one launch (also used by the Metal check).
     q: (B, n_heads, 1, D), or (B, 1, n_heads, D): at one token the two are the same bytes.
@@ -159,11 +189,12 @@ def paged_decode_attention(
     if math.prod(out_shape) != q.size:
         raise ValueError(f"out_shape {out_shape} does not hold the {q.shape} result")
     n_kv, max_blocks = kv_pool.shape[3], block_tables.shape[1]
-    plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, kv_pool.shape[1])
+    shape = (n_heads // n_kv, head_dim)
+    plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, kv_pool.shape[1], *shape)
     n_parts = plan_parts if n_parts is None else n_parts
     n_warps = plan_warps if n_warps is None else n_warps
-    if not 1 <= n_warps <= MAX_WARPS:
-        raise ValueError(f"n_warps must be in 1..{MAX_WARPS}, got {n_warps}")
+    if not 1 <= n_warps <= max_warps(*shape):
+        raise ValueError(f"n_warps must be in 1..{max_warps(*shape)} at {shape}, got {n_warps}")
     inputs = [
         q,
         kv_pool.astype(q.dtype),

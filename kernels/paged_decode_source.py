@@ -16,8 +16,9 @@ Shapes:
   context_lens  (B,) int32, >= 1
   returns       (B, n_heads, 1, D) in q's dtype
 
-Algorithm (one thread group of N_WARPS = 4 warps per (sequence, KV head, context
-partition); Apple's simdgroups are 32 lanes wide too):
+Algorithm (one thread group of N_WARPS warps per (sequence, KV head, context
+partition), N_WARPS and the partitions from ``kernels.paged_attention.launch_plan``;
+Apple's simdgroups are 32 lanes wide too):
   * GQA: the GROUP_SIZE = n_heads / n_kv_heads query heads of a KV head are served
     by one group, so each K/V row is read once for all of them; KV heads are never
     repeated. Their scaled queries sit in shared memory.
@@ -31,10 +32,13 @@ partition); Apple's simdgroups are 32 lanes wide too):
     the output is rounded once, at the end.
   * P.V: lanes over head_dim (coalesced V reads); each token's pool row and
     probabilities are broadcast from its lane with a warp shuffle.
-  * The warps' (m, l, acc) are merged through shared memory. With one partition
-    the group writes the normalised output. When the batch alone cannot fill the
-    GPU, the context is cut into block-aligned partitions (split-K); each writes
-    its unnormalised (m, l, acc) and a small third kernel merges them.
+  * The warps rescale their (l, acc) to the group's max and merge in a tree
+    through shared memory: each round the upper half of the warps still holding
+    sums hands them to the lower half, until warp 0 holds the group's. With one
+    partition warp 0 writes the normalised output. When the batch alone cannot fill
+    the GPU, each sequence's own blocks (not its table's padded width) are cut into
+    block-aligned partitions (split-K); each writes its unnormalised (m, l, acc) and
+    a small third kernel merges them.
 """
 
 from __future__ import annotations
@@ -44,18 +48,21 @@ from kernels.backend import Backend, make_kernel
 INPUTS = ["q", "kv_pool", "block_tables", "context_lens"]
 
 # The shared body. Template constants: T (dtype), HEAD_DIM, GROUP_SIZE, KV_BLOCK
-# (tokens per cache block), N_WARPS, SCALE_BITS (the softmax scale, as
+# (tokens per cache block), N_WARPS (any count; shared memory grows with it, see
+# ``kernels.paged_attention.shared_floats``), SCALE_BITS (the softmax scale, as
 # ``kernels.backend.float_bits`` gives it). Sizes read at run time come from the
 # input shapes, so a growing block table never triggers a recompile.
 _BODY = """
   constexpr int DPL = HEAD_DIM / 32;  // V elements per lane in P.V: lane + 32 * i
   constexpr float NEG = -1.0e30f;     // finite "minus infinity": exp(NEG - m) == 0, no NaN
   constexpr int VROWS = 8;            // V rows loaded before any is used
+  // One merge slot: a warp's (acc, l). The merge needs N_WARPS / 2 slots at most.
+  constexpr int SLOT = GROUP_SIZE * HEAD_DIM + GROUP_SIZE;
+  constexpr int SLOTS = N_WARPS > 1 ? N_WARPS / 2 : 1;
   // Metal wants thread-group arrays at the top scope of the kernel. sm_buf holds the
-  // group's scaled queries during the walk, then the merged accumulator.
-  KSHARED float sm_buf[GROUP_SIZE * HEAD_DIM];
+  // group's scaled queries during the walk, then the merge slots.
+  KSHARED float sm_buf[SLOTS * SLOT];
   KSHARED float sm_m[N_WARPS * GROUP_SIZE];
-  KSHARED float sm_l[N_WARPS * GROUP_SIZE];
   const int batch = context_lens_shape[0];
   const int n_kv = kv_pool_shape[3];
   const int max_blocks = block_tables_shape[1];
@@ -68,7 +75,9 @@ _BODY = """
   if (seq >= batch || kvh >= n_kv) return;
   const int n_heads = n_kv * GROUP_SIZE;
   const int ctx = context_lens[seq];
-  const int part_blocks = (max_blocks + n_parts - 1) / n_parts;
+  // Partitions split this sequence's own blocks, not the table's width (a compiled
+  // step pads tables to a power of two), so none of them is left empty.
+  const int part_blocks = ((ctx + KV_BLOCK - 1) / KV_BLOCK + n_parts - 1) / n_parts;
   const int t_begin = part * part_blocks * KV_BLOCK;
   const int t_end = kmini(ctx, t_begin + part_blocks * KV_BLOCK);
   const size_t head0 = static_cast<size_t>(seq) * n_heads + kvh * GROUP_SIZE;
@@ -137,53 +146,52 @@ _BODY = """
     }
   }
 
-  // Merge the warps: rescale each to the group-wide max, then sum through shared
-  // memory one warp at a time (no float atomics needed on either backend).
+  // Merge the warps: each rescales its (l, acc) to the group-wide max, then a tree
+  // halves the warps holding sums at every round, the upper half handing its sums to
+  // the lower half through shared memory, until warp 0 holds the group's (l, acc).
   for (int g = 0; g < GROUP_SIZE; ++g) l[g] = kwarp_sum(l[g]);
   if (lane == 0) {
-    for (int g = 0; g < GROUP_SIZE; ++g) {
-      sm_m[warp * GROUP_SIZE + g] = m[g];
-      sm_l[warp * GROUP_SIZE + g] = l[g];
-    }
+    for (int g = 0; g < GROUP_SIZE; ++g) sm_m[warp * GROUP_SIZE + g] = m[g];
   }
   ksync();  // every warp is past its walk: sm_buf's queries may be overwritten
   for (int g = 0; g < GROUP_SIZE; ++g) {
     float top = NEG;
     for (int w = 0; w < N_WARPS; ++w) top = kmax(top, sm_m[w * GROUP_SIZE + g]);
     const float f = kexp(m[g] - top);
+    m[g] = top;
+    l[g] *= f;
     for (int i = 0; i < DPL; ++i) acc[g][i] *= f;
   }
-  for (int w = 0; w < N_WARPS; ++w) {
-    if (warp == w) {
+  for (int n = N_WARPS; n > 1; n = (n + 1) / 2) {  // uniform over the group
+    const int half = (n + 1) / 2;  // warps [half, n) hand over to warps [0, n - half)
+    if (warp >= half && warp < n) {
+      const int slot = (warp - half) * SLOT;
       for (int g = 0; g < GROUP_SIZE; ++g) {
-        for (int i = 0; i < DPL; ++i) {
-          const int j = g * HEAD_DIM + lane + 32 * i;
-          sm_buf[j] = (w == 0 ? 0.0f : sm_buf[j]) + acc[g][i];
-        }
+        for (int i = 0; i < DPL; ++i) sm_buf[slot + g * HEAD_DIM + lane + 32 * i] = acc[g][i];
+        if (lane == 0) sm_buf[slot + GROUP_SIZE * HEAD_DIM + g] = l[g];
       }
     }
     ksync();
-  }
-  // Per query head, the group's max and denominator into sm_m[g], sm_l[g]: thread g
-  // reads and writes column g alone, so in place is safe.
-  for (int g = tid; g < GROUP_SIZE; g += N_WARPS * 32) {
-    float top = NEG;
-    for (int w = 0; w < N_WARPS; ++w) top = kmax(top, sm_m[w * GROUP_SIZE + g]);
-    float den = 0.0f;
-    for (int w = 0; w < N_WARPS; ++w) {
-      den += sm_l[w * GROUP_SIZE + g] * kexp(sm_m[w * GROUP_SIZE + g] - top);
+    if (warp < n - half) {
+      const int slot = warp * SLOT;
+      for (int g = 0; g < GROUP_SIZE; ++g) {
+        for (int i = 0; i < DPL; ++i) acc[g][i] += sm_buf[slot + g * HEAD_DIM + lane + 32 * i];
+        l[g] += sm_buf[slot + GROUP_SIZE * HEAD_DIM + g];
+      }
     }
-    sm_m[g] = top;
-    sm_l[g] = den;
+    ksync();  // the slots are read before the next round writes them
   }
-  ksync();
 """
 
-# Epilogue of the one-partition kernel: normalise and write (B, n_heads, 1, D).
+# Epilogue of the one-partition kernel: warp 0 normalises and writes (B, n_heads, 1, D).
 _FINAL = """
-  for (int j = tid; j < GROUP_SIZE * HEAD_DIM; j += N_WARPS * 32) {
-    const float den = sm_l[j / HEAD_DIM];
-    out[head0 * HEAD_DIM + j] = kstore<T>(den > 0.0f ? sm_buf[j] / den : 0.0f);
+  if (warp == 0) {
+    for (int g = 0; g < GROUP_SIZE; ++g) {
+      for (int i = 0; i < DPL; ++i) {
+        const float v = l[g] > 0.0f ? acc[g][i] / l[g] : 0.0f;
+        out[(head0 + g) * HEAD_DIM + lane + 32 * i] = kstore<T>(v);
+      }
+    }
   }
 """
 
@@ -191,13 +199,15 @@ _FINAL = """
 # max m, as float32 (B, n_heads, P, D) and (B, n_heads, P, 2). An empty partition
 # writes m = NEG, l = 0, acc = 0, which the combine weighs by exp(NEG - M) == 0.
 _PARTIAL = """
-  for (int j = tid; j < GROUP_SIZE * HEAD_DIM; j += N_WARPS * 32) {
-    const size_t h = head0 + j / HEAD_DIM;
-    part_acc[(h * n_parts + part) * HEAD_DIM + j % HEAD_DIM] = sm_buf[j];
-  }
-  for (int g = tid; g < GROUP_SIZE; g += N_WARPS * 32) {
-    part_ml[((head0 + g) * n_parts + part) * 2] = sm_m[g];
-    part_ml[((head0 + g) * n_parts + part) * 2 + 1] = sm_l[g];
+  if (warp == 0) {
+    for (int g = 0; g < GROUP_SIZE; ++g) {
+      const size_t h = (head0 + g) * n_parts + part;
+      for (int i = 0; i < DPL; ++i) part_acc[h * HEAD_DIM + lane + 32 * i] = acc[g][i];
+      if (lane == 0) {
+        part_ml[h * 2] = m[g];
+        part_ml[h * 2 + 1] = l[g];
+      }
+    }
   }
 """
 

@@ -32,9 +32,11 @@ from kernels.paged_attention import (
     gathered_attention,
     kernel_call_args,
     launch_plan,
+    max_warps,
     paged_attention,
     paged_attention_ops,
     paged_decode_attention,
+    shared_floats,
     supports,
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
@@ -203,27 +205,51 @@ def test_kernel_any_partition_count(n_parts: int) -> None:
 
 
 @pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
-@pytest.mark.parametrize("n_warps", [1, 2, 8, 16])
+@pytest.mark.parametrize("n_warps", [1, 2, 3, 5, 8, 16])
 @pytest.mark.parametrize("n_parts", [1, 3])
 def test_kernel_any_warp_count(n_warps: int, n_parts: int) -> None:
-    """The warps of a group split its tokens and merge; their number changes no answer."""
+    """The warps of a group split its tokens and merge in a tree; their number, odd
+    ones included (a round whose upper half is the smaller), changes no answer."""
     case = make_case([700, 1, 64, 300], 32, 4, 64, 16, "float32", seed=5)
     assert_matches_reference(run_kernel(case, n_parts, n_warps), case, "float32")
 
 
 @pytest.mark.parametrize(
-    ("batch", "tokens", "want"),
+    ("batch", "width", "want"),
     [
-        (1, 512, (4, 4)),  # batch 1: 128 tokens a partition
-        (1, 2048, (4, 16)),
-        (8, 512, (4, 4)),
-        (32, 2048, (4, 4)),  # 128 groups already: split only to TARGET_GROUPS
-        (1, 16, (4, 1)),
+        (1, 2, (4, 1)),  # ctx 16: one chunk, still 4 warps (they load the queries)
+        (1, 64, (4, 8)),  # ctx 512 padded to 64 blocks: 8 partitions of 4 warps
+        (1, 256, (16, 8)),  # ctx 2048: partitions capped at MAX_PARTS, warps widen
+        (8, 64, (8, 4)),  # 32 groups: split to TARGET_GROUPS
+        (32, 256, (16, 1)),  # 128 groups already: no split, the widest group
     ],
 )
-def test_launch_plan(batch: int, tokens: int, want: tuple) -> None:
-    """The launch shapes the kernel bench measured best or near it (4 KV heads)."""
-    assert launch_plan(batch, 4, tokens // 16, 16) == want
+def test_launch_plan(batch: int, width: int, want: tuple) -> None:
+    """The launch shapes the kernel bench measured best (TinyLlama's heads, tables
+    ``width`` blocks of 16 as a compiled step pads them)."""
+    assert launch_plan(batch, 4, width, 16, 8, 64) == want
+
+
+@pytest.mark.parametrize(
+    ("group_size", "head_dim", "want"),
+    [(8, 64, 16), (4, 128, 16), (8, 128, 8), (16, 128, 4), (64, 128, 1)],
+)
+def test_max_warps_fits_registers_and_shared_memory(
+    group_size: int, head_dim: int, want: int
+) -> None:
+    """A group's warps are capped by its accumulators' registers and its merge slots'
+    shared memory (Metal's 32 KiB); the policy never asks for more."""
+    warps = max_warps(group_size, head_dim)
+    assert warps == want
+    assert 4 * shared_floats(group_size, head_dim, warps) <= 32 * 1024 or warps == 1
+    assert launch_plan(32, 8, 256, 16, group_size, head_dim)[0] <= warps
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_kernel_refuses_more_warps_than_its_shape_fits() -> None:
+    case = make_case([40], 32, 4, 128, 16, "float32")  # group of 8 x 128: 8 warps at most
+    with pytest.raises(ValueError, match="n_warps must be in 1..8"):
+        run_kernel(case, 1, 16)
 
 
 def float_of(bits: int) -> float:

@@ -94,7 +94,10 @@ def test_kernel_sweep_holds_the_policy(batch: int, context: int) -> None:
     n_blocks = -(-context // gpu_kernels_check.BLOCK_SIZE)
     shapes = gpu_kernels_check.sweep(batch, context, n_blocks)
     g = gpu_kernels_check
-    plan = launch_plan(batch, g.N_KV_HEADS, n_blocks, g.BLOCK_SIZE)
+    plan = launch_plan(
+        batch, g.N_KV_HEADS, n_blocks, g.BLOCK_SIZE, g.N_HEADS // g.N_KV_HEADS, g.HEAD_DIM
+    )
+    assert plan == g.plan(batch, n_blocks)
     assert plan in shapes
     assert all(parts <= n_blocks for _, parts in shapes)
 

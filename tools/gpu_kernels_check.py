@@ -9,7 +9,8 @@
    ``paged_decode_attention`` at the launch shape its policy picks and at a sweep
    of (warps, partitions), against ``paged_attention_ops`` (the ops twin) and MLX's
    attention over a contiguous cache (mlx-lm's path), at batch 1 and 32 and
-   several contexts; ``paged_prefill_attention`` against the ops twin for chunks
+   several contexts, with block tables padded to the width bucket a compiled step
+   is traced for (``impl.engine.bucket_width``), as the model runs them; ``paged_prefill_attention`` against the ops twin for chunks
    of 7 to 512 tokens after a cached prefix; ``add_rms_norm_kernel`` against
    MLX's add then rms_norm at 1 to 512 rows. A decode step issues one call per
    layer before it syncs, so ``--calls`` calls are issued back to back and
@@ -57,11 +58,14 @@ def run_tests() -> int:
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
-def inputs(batch: int, context: int, seed: int = 0) -> tuple:
+def inputs(batch: int, context: int, seed: int = 0, padded: bool = False) -> tuple:
     """Random decode inputs (q, kv_pool, tables, context_lens): every sequence at
-    ``context`` tokens, tables shuffled, K and V in one pool."""
+    ``context`` tokens, tables shuffled, K and V in one pool. ``padded`` widens the
+    tables to the width bucket a compiled step is traced for, as in a model step."""
     import mlx.core as mx
     import numpy as np
+
+    from impl.engine import pad_block_tables
 
     rng = np.random.default_rng(seed)
     per_seq = math.ceil(context / BLOCK_SIZE)
@@ -73,7 +77,8 @@ def inputs(batch: int, context: int, seed: int = 0) -> tuple:
     kv_pool = mx.stack([k_pool, v_pool], axis=2)  # (num_blocks, BLOCK_SIZE, 2, n_kv, D)
     q = mx.random.normal((batch, N_HEADS, 1, HEAD_DIM), key=mx.random.key(seed + 2))
     ctx = mx.full((batch,), context, dtype=mx.int32)
-    args = (q.astype(mx.float16), kv_pool, mx.array(tables), ctx)
+    tables = pad_block_tables(mx.array(tables)) if padded else mx.array(tables)
+    args = (q.astype(mx.float16), kv_pool, tables, ctx)
     mx.eval(*args)
     return args
 
@@ -115,15 +120,22 @@ def chained_ms(step, x0, calls: int, rounds: int = 5, warmup: int = 3) -> float:
 
 def sweep(batch: int, context: int, n_blocks: int) -> list[tuple[int, int]]:
     """(warps, partitions) launch shapes tried at one point, the policy's among them:
-    every split that leaves each warp at least one 32-token chunk."""
-    from kernels.paged_attention import MAX_WARPS, launch_plan
+    every split that leaves each warp at least half a 32-token chunk."""
+    from kernels.paged_attention import MAX_WARPS
 
-    tried = {launch_plan(batch, N_KV_HEADS, n_blocks, BLOCK_SIZE)}
+    tried = {plan(batch, n_blocks)}
     for warps in (1, 2, 4, 8, MAX_WARPS):
         for parts in (1, 2, 4, 8, 16, 32):
-            if parts <= n_blocks and parts * warps * 32 <= max(32, context):
+            if parts <= n_blocks and parts * warps * 32 <= max(32, 2 * context):
                 tried.add((warps, parts))
     return sorted(tried)
+
+
+def plan(batch: int, n_blocks: int) -> tuple[int, int]:
+    """The launch policy's (warps, partitions) at TinyLlama's heads."""
+    from kernels.paged_attention import launch_plan
+
+    return launch_plan(batch, N_KV_HEADS, n_blocks, BLOCK_SIZE, N_HEADS // N_KV_HEADS, HEAD_DIM)
 
 
 def time_decode(calls: int) -> list[dict]:
@@ -142,10 +154,10 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     """One row of ``time_decode``."""
     import mlx.core as mx
 
-    from kernels.paged_attention import launch_plan, paged_attention_ops, paged_decode_attention
+    from kernels.paged_attention import paged_attention_ops, paged_decode_attention
 
     scale = HEAD_DIM**-0.5
-    q, kv_pool, tables, ctx = inputs(batch, context)
+    q, kv_pool, tables, ctx = inputs(batch, context, padded=True)
     positions = (ctx - 1)[:, None]
     n_blocks = tables.shape[1]
     # The same keys and values laid out contiguously, (B, n_kv, L, D).
@@ -172,8 +184,7 @@ def time_point(batch: int, context: int, calls: int) -> dict:
 
         err = mx.abs(kernel(q).astype(mx.float32) - want).max().item()
         shapes[f"{warps}w{parts}p"] = {"ms": chained_ms(kernel, q, calls), "max_abs_diff": err}
-    plan = launch_plan(batch, N_KV_HEADS, n_blocks, BLOCK_SIZE)
-    policy = "{}w{}p".format(*plan)
+    policy = "{}w{}p".format(*plan(batch, n_blocks))
     compiled = {
         "kernel": shapes[policy]["ms"],
         "ops": chained_ms(
@@ -191,7 +202,7 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     kv_bytes = 2 * batch * context * N_KV_HEADS * HEAD_DIM * 2
 
     def eager_kernel():
-        return paged_decode_attention(q, kv_pool, tables, ctx, scale, *plan[::-1])
+        return paged_decode_attention(q, kv_pool, tables, ctx, scale, *plan(batch, n_blocks)[::-1])
 
     kernel_ms = per_call_ms(eager_kernel, calls)
     return {
