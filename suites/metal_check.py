@@ -121,7 +121,7 @@ def metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array) -> lis
             inputs=list(args),
             output_shapes=[(batch, n_heads, 2, head_dim), (batch, n_heads, 2, 2)],
             output_dtypes=[mx.float32, mx.float32],
-            **kernel_call_args(q, kv_pool, 0.125, 2),
+            **kernel_call_args(q, kv_pool, 0.125, 2, 16),  # the merge's tree: 4 rounds
         )
         three = combine(
             inputs=two,
