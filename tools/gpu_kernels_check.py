@@ -10,12 +10,13 @@
    of (warps, partitions), against ``paged_attention_ops`` (the ops twin) and MLX's
    attention over a contiguous cache (mlx-lm's path), at batch 1 and 32 and
    several contexts, with block tables padded to the width bucket a compiled step
-   is traced for (``impl.engine.bucket_width``), as the model runs them; ``paged_prefill_attention`` against the ops twin for chunks
-   of 7 to 512 tokens after a cached prefix; ``add_rms_norm_kernel`` against
-   MLX's add then rms_norm at 1 to 512 rows. A decode step issues one call per
-   layer before it syncs, so ``--calls`` calls are issued back to back and
-   evaluated together; the time per call is the median over 5 such rounds, after
-   warm-up calls that also compile the kernels. It includes MLX's per-call overhead, on both sides.
+   is traced for (``impl.engine.bucket_width``), as the model runs them;
+   ``paged_prefill_attention`` against the ops twin for chunks of 7 to 512 tokens
+   after a cached prefix; ``add_rms_norm_kernel`` against MLX's add then rms_norm
+   at 1 to 512 rows. A decode step issues one call per layer before it syncs, so
+   ``--calls`` calls are issued back to back and evaluated together; the time per
+   call is the median over 5 such rounds, after warm-up calls that also compile the
+   kernels. It includes MLX's per-call overhead, on both sides.
 
 Exit status: 0 when the tests pass, 1 otherwise (timings are reported either way).
 Import-safe: nothing runs until ``main``.
