@@ -50,10 +50,11 @@ TARGET_GROUPS = 128
 MAX_PARTS = 8
 # ... and at least this many tokens of the table's width per partition.
 MIN_PARTITION_TOKENS = 128
-# A thread group's budget: the float32 accumulators a thread holds (GROUP_SIZE *
-# HEAD_DIM / 32) times its warps (16 x 16 for TinyLlama's 8 x 64 ran at 98 registers a
-# thread), and Metal's 32 KiB of thread-group memory for the merge slots.
-ACC_WARP_BUDGET = 256
+# A thread group's budget: the float32 values a thread keeps in registers
+# (``thread_floats``) times its warps, no more than TinyLlama's 8 x 64 heads at 16 warps,
+# the widest group run on a GPU (98 registers a thread, ncu); and Metal's 32 KiB of
+# thread-group memory for the merge slots.
+THREAD_FLOAT_BUDGET = 56 * 16
 SHARED_BYTES = 32 * 1024
 HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
 # The prefill kernel runs chunks of at most this many query tokens per sequence over
@@ -82,20 +83,29 @@ def supports(q: mx.array, kv_pool: mx.array, token_major: bool = False) -> bool:
         and kv_pool.shape[2] == 2
         and kv_pool.shape[4] == head_dim
         and n_heads % kv_pool.shape[3] == 0
+        # one warp's thread group must fit in Metal's thread-group memory
+        and 4 * shared_floats(n_heads // kv_pool.shape[3], head_dim, 1) <= SHARED_BYTES
     )
 
 
 def max_warps(group_size: int, head_dim: int) -> int:
     """The most warps a group of this shape may have (a power of two, at least 1):
     registers for its accumulators and shared memory for its merge slots."""
-    acc = group_size * head_dim // WARP
+    floats = thread_floats(group_size, head_dim)
     warps = MAX_WARPS
     while warps > 1 and (
-        acc * warps > ACC_WARP_BUDGET
+        floats * warps > THREAD_FLOAT_BUDGET
         or 4 * shared_floats(group_size, head_dim, warps) > SHARED_BYTES
     ):
         warps //= 2
     return warps
+
+
+def thread_floats(group_size: int, head_dim: int) -> int:
+    """The float32 values a kernel thread keeps live: its accumulators (group_size x
+    head_dim / 32), the 8 V rows it loads ahead (8 x head_dim / 32), and a score, max
+    and denominator per query head."""
+    return (group_size + 8) * head_dim // WARP + 3 * group_size
 
 
 def shared_floats(group_size: int, head_dim: int, n_warps: int) -> int:
@@ -110,7 +120,7 @@ def launch_plan(
 ) -> tuple[int, int]:
     """(warps per thread group, context partitions) of a decode launch over block tables
     ``max_blocks`` wide. The kernel splits each sequence's own blocks among the
-    partitions, so a table padded past the context leaves none of them empty."""
+    partitions, so a table padded past the context adds no work to walk."""
     tokens = max_blocks * block_size
     by_occupancy = math.ceil(TARGET_GROUPS / (batch * n_kv_heads))
     by_length = math.ceil(tokens / MIN_PARTITION_TOKENS)
@@ -193,6 +203,8 @@ def paged_decode_attention(
     plan_warps, plan_parts = launch_plan(batch, n_kv, max_blocks, kv_pool.shape[1], *shape)
     n_parts = plan_parts if n_parts is None else n_parts
     n_warps = plan_warps if n_warps is None else n_warps
+    if n_parts < 1:
+        raise ValueError(f"n_parts must be at least 1, got {n_parts}")
     if not 1 <= n_warps <= max_warps(*shape):
         raise ValueError(f"n_warps must be in 1..{max_warps(*shape)} at {shape}, got {n_warps}")
     inputs = [

@@ -74,9 +74,10 @@ _BODY = """
   // uniform over the group, so returning here cannot strand a barrier.
   if (seq >= batch || kvh >= n_kv) return;
   const int n_heads = n_kv * GROUP_SIZE;
-  const int ctx = context_lens[seq];
+  // Never past the table's width, whatever context_lens says: no read outside its row.
+  const int ctx = kmini(context_lens[seq], max_blocks * KV_BLOCK);
   // Partitions split this sequence's own blocks, not the table's width (a compiled
-  // step pads tables to a power of two), so none of them is left empty.
+  // step pads tables to a power of two), so the padding is never walked.
   const int part_blocks = ((ctx + KV_BLOCK - 1) / KV_BLOCK + n_parts - 1) / n_parts;
   const int t_begin = part * part_blocks * KV_BLOCK;
   const int t_end = kmini(ctx, t_begin + part_blocks * KV_BLOCK);

@@ -38,6 +38,7 @@ from kernels.paged_attention import (
     paged_decode_attention,
     shared_floats,
     supports,
+    thread_floats,
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
 
@@ -232,15 +233,17 @@ def test_launch_plan(batch: int, width: int, want: tuple) -> None:
 
 @pytest.mark.parametrize(
     ("group_size", "head_dim", "want"),
-    [(8, 64, 16), (4, 128, 16), (8, 128, 8), (16, 128, 4), (64, 128, 1)],
+    [(8, 64, 16), (4, 128, 8), (8, 128, 8), (16, 128, 4), (64, 128, 1)],
 )
 def test_max_warps_fits_registers_and_shared_memory(
     group_size: int, head_dim: int, want: int
 ) -> None:
-    """A group's warps are capped by its accumulators' registers and its merge slots'
-    shared memory (Metal's 32 KiB); the policy never asks for more."""
+    """A group's warps are capped by the values its threads keep in registers (no more
+    than the widest group run on a GPU: TinyLlama's 8 x 64 at 16 warps) and by its
+    merge slots' shared memory (Metal's 32 KiB); the policy never asks for more."""
     warps = max_warps(group_size, head_dim)
     assert warps == want
+    assert thread_floats(group_size, head_dim) * warps <= thread_floats(8, 64) * 16 or warps == 1
     assert 4 * shared_floats(group_size, head_dim, warps) <= 32 * 1024 or warps == 1
     assert launch_plan(32, 8, 256, 16, group_size, head_dim)[0] <= warps
 
@@ -360,6 +363,35 @@ def test_supports_needs_one_kv_pool() -> None:
     assert supports(q, mx.zeros((3, 16, 2, 4, 64), dtype=mx.float16))
     assert not supports(q, mx.zeros((3, 16, 4, 64), dtype=mx.float16))
     assert not supports(q, mx.zeros((3, 16, 4, 2, 64), dtype=mx.float16))
+
+
+def test_supports_refuses_a_group_past_thread_group_memory() -> None:
+    """64 query heads of 128 on one KV head need more than Metal's 32 KiB of
+    thread-group memory even at one warp: the dispatcher must fall back, not launch."""
+    pool = mx.zeros((3, 16, 2, 1, 128), dtype=mx.float16)
+    assert not supports(mx.zeros((1, 64, 1, 128), dtype=mx.float16), pool)
+    assert supports(mx.zeros((1, 32, 1, 128), dtype=mx.float16), pool)
+    assert 4 * shared_floats(64, 128, 1) > 32 * 1024 >= 4 * shared_floats(32, 128, 1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_kernel_stops_at_the_table_whatever_the_context_length(n_parts: int) -> None:
+    """A context length past its table's width reads nothing outside the table's row:
+    the kernel attends over the table's tokens only, as if the length were its width."""
+    case = make_case([48, 20], 8, 2, 64, 16, "float32", seed=11)  # tables 3 blocks wide
+    c = case
+    want = run_kernel(case, n_parts)
+    long_lens = mx.array([5000, 20], dtype=mx.int32)
+    got = paged_decode_attention(c.q, c.kv_pool, c.block_tables, long_lens, c.scale, n_parts)
+    assert mx.array_equal(got, want).item()
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_kernel_refuses_no_partitions() -> None:
+    case = make_case([40], 32, 4, 64, 16, "float32")
+    with pytest.raises(ValueError, match="n_parts must be at least 1"):
+        run_kernel(case, 0)
 
 
 # The poison and the shuffle must be able to catch the bugs they are there for:
