@@ -44,7 +44,13 @@ import mlx.core as mx
 from kernels import paged_decode_source, paged_prefill_source, rope
 from kernels.add_rms_norm import build_kernel as build_norm_kernel
 from kernels.add_rms_norm import call_args as norm_call_args
-from kernels.paged_attention import DTYPES, HEAD_DIMS, combine_call_args, kernel_call_args
+from kernels.paged_attention import (
+    DTYPES,
+    HEAD_DIMS,
+    combine_call_args,
+    kernel_call_args,
+    max_warps,
+)
 from kernels.paged_prefill import call_args as prefill_call_args
 
 STUB = Path(__file__).with_name("metal_stub.h")
@@ -107,6 +113,7 @@ def metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array) -> lis
     """
     final, split, combine = paged_decode_source.build_kernels("metal")
     batch, n_heads, _, head_dim = q.shape
+    group = n_heads // kv_pool.shape[3]
     context_lens = mx.ones((batch,), dtype=mx.int32)
     inputs = [q, kv_pool, block_tables, context_lens]
 
@@ -121,7 +128,8 @@ def metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array) -> lis
             inputs=list(args),
             output_shapes=[(batch, n_heads, 2, head_dim), (batch, n_heads, 2, 2)],
             output_dtypes=[mx.float32, mx.float32],
-            **kernel_call_args(q, kv_pool, 0.125, 2, 16),  # the merge's tree: 4 rounds
+            # the widest group the wrapper launches for this shape (the merge's tree)
+            **kernel_call_args(q, kv_pool, 0.125, 2, max_warps(group, head_dim)),
         )
         three = combine(
             inputs=two,
