@@ -90,7 +90,8 @@ def supports(q: mx.array, kv_pool: mx.array, token_major: bool = False) -> bool:
 
 def max_warps(group_size: int, head_dim: int) -> int:
     """The most warps a group of this shape may have (a power of two, at least 1):
-    registers for its accumulators and shared memory for its merge slots."""
+    registers for the values its threads keep live (``thread_floats``) and shared memory
+    for its merge slots (``shared_floats``)."""
     floats = thread_floats(group_size, head_dim)
     warps = MAX_WARPS
     while warps > 1 and (
