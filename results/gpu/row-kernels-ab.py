@@ -8,9 +8,9 @@ the model with MLX's ops ("ops"), with the fused kernels only ("fused"), with bo
 kernels ("rows"), interleaved with mlx-lm. Output: row-kernels-ab.txt."""
 import os, statistics, sys
 sys.path.insert(0, os.getcwd())
+from tools import gpu_bench as gb  # noqa: binds MLX's BLAS before MLX is imported
 import mlx.core as mx
 import numpy as np
-from tools import gpu_bench as gb
 from tools import gpu_kernels_check as kc
 from kernels.norm_linear import (BACKEND, USE_LINEAR_ROW, USE_NORM_LINEAR, linear_row,
                                  linear_row_ops, norm_linear, norm_linear_ops)
