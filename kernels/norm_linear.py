@@ -46,28 +46,60 @@ DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 N_WARPS = 8  # warps (output columns at a time) per thread group
 LANE_ELEMS = 8  # elements of a weight row one lane loads at once: 16 bytes in half
 CHUNK = LANE_ELEMS * WARP  # elements of a row one warp covers per load
-UNROLL = 8  # loads a lane issues before it uses the first (gated: half, two rows)
+UNROLL = 8  # chunks of a weight row a lane loads before it uses the first (gated: of two)
 MAX_GROUPS = 1024  # above this many groups a warp takes more than one column
 SHARED_BYTES = 32 * 1024  # Metal's thread-group memory, the smaller of the two
 
-# Loads a weight row's chunks UNROLL at a time, then multiplies them by the row in
-# thread-group memory; ``acc`` and, when ``two``, ``acc2`` for a second row ``two_off``
-# elements on. KDIM and UNROLL are constants, so the compiler unrolls both loops and
-# hoists every load of a batch before its first use.
-_DOT = """
+# The warp's loads of one batch: UNROLL chunks of its column's weight row (gated: and
+# of the up row ``two_off`` elements on), 16 bytes a lane each. KDIM and UNROLL are
+# constants, so the compiler unrolls the loop and issues every load before any use.
+_LOAD = """
+    if (col < N_OUT) {
+      for (int u = 0; u < UNROLL; ++u) {
+        const int j = (c0 + u) * 256 + lane * 8;
+        if (c0 + u < CHUNKS && j < KDIM) {
+          kload8(w + off + j, wv[u]);
+          if (GATED) kload8(w + off + two_off + j, wu[u]);
+        }
+      }
+    }
+"""
+
+# Names every body shares, and the first batch of the warp's first column loaded at
+# once, so that its trip to memory overlaps the row's setup (loading, normalizing).
+_PREAMBLE = (
+    """
+  constexpr int THREADS = N_WARPS * 32;
+  constexpr int CHUNKS = (KDIM + 255) / 256;
+  KSHARED KALIGN16 T sm_x[KDIM];
+  const int base = (group_z * N_WARPS + warp) * ROWS;
+  const size_t two_off = static_cast<size_t>(N_OUT) * KDIM;
+  float wv[UNROLL][8];
+  float wu[UNROLL][8];
+  int col = base;
+  size_t off = static_cast<size_t>(col) * KDIM;
+  int c0 = 0;
+"""
+    + _LOAD
+)
+
+# Each warp's ROWS columns: the batches of loads (the first already issued), each
+# multiplied by the row in thread-group memory and summed in float32, then a warp sum.
+_COLUMNS = (
+    """
+  for (int r = 0; r < ROWS; ++r) {
+    col = base + r;
+    off = static_cast<size_t>(col) * KDIM;
+    if (col < N_OUT) {
       float acc = 0.0f;
       float acc2 = 0.0f;
-      for (int c0 = 0; c0 < CHUNKS; c0 += UNROLL_N) {
-        float wv[UNROLL_N][8];
-        float wu[UNROLL_N][8];
-        for (int u = 0; u < UNROLL_N; ++u) {
-          const int j = (c0 + u) * 256 + lane * 8;
-          if (c0 + u < CHUNKS && j < KDIM) {
-            kload8(w + off + j, wv[u]);
-            if (GATED) kload8(w + off + two_off + j, wu[u]);
-          }
+      for (c0 = 0; c0 < CHUNKS; c0 += UNROLL) {
+        if (r > 0 || c0 > 0) {
+"""
+    + _LOAD
+    + """
         }
-        for (int u = 0; u < UNROLL_N; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {
           const int j = (c0 + u) * 256 + lane * 8;
           if (c0 + u < CHUNKS && j < KDIM) {
             float xv[8];
@@ -80,16 +112,6 @@ _DOT = """
         }
       }
       acc = kwarp_sum(acc);
-"""
-
-_COLUMNS = """
-  const int base = (group_z * N_WARPS + warp) * ROWS;
-  for (int r = 0; r < ROWS; ++r) {
-    const int col = base + r;
-    if (col < N_OUT) {
-      const size_t off = static_cast<size_t>(col) * KDIM;
-      const size_t two_off = static_cast<size_t>(N_OUT) * KDIM;
-""" + _DOT + """
       if (GATED) acc2 = kwarp_sum(acc2);
       if (lane == 0) {
         if (GATED) {
@@ -103,29 +125,34 @@ _COLUMNS = """
     }
   }
 """
+)
 
-_PREAMBLE = """
-  constexpr int THREADS = N_WARPS * 32;
-  constexpr int CHUNKS = (KDIM + 255) / 256;
-  constexpr int UNROLL_N = GATED ? UNROLL / 2 : UNROLL;
-  KSHARED KALIGN16 T sm_x[KDIM];
-"""
-
-_NORM_BODY = _PREAMBLE + """
+# The fused kernel's setup: each thread loads its 8-element slices of x, the residual
+# and the norm's weight at once (one trip to memory), keeps h = round_T(x + residual)
+# and the weights in registers, and after the group's sum of squares writes the
+# normalized slice to thread-group memory.
+_NORM_BODY = (
+    _PREAMBLE
+    + """
+  constexpr int PER = (KDIM + THREADS * 8 - 1) / (THREADS * 8);
   KSHARED float sm_sum[N_WARPS];
+  float hv[PER][8];
+  float nv[PER][8];
   float ss = 0.0f;
-  for (int j = tid * 8; j < KDIM; j += THREADS * 8) {
-    float a[8];
-    kload8(x + j, a);
-    if (HAS_RES) {
-      float b[8];
-      kload8(residual + j, b);
-      for (int i = 0; i < 8; ++i) a[i] = kload(kstore<T>(a[i] + b[i]));
-    }
-    for (int i = 0; i < 8; ++i) {
-      sm_x[j + i] = kstore<T>(a[i]);
-      if (group_z == 0) h[j + i] = kstore<T>(a[i]);
-      ss += a[i] * a[i];
+  for (int p = 0; p < PER; ++p) {
+    const int j = (p * THREADS + tid) * 8;
+    if (j < KDIM) {
+      kload8(x + j, hv[p]);
+      kload8(norm_weight + j, nv[p]);
+      if (HAS_RES) {
+        float b[8];
+        kload8(residual + j, b);
+        for (int i = 0; i < 8; ++i) hv[p][i] = kload(kstore<T>(hv[p][i] + b[i]));
+      }
+      for (int i = 0; i < 8; ++i) {
+        if (group_z == 0) h[j + i] = kstore<T>(hv[p][i]);
+        ss += hv[p][i] * hv[p][i];
+      }
     }
   }
   ss = kwarp_sum(ss);
@@ -134,11 +161,16 @@ _NORM_BODY = _PREAMBLE + """
   float total = 0.0f;
   for (int i = 0; i < N_WARPS; ++i) total += sm_sum[i];
   const float inv = krsqrt(total / KDIM + kfloat_bits(EPS_BITS));
-  for (int j = tid; j < KDIM; j += THREADS) {
-    sm_x[j] = kstore<T>(kload(norm_weight[j]) * kload(kstore<T>(kload(sm_x[j]) * inv)));
+  for (int p = 0; p < PER; ++p) {
+    const int j = (p * THREADS + tid) * 8;
+    if (j < KDIM) {
+      for (int i = 0; i < 8; ++i) sm_x[j + i] = kstore<T>(nv[p][i] * kload(kstore<T>(hv[p][i] * inv)));
+    }
   }
   ksync();
-""" + _COLUMNS
+"""
+    + _COLUMNS
+)
 
 _PLAIN_BODY = (
     """

@@ -65,6 +65,41 @@ if "kern" in PART:
         t = {k: kc.chained_ms(mk(f), x, 1, rounds=20) / L * 1e3 for k, f in (("kernel", fk), ("ops", fo))}
         print(f"  {name}: us a call kernel {t['kernel']:.1f}  ops {t['ops']:.1f}", flush=True)
 
+if "sweep" in PART:
+    # Each projection chained through the residual stream it feeds: a = h + 1e-3 * y[:, :H],
+    # 22 distinct weights (8 for lm_head), kernel shapes (warps a group, loads a batch)
+    # against MLX's ops; us a call, GPU-bound for all but the smallest.
+    nlmod = sys.modules["kernels.norm_linear"]
+    N = {"qkv": (QKV, False, 22), "gate_up": (2 * F, True, 22), "lm_head": (V, False, 8), "o": (H, None, 22)}
+    ws = {k: [rand(n, H, scale=H ** -0.5, seed=100 * j + i) for i in range(c)] for j, (k, (n, g, c)) in enumerate(N.items())}
+    nw, r = 1 + 0.1 * rand(H, seed=5), 0.01 * rand(1, H, seed=6)
+    mx.eval(ws, nw, r)
+    x = rand(1, H, seed=7)
+
+    def chain(kind, kern):
+        n, gated, _ = N[kind]
+
+        def run(a):
+            for w in ws[kind]:
+                if gated is None:
+                    y = (linear_row if kern else linear_row_ops)(a, w)
+                    a = a + 1e-3 * y
+                else:
+                    h, y = (norm_linear if kern else norm_linear_ops)(a, r, nw, EPS, w, gated)
+                    a = h + 1e-3 * y[:, :H]
+            return a
+        return run
+    for kind, (n, g, c) in N.items():
+        ops = kc.chained_ms(chain(kind, False), x, 1, rounds=20) / c * 1e3
+        res = []
+        for nwp, un in [(8, 8), (4, 8), (4, 4), (8, 4), (2, 8)]:
+            nlmod.N_WARPS, nlmod.UNROLL = nwp, un
+            t = kc.chained_ms(chain(kind, True), x, 1, rounds=20) / c * 1e3
+            res.append(f"{nwp}w{un}u {t:.1f}")
+        nlmod.N_WARPS, nlmod.UNROLL = 8, 8
+        mb = n * H * 2 / 1e6
+        print(f"  {kind:8s} {mb:6.1f} MB: ops {ops:.1f} us | " + "  ".join(res), flush=True)
+
 if "step" in PART:
     from benchmarks import common
     from conform.engines import resolve
