@@ -5,6 +5,8 @@ good as these parts."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import mlx.core as mx
 import pytest
 
@@ -54,6 +56,23 @@ def test_compiled_step_launches_fewer_kernels(checkpoint) -> None:
         assert anatomy["wall_ms"] > 0 and anatomy["wait_ms"] >= 0
         launches[name] = anatomy["launches"]
     assert 0 < launches["impl-compiled"] < launches["impl"]
+
+
+def test_interleaved_steps_follow_each_other_alike() -> None:
+    """Within the reps each function runs right after each other one equally often
+    (a fixed a, b, c order would put b after a every time), and every sample lands
+    in its own function's list."""
+    calls: list[int] = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    times = gpu_bench.interleaved_samples(fns, warmup=1, reps=12)
+    assert [len(t) for t in times] == [12, 12, 12]
+    reps = [calls[3 + 3 * r : 6 + 3 * r] for r in range(12)]  # after one warm-up round
+    assert len({tuple(r) for r in reps}) == 6  # every order of three
+    follows = Counter(pair for r in reps for pair in zip(r, r[1:]))
+    assert set(follows.values()) == {4} and len(follows) == 6
+    fixed = Counter(pair for r in [[0, 1, 2]] * 12 for pair in zip(r, r[1:]))
+    assert set(fixed.values()) != {4}  # the check sees an unbalanced order
+    assert gpu_bench.rep_order(5, 2) == (2, 3, 4, 0, 1)
 
 
 def test_paired_ratios_are_quartiles_of_each_reps_ratio() -> None:

@@ -11,9 +11,9 @@ conform.engines (names as ``resolve`` takes them). Prints a table and writes JSO
 
 Every figure is the median of timed repetitions after warm-up, each ending in an
 evaluated step (``Engine.run_prefill`` / ``run_decode``). The engines compared at one
-point are timed interleaved (a, b, c, a, ...), so drift in clocks or host load hits
-them alike: separate runs of the same mlx-lm step differed by up to 2x on one
-machine. Ratios are to the last engine named. The weights-read floor is the
+point are timed interleaved (a, b, c, then a, c, b, ...: the reps go through every
+order, so each engine follows each other alike), so drift in clocks or host load hits them alike: separate runs
+of the same mlx-lm step differed by up to 2x on one machine. Ratios are to the last engine named. The weights-read floor is the
 checkpoint's weight bytes (as stored, quantized or not) divided by the read
 bandwidth of a large device copy measured in the same run.
 """
@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import itertools
 import json
 import platform
 import pstats
@@ -69,17 +70,31 @@ def interleaved_ms(fns: list[Step], warmup: int = 3, reps: int = 30) -> list[flo
     return [statistics.median(t) for t in interleaved_samples(fns, warmup, reps)]
 
 
+def rep_order(n: int, rep: int) -> tuple[int, ...]:
+    """The order the ``n`` step functions take turns in at repetition ``rep``. Up to 4
+    functions the reps cycle through every order (3 engines: 6 orders), so within the
+    reps each function runs right after each other one equally often; past 4, the
+    order rotates by one each rep. On an H200 a compiled step timed right after
+    mlx-lm's took 2-3% (batch 1) to 5% (batch 8) longer than the same engine's twin
+    timed after it in a fixed order (results/gpu/position-ab.txt)."""
+    if n <= 4:
+        orders = list(itertools.permutations(range(n)))
+        return orders[rep % len(orders)]
+    return tuple((rep + i) % n for i in range(n))
+
+
 def interleaved_samples(fns: list[Step], warmup: int = 3, reps: int = 30) -> list[list[float]]:
-    """Every rep's ms of each step function, the functions taking turns rep by rep."""
+    """Every rep's ms of each step function, the functions taking turns rep by rep in
+    the orders ``rep_order`` gives."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, out in zip(fns, times):
+    for rep in range(reps):
+        for i in rep_order(len(fns), rep):
             t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
+            fns[i]()
+            times[i].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
