@@ -67,6 +67,8 @@ class Linear(nn.Linear):
     Transpose node in the step's graph. Without the view it is ``nn.Linear``."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "bias" not in self and kernels.linear_row_applies(x, self.weight):
+            return kernels.linear_row(x, self.weight)
         wt = self.get(WEIGHT_T)
         if wt is None:
             return super().__call__(x)
@@ -100,20 +102,19 @@ class Attention(nn.Module):
 
     def __call__(
         self,
-        x: mx.array,
+        qkv: mx.array,
         layer: int,
         cache: KVPools,
         plan: StepPlan,
         rope: kernels.RopeStep,
         context: kernels.ContextRows | None,
     ) -> mx.array:
-        """x: (B * T, hidden), the step's tokens as rows (see ``Model.__call__``);
-        ``context``: the step's context rows, for a chunk over a cache."""
+        """qkv: ``project_qkv`` of the step's tokens as rows, (B * T, ...) (see
+        ``Model.__call__``); ``context``: the step's context rows, for a chunk over a
+        cache."""
         B, T = plan.positions.shape
         # q: (B, T, n_heads, head_dim), token-major; kv: (B * T, 2, n_kv_heads, head_dim).
-        q, kv, kv_pool = kernels.rope_and_cache_write(
-            self.project_qkv(x), (B, T), rope, cache.kv[layer]
-        )
+        q, kv, kv_pool = kernels.rope_and_cache_write(qkv, (B, T), rope, cache.kv[layer])
         cache.update_layer(layer, kv_pool)
         out = kernels.paged_attention(
             q,
@@ -141,6 +142,10 @@ class MLP(nn.Module):
         return _fuse(self, "gate_up_proj", ["gate_proj", "up_proj"])
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.activate(x))
+
+    def activate(self, x: mx.array) -> mx.array:
+        """silu(gate_proj(x)) * up_proj(x), the down projection's input."""
         if "gate_up_proj" in self:
             gate_up = self.gate_up_proj(x)
             f = gate_up.shape[-1] // 2
@@ -155,7 +160,7 @@ class MLP(nn.Module):
                 gate, up = mx.split(gate_up, 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(nn.silu(gate) * up)
+        return nn.silu(gate) * up
 
 
 def fuse_linears(parts: list[nn.Module]) -> Linear | nn.QuantizedLinear | None:
@@ -203,6 +208,34 @@ def _fuse(module: nn.Module, fused_name: str, names: list[str]) -> bool:
     return True
 
 
+def norm_then(
+    h: mx.array,
+    pending: mx.array | None,
+    norm: nn.RMSNorm,
+    linear: nn.Module | None,
+    gated: bool,
+    keep_normed: bool,
+) -> tuple[mx.array, mx.array | None, mx.array | None]:
+    """The residual add (of ``pending``, if any) and the RMSNorm after it, and where
+    ``kernels.norm_linear`` takes them, the projection after that in the same launch.
+    Returns (h, y, normed): y = ``linear`` of the normed rows (``gated``: silu(gate) *
+    up of the gate/up projection), or None where the kernel did not run and the caller
+    projects ``normed``; normed is None where it did (``keep_normed``, for a trace,
+    keeps it from running)."""
+    if (
+        not keep_normed
+        and type(linear) is Linear
+        and "bias" not in linear
+        and kernels.norm_linear_applies(h, linear.weight, gated)
+    ):
+        h, y = kernels.norm_linear(h, pending, norm.weight, norm.eps, linear.weight, gated)
+        return h, y, None
+    if pending is None:
+        return h, None, norm(h)
+    h, normed = kernels.add_rms_norm(h, pending, norm.weight, norm.eps)
+    return h, None, normed
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -227,15 +260,15 @@ class DecoderLayer(nn.Module):
         fused with the RMSNorm that follows it (``kernels.add_rms_norm``). Returns
         (h, mlp): this layer's output is h + mlp, left for the next norm to add.
         """
-        ln = self.input_layernorm
-        if pending is None:
-            normed = ln(h)
-        else:
-            h, normed = kernels.add_rms_norm(h, pending, ln.weight, ln.eps)
-        attn = self.self_attn(normed, layer, cache, plan, rope, context)
-        ln = self.post_attention_layernorm
-        h, normed_h = kernels.add_rms_norm(h, attn, ln.weight, ln.eps)
-        mlp = self.mlp(normed_h)
+        attn, mlp, traced = self.self_attn, self.mlp, trace is not None
+        qkv_proj = attn.get("qkv_proj")
+        h, qkv, normed = norm_then(h, pending, self.input_layernorm, qkv_proj, False, traced)
+        if qkv is None:
+            qkv = attn.project_qkv(normed)
+        attn = attn(qkv, layer, cache, plan, rope, context)
+        up_proj = mlp.get("gate_up_proj")
+        h, act, normed_h = norm_then(h, attn, self.post_attention_layernorm, up_proj, True, traced)
+        mlp = mlp(normed_h) if act is None else mlp.down_proj(act)
         if trace is not None:
             # Execution order, so the first entry off tolerance is where a fault begins.
             B, T = plan.positions.shape
@@ -392,12 +425,10 @@ class Model(nn.Module):
                 marks[i] = mlp
             if trace is not None:
                 trace[f"layers.{i}"] = (h + mlp).reshape(B, T, -1)  # the fused add's rounding
-        norm = self.model.norm
-        x = norm(h) if mlp is None else kernels.add_rms_norm(h, mlp, norm.weight, norm.eps)[1]
+        head = None if self.config.tie_word_embeddings else self.lm_head
+        _, logits, x = norm_then(h, mlp, self.model.norm, head, False, trace is not None)
         if trace is not None:
             trace["norm"] = x.reshape(B, T, -1)
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(x)
-        else:
-            logits = self.lm_head(x)
+        if logits is None:
+            logits = self.model.embed_tokens.as_linear(x) if head is None else head(x)
         return logits.reshape(B, T, -1)

@@ -1,7 +1,8 @@
 """The seam between the model and its attention/cache kernels.
 
-One module per operation: ``add_rms_norm``, ``rope`` (RoPE of Q and K, then the
-paged cache write) and ``paged_attention`` (whose decode kernel's CUDA/Metal source
+One module per operation: ``add_rms_norm``, ``norm_linear`` (a decode row's
+projections, the add and RMSNorm before them fused in), ``rope`` (RoPE of Q and K,
+then the paged cache write) and ``paged_attention`` (whose decode kernel's CUDA/Metal source
 is in ``paged_decode_source``, and which hands small chunks over a cache to
 ``paged_prefill``). Each holds the custom kernel, built once at import, and an
 MLX-ops twin (the CPU path, and the oracle the kernel is checked against). A kernel
@@ -16,6 +17,12 @@ function): reach a module's other names with ``from kernels.paged_attention impo
 """
 
 from kernels.add_rms_norm import add_rms_norm
+from kernels.norm_linear import (
+    linear_row,
+    linear_row_applies,
+    norm_linear,
+    norm_linear_applies,
+)
 from kernels.paged_attention import ContextRows, context_rows, paged_attention
 from kernels.rope import RopeStep, rope_and_cache_write, rope_step
 
@@ -24,6 +31,10 @@ __all__ = [
     "RopeStep",
     "add_rms_norm",
     "context_rows",
+    "linear_row",
+    "linear_row_applies",
+    "norm_linear",
+    "norm_linear_applies",
     "paged_attention",
     "rope_and_cache_write",
     "rope_step",

@@ -8,6 +8,8 @@ the Metal Shading Language, against these names:
   group_y, group_z     the thread group's position in the grid
   groups_z             number of thread groups along z
   KSHARED              qualifier of a thread-group (shared memory) array
+  KALIGN16             aligns such an array to 16 bytes, for CUDA's ``kload8`` from it
+                       (Metal's loads element by element: empty there)
   ksync()              barrier across the thread group, shared memory visible after it
   kwarp_sum(x)         sum of x over the 32 lanes, the same value in every lane
   kwarp_max(x)         max of x over the 32 lanes, likewise
@@ -63,6 +65,7 @@ def active_backend() -> Backend:
 # may be called that.
 CUDA_HEADER = """
 #define KSHARED __shared__
+#define KALIGN16 __align__(16)
 __device__ inline void ksync() { __syncthreads(); }
 __device__ inline float kwarp_sum(float x) {
   // Butterfly: every lane adds the same two operands at each step, so all 32
@@ -131,6 +134,7 @@ CUDA_PROLOGUE = """
 
 METAL_HEADER = """
 #define KSHARED threadgroup
+#define KALIGN16
 inline void ksync() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
 inline float kwarp_sum(float x) { return metal::simd_sum(x); }
 inline float kwarp_max(float x) { return metal::simd_max(x); }

@@ -44,6 +44,8 @@ import mlx.core as mx
 from kernels import paged_decode_source, paged_prefill_source, rope
 from kernels.add_rms_norm import build_kernel as build_norm_kernel
 from kernels.add_rms_norm import call_args as norm_call_args
+from kernels.norm_linear import build_kernels as build_linear_kernels
+from kernels.norm_linear import call_args as linear_call_args
 from kernels.paged_attention import (
     DTYPES,
     HEAD_DIMS,
@@ -163,8 +165,13 @@ def prefill_metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array
 
 
 def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int) -> list[str]:
-    """The Metal text of the Q/K RoPE and the add + RMSNorm kernels."""
+    """The Metal text of the Q/K RoPE and the add + RMSNorm kernels, and of the
+    norm + projection kernels (``kernels.norm_linear``): gated after a residual add,
+    plain without one, and the plain row kernel."""
     rope_kernel, norm_kernel = rope.build_kernel("metal"), build_norm_kernel("metal")
+    fused_linear, row_linear = build_linear_kernels("metal")
+    hidden = n_heads * head_dim
+    matrix = mx.zeros((2 * hidden + 8, hidden), dtype=dtype)
     qkv = mx.zeros((6, (n_heads + 2 * n_kv) * head_dim), dtype=dtype)
     cos = mx.zeros((2, 3, head_dim // 2), dtype=mx.float32)
     x = mx.zeros((6, n_heads * head_dim), dtype=dtype)
@@ -184,9 +191,25 @@ def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int)
             output_dtypes=[dtype, dtype],
             **norm_call_args(x, 1e-5),
         )
-        return one + two
+        row = x[:1]
+        three = []
+        for gated, residual in ((True, True), (False, False)):
+            n_out = matrix.shape[0] // 2 if gated else matrix.shape[0]
+            three += fused_linear(
+                inputs=[row, row, weight, matrix],
+                output_shapes=[row.shape, (1, n_out)],
+                output_dtypes=[dtype, dtype],
+                **linear_call_args(row, n_out, 1e-5, residual, gated),
+            )
+        three += row_linear(
+            inputs=[row, matrix],
+            output_shapes=[(1, matrix.shape[0])],
+            output_dtypes=[dtype],
+            **linear_call_args(row, matrix.shape[0]),
+        )
+        return one + two + three
 
-    return _exported_sources(run, inputs, 2)
+    return _exported_sources(run, inputs, 5)
 
 
 def _exported_sources(fn, inputs: list[mx.array], expected: int) -> list[str]:

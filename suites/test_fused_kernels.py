@@ -8,6 +8,10 @@ row by row; every row no new token owns must still hold its NaN afterwards, in i
 K and its V half, so a write through a wrong slot, or past the new tokens, fails
 the case.
 
+One row through a projection (``kernels.norm_linear``): the fused add + RMSNorm +
+matmul kernel and the plain row kernel against their ops twins (MLX's add, rms_norm
+and matmul), which a float32 case checks against float64 on any backend.
+
 On the CPU backend the twins run the grid; the kernels run it on Metal or CUDA.
 """
 
@@ -22,7 +26,19 @@ import pytest
 
 from kernels import rope
 from kernels.add_rms_norm import add_rms_norm, add_rms_norm_kernel, add_rms_norm_ops
-from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
+from kernels.norm_linear import (
+    MAX_GROUPS,
+    N_WARPS,
+    SHARED_BYTES,
+    groups,
+    linear_row,
+    linear_row_ops,
+    norm_linear,
+    norm_linear_ops,
+    shared_bytes,
+    supports,
+)
+from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL, ROW_ATOL, ROW_RTOL
 
 ON_GPU = rope.BACKEND != "cpu"
 NO_GPU = "no GPU backend (needs Metal or CUDA)"
@@ -335,3 +351,140 @@ def test_add_rms_norm_check_catches_a_norm_of_the_wrong_tensor() -> None:
     wrong = (x + r, mx.fast.rms_norm(x, w, EPS))  # normalises the input, not the sum
     with pytest.raises(AssertionError):
         assert_norm_matches(wrong, x, r, w, "float32")
+
+
+# -- one row through a projection (kernels.norm_linear) -----------------------------------
+ROW_HIDDEN: list[int] = [64, 2048, 5632]
+ROW_OUT: list[int] = [1, 13, 2560]
+# (residual, gated): q/k/v after the first layer's norm (nothing to add), gate/up after
+# an add (the activation fused in), a projection after an add (lm_head).
+ROW_KINDS: list[tuple[bool, bool]] = [(False, False), (True, True), (True, False)]
+
+
+def make_row_case(hidden: int, n_out: int, dtype: str, gated: bool, seed: int = 0) -> tuple:
+    """x, residual (1, hidden), norm weight (hidden,), weight (n, hidden) scaled so
+    each column is ~N(0, 1); gated: n = 2 * n_out rows, [gate; up]."""
+    x, residual, norm_weight = make_norm_case(1, hidden, dtype, seed)
+    rng = np.random.default_rng(seed + 1)
+    rows = 2 * n_out if gated else n_out
+    weight = rng.standard_normal((rows, hidden)).astype(np.float32) / math.sqrt(hidden)
+    return x, residual, norm_weight, mx.array(weight).astype(getattr(mx, dtype))
+
+
+def assert_rows_match(got: tuple[mx.array, ...], want: tuple[mx.array, ...], dtype: str) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(
+            to_f64(a), to_f64(b), atol=ROW_ATOL[dtype], rtol=ROW_RTOL[dtype]
+        )
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS, ids=lambda k: f"res{int(k[0])}-gated{int(k[1])}")
+def test_norm_linear_ops_twin_against_float64(kind: tuple[bool, bool]) -> None:
+    residual_on, gated = kind
+    x, r, nw, w = make_row_case(264, 9, "float32", gated, seed=3)
+    h, y = norm_linear_ops(x, r if residual_on else None, nw, EPS, w, gated)
+    h64 = to_f64(x) + (to_f64(r) if residual_on else 0)
+    normed = to_f64(nw) * h64 / np.sqrt((h64**2).mean() + EPS)
+    y64 = normed @ to_f64(w).T
+    if gated:
+        gate, up = y64[:, :9], y64[:, 9:]
+        y64 = gate / (1 + np.exp(-gate)) * up
+    tol = dict(atol=ROW_ATOL["float32"], rtol=ROW_RTOL["float32"])
+    np.testing.assert_allclose(to_f64(h), h64, **tol)
+    np.testing.assert_allclose(to_f64(y), y64, **tol)
+    np.testing.assert_allclose(to_f64(linear_row_ops(x, w)), to_f64(x) @ to_f64(w).T, **tol)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("kind", ROW_KINDS, ids=lambda k: f"res{int(k[0])}-gated{int(k[1])}")
+@pytest.mark.parametrize("n_out", ROW_OUT)
+@pytest.mark.parametrize("hidden", ROW_HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_linear_kernel(dtype: str, hidden: int, n_out: int, kind) -> None:
+    residual_on, gated = kind
+    x, r, nw, w = make_row_case(hidden, n_out, dtype, gated)
+    r = r if residual_on else None
+    got = norm_linear(x, r, nw, EPS, w, gated)
+    assert got[1].shape == (1, n_out)
+    assert_rows_match(got, norm_linear_ops(x, r, nw, EPS, w, gated), dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("n_out", ROW_OUT)
+@pytest.mark.parametrize("hidden", ROW_HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_row_kernel(dtype: str, hidden: int, n_out: int) -> None:
+    x, _, _, w = make_row_case(hidden, n_out, dtype, False, seed=1)
+    assert_rows_match((linear_row(x, w),), (linear_row_ops(x, w),), dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.parametrize("n_out", [32000, N_WARPS * MAX_GROUPS + 1])
+def test_row_kernels_with_many_columns_a_warp(n_out: int) -> None:
+    """Past MAX_GROUPS groups each warp takes several columns (lm_head's vocabulary:
+    4), and the last group holds fewer than a full share."""
+    assert groups(n_out)[1] > 1
+    x, r, nw, w = make_row_case(2048, n_out, "float16", False, seed=2)
+    assert_rows_match(norm_linear(x, r, nw, EPS, w), norm_linear_ops(x, r, nw, EPS, w), "float16")
+    assert_rows_match((linear_row(x, w),), (linear_row_ops(x, w),), "float16")
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_row_check_catches_gate_and_up_swapped() -> None:
+    x, r, nw, w = make_row_case(2048, 64, "float16", True, seed=4)
+    swapped = mx.concatenate([w[64:], w[:64]])
+    with pytest.raises(AssertionError):
+        assert_rows_match(
+            norm_linear(x, r, nw, EPS, swapped, True),
+            norm_linear_ops(x, r, nw, EPS, w, True),
+            "float16",
+        )
+
+
+@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+def test_row_check_catches_a_dropped_residual() -> None:
+    x, r, nw, w = make_row_case(2048, 64, "float16", False, seed=5)
+    with pytest.raises(AssertionError):
+        assert_rows_match(
+            norm_linear(x, None, nw, EPS, w), norm_linear_ops(x, r, nw, EPS, w), "float16"
+        )
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU backend's refusal; a GPU backend runs the kernels")
+def test_row_kernels_refuse_the_cpu_backend() -> None:
+    x, r, nw, w = make_row_case(64, 8, "float32", False)
+    with pytest.raises(RuntimeError, match="GPU backend"):
+        norm_linear(x, r, nw, EPS, w)
+    with pytest.raises(RuntimeError, match="GPU backend"):
+        linear_row(x, w)
+
+
+@pytest.mark.parametrize("n_out", [1, 7, 8, 2560, 5632, 8192, 8193, 32000, 128256])
+def test_row_groups_cover_the_columns_in_few_groups(n_out: int) -> None:
+    n_groups, per_warp = groups(n_out)
+    assert n_groups * N_WARPS * per_warp >= n_out  # every column has a warp
+    assert (n_groups - 1) * N_WARPS * per_warp < n_out  # and no group is idle
+    assert n_groups <= MAX_GROUPS
+    assert per_warp == 1 or -(-n_out // (N_WARPS * (per_warp - 1))) > MAX_GROUPS
+
+
+def test_row_supports() -> None:
+    def case(rows=1, hidden=2048, n=2560, dtype=mx.float16, wdtype=None):
+        x = mx.zeros((rows, hidden), dtype=dtype)
+        return x, mx.zeros((n, hidden), dtype=wdtype or dtype)
+
+    assert supports(*case()) and supports(*case(n=11264), gated=True)
+    assert supports(*case(hidden=5632, n=2048)) and supports(*case(dtype=mx.float32))
+    assert not supports(*case(rows=2))  # a batch: MLX's matmul
+    assert not supports(*case(hidden=2044))  # not whole 16-byte loads
+    assert not supports(*case(wdtype=mx.float32))
+    assert not supports(*case(dtype=mx.int32))
+    assert not supports(*case(n=7), gated=True)  # no [gate; up] halves
+    too_wide = SHARED_BYTES // 2
+    assert shared_bytes(too_wide, mx.float16) > SHARED_BYTES
+    assert not supports(*case(hidden=too_wide))
+    assert supports(*case(hidden=too_wide - 64))
+    x, w = case()
+    assert not supports(x, w[:, :1024])  # rows of another length

@@ -24,12 +24,14 @@ import numpy as np
 import pytest
 
 import impl.model
+from conform.metrics import nmse
 from impl.engine import CompiledSteps, decode, prefill, step_arrays, to_numpy
 from impl.loader import Checkpoint, build, read_checkpoint
 from impl.model import Model
 from impl.paged_cache import PagedKVCache
+from kernels.norm_linear import BACKEND, USE_LINEAR_ROW, USE_NORM_LINEAR
 from reference.gguf_writer import write_gguf
-from suites.tolerances import FP32_SAME_ENGINE_ATOL
+from suites.tolerances import FP32_SAME_ENGINE_ATOL, NMSE_LIMIT
 
 PROMPTS = {"a": [1, 264, 319, 322, 309, 336, 17], "b": [1, 42, 99]}
 DECODE = [[336, 319], [264, 7], [309, 400], [12, 13], [5, 6], [77, 88]]
@@ -181,7 +183,17 @@ def test_swapped_k_and_v_are_caught(trained_ckpt, monkeypatch):
     assert np.abs(run_logits(fused) - run_logits(unfused)).max() > 1000 * FP32_SAME_ENGINE_ATOL
 
 
+@pytest.fixture
+def mlx_row_ops(monkeypatch) -> None:
+    """MLX's add, rms_norm and matmul for a batch-1 step's rows, not the row kernels
+    (``kernels.norm_linear``), on whatever backend: the graphs counted here are
+    MLX's."""
+    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
+    monkeypatch.setitem(USE_LINEAR_ROW, BACKEND, False)
+
+
 @pytest.mark.parametrize("kind", ["float32", "Q4_0"])
+@pytest.mark.usefixtures("mlx_row_ops")
 def test_decode_step_has_three_fewer_matmuls_per_layer(kind, trained_ckpt, q4_gguf):
     """7 -> 4 projection matmuls a layer, counted in the compiled decode step's graph
     (the attention's own two matmuls and the output projection stay)."""
@@ -206,6 +218,7 @@ def float_linears(model: Model) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if type(m) is impl.model.Linear]
 
 
+@pytest.mark.usefixtures("mlx_row_ops")
 def test_decode_step_multiplies_by_kept_transposes(trained_ckpt, monkeypatch):
     """Every float projection multiplies by the transposed view of its weight that
     the model keeps: the compiled decode step's graph holds one Transpose node fewer
@@ -251,3 +264,30 @@ def test_stale_transposes_are_caught(trained_ckpt, monkeypatch):
     monkeypatch.setattr(Model, "keep_transposes", lambda self: None)
     with pytest.raises(AssertionError):
         check_replaced_weight_reaches_steps(model)
+
+
+# -- the row kernels (kernels.norm_linear) in a batch-1 step ------------------------
+@pytest.mark.skipif(not USE_NORM_LINEAR[BACKEND], reason=f"row kernels not used on {BACKEND}")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_row_kernels_carry_a_batch1_step(trained_ckpt, monkeypatch, dtype):
+    """Where the row kernels run, a batch-1 decode step has no RMSNorm and no
+    projection matmul of MLX's left: per layer one fused kernel before q/k/v, one
+    before the MLP (its activation included), the o and down projections as row
+    kernels, and one fused kernel for the final norm and lm_head. The logits match
+    MLX's ops on the same weights (batched steps run MLX's ops either way)."""
+    model = build(trained_ckpt, dtype)
+    with_kernels, logits = decode_step_primitives(model), run_logits(model)
+    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
+    monkeypatch.setitem(USE_LINEAR_ROW, BACKEND, False)
+    bare = build(trained_ckpt, dtype)
+    without, bare_logits = decode_step_primitives(bare), run_logits(bare)
+    layers = model.config.num_hidden_layers
+    # (the attention's own matmuls, where its kernel does not take the heads, stay)
+    assert without["RMSNorm"] - with_kernels["RMSNorm"] == 2 * layers + 1
+    assert with_kernels["RMSNorm"] == 0
+    assert sum(without[n] - with_kernels[n] for n in MATMULS) == 4 * layers + 1
+    added = with_kernels["CustomKernel"] - without["CustomKernel"]
+    assert added == 4 * layers + 1, (with_kernels, without)
+    assert nmse(logits, bare_logits) <= NMSE_LIMIT[dtype]
+    if dtype == "float32":
+        assert np.abs(logits - bare_logits).max() <= FP32_SAME_ENGINE_ATOL

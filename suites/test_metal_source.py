@@ -44,9 +44,11 @@ def test_export_holds_the_generated_kernels() -> None:
     """Runs without clang: the text is captured whole, template instantiation included."""
     found = sources("float16", 64, 32, 4, 16)
     kernels = [f"paged_decode_attention{s}" for s in ("", "_split", "_combine")]
-    for kernel in [*kernels, "rope_qkv", "add_rms_norm", "paged_prefill_attention"]:
+    for kernel in [*kernels, "rope_qkv", "add_rms_norm", "linear_row", "paged_prefill_attention"]:
         name = f"[[kernel]] void custom_kernel_{kernel}__"
         assert sum(name in src for src in found) == 1, name
+    # norm_linear twice: gated after a residual add, and plain without one
+    assert sum("[[kernel]] void custom_kernel_norm_linear__" in src for src in found) == 2
     for src in found:
         assert "template [[host_name(" in src  # the instantiation clang must see
         assert "metal::simd_sum" in src  # the Metal header came along
