@@ -206,20 +206,31 @@ class StepPools:
 StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
 
 
-def commit_layers(num_layers: int) -> list[int]:
+def commit_layers(num_layers: int, row_kernels: bool = False) -> list[int]:
     """The layers after which a compiled step is queued early (``CompiledSteps``).
 
     MLX's CUDA backend submits a step's kernels to the GPU in graphs of up to 100
-    launches (an H100/H200 default). A batch-1 decode step is host-bound: the GPU
-    runs each graph faster than the host encodes the next, so the wall time is the
-    host's time plus the GPU time of the last graph submitted. Queueing the step up
-    to these layers first (``mx.async_eval``) ends the step with graphs of about two
-    layers each, so the GPU finishes soon after the host. Measured on an H200
-    (TinyLlama shape, results/gpu/README.md): the wait after the last launch fell
-    from about 0.5 ms to about 0.2 ms, as with 20-launch graphs for the whole process
-    (``MLX_MAX_OPS_PER_BUFFER=20``), which would also change every other engine's
-    steps. On other backends queueing early only starts the work sooner.
+    launches (an H100/H200 default), so the GPU starts on a step only once its first
+    100 launches are encoded, and the step ends with the GPU time of its last graph.
+    Queueing the step up to these layers first (``mx.async_eval``) submits it in
+    smaller graphs: the GPU starts sooner and finishes soon after the host.
+
+    - MLX's ops (about 13 launches a layer; a batch-1 step is bound by the host):
+      after layers n-7, n-5 and n-3. Measured on an H200 (TinyLlama shape,
+      results/gpu/README.md): the wait after the last launch fell from about 0.5 ms
+      to about 0.2 ms, as with 20-launch graphs for the whole process
+      (``MLX_MAX_OPS_PER_BUFFER=20``), which would also change every other engine's
+      steps.
+    - The row kernels of a batch-1 step (``kernels.norm_linear``, ``row_kernels``;
+      about 8 launches a layer, and the host no longer the bound): every 4 layers
+      from layer 3. With the first graph 12 layers long the row kernels' step took as
+      long as MLX's ops' (1.00 of it); queued every 4 layers, 0.85-0.87 of it, and
+      every 2 layers 0.91 (results/gpu/row-commit-ab.txt).
+
+    On other backends queueing early only starts the work sooner.
     """
+    if row_kernels:
+        return list(range(3, num_layers - 2, 4))
     return [layer for layer in (num_layers - 7, num_layers - 5, num_layers - 3) if layer >= 0]
 
 
@@ -292,7 +303,9 @@ class CompiledSteps:
                 *fields, kv_pools = fields_and_pools
                 pools = StepPools(list(kv_pools))
                 plan = StepPlan(*fields, fresh=fresh)
-                marks = dict.fromkeys(commit_layers(model.config.num_hidden_layers))
+                layers = model.config.num_hidden_layers
+                row_kernels = model.runs_row_kernels(tokens.size)
+                marks = dict.fromkeys(commit_layers(layers, row_kernels))
                 logits = model(tokens, pools, plan, marks=marks)
                 return logits, pools.kv, [marks[i] for i in sorted(marks)]
 

@@ -208,6 +208,16 @@ def _fuse(module: nn.Module, fused_name: str, names: list[str]) -> bool:
     return True
 
 
+def fuses_norm(x: mx.array, linear: nn.Module | None, gated: bool) -> bool:
+    """Whether ``norm_then`` runs ``kernels.norm_linear`` for rows ``x`` into
+    ``linear``: a float ``Linear`` without a bias, which the kernel takes."""
+    return (
+        type(linear) is Linear
+        and "bias" not in linear
+        and kernels.norm_linear_applies(x, linear.weight, gated)
+    )
+
+
 def norm_then(
     h: mx.array,
     pending: mx.array | None,
@@ -222,12 +232,7 @@ def norm_then(
     up of the gate/up projection), or None where the kernel did not run and the caller
     projects ``normed``; normed is None where it did (``keep_normed``, for a trace,
     keeps it from running)."""
-    if (
-        not keep_normed
-        and type(linear) is Linear
-        and "bias" not in linear
-        and kernels.norm_linear_applies(h, linear.weight, gated)
-    ):
+    if not keep_normed and fuses_norm(h, linear, gated):
         h, y = kernels.norm_linear(h, pending, norm.weight, norm.eps, linear.weight, gated)
         return h, y, None
     if pending is None:
@@ -345,6 +350,14 @@ class Model(nn.Module):
         self.compiled_steps = None
         self._forget_transposes()  # the Linears changed
         return unfused
+
+    def runs_row_kernels(self, rows: int) -> bool:
+        """Whether a step of ``rows`` token rows runs the row kernels
+        (``kernels.norm_linear``: one row, a float model on a backend that uses them);
+        ``impl.engine.commit_layers`` queues such a step at other layers."""
+        qkv = self.model.layers[0].self_attn.get("qkv_proj") if self.model.layers else None
+        x = mx.zeros((rows, self.config.hidden_size), dtype=self.dtype)  # never evaluated
+        return fuses_norm(x, qkv, False)
 
     @property
     def dtype(self) -> mx.Dtype:

@@ -234,13 +234,39 @@ def test_commit_layers_end_the_step_in_small_graphs():
     assert commit_layers(22) == [15, 17, 19]
     assert commit_layers(6) == [1, 3]  # layers before the first are skipped
     assert commit_layers(1) == []
+    # the row kernels' steps: every 4 layers from layer 3, none in the last two
+    assert commit_layers(22, row_kernels=True) == [3, 7, 11, 15, 19]
+    assert commit_layers(32, row_kernels=True) == [3, 7, 11, 15, 19, 23, 27]
+    assert commit_layers(4, row_kernels=True) == []
+
+
+def test_compiled_step_asks_the_model_which_layers_to_queue(model, monkeypatch):
+    """The step's marks follow ``Model.runs_row_kernels`` for its rows: a batch-1 step
+    gets the row kernels' layers where they run (forced here), a batch of two not."""
+    asked = []
+
+    def spy(n, row_kernels=False):
+        asked.append(row_kernels)
+        return []
+
+    monkeypatch.setattr(engine, "commit_layers", spy)
+    monkeypatch.setattr(type(model), "runs_row_kernels", lambda self, rows: rows == 1)
+    cache = fresh_cache(model)
+    for seq in ("a", "b"):
+        cache.add_sequence(seq)
+        prefill(model, cache, seq, ids(5))
+    for seqs in (["a"], ["a", "b"]):
+        plan = cache.plan(seqs, 1, table_width=bucket_width)
+        tokens = mx.zeros((len(seqs), 1), dtype=mx.int32)
+        CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.kv)
+    assert asked == [True, False]
 
 
 def test_compiled_step_queues_each_commit_layers_mlp_output(model, monkeypatch):
     """The arrays a compiled step queues early are the MLP outputs of
     ``commit_layers``: the same values the eager trace records under those names.
     (The test model's few layers get none by default: every layer is marked here.)"""
-    monkeypatch.setattr(engine, "commit_layers", lambda n: list(range(n)))
+    monkeypatch.setattr(engine, "commit_layers", lambda n, row_kernels=False: list(range(n)))
     traced, cache = {}, fresh_cache(model)
     cache.add_sequence("a")
     prefill(model, cache, "a", ids(5))

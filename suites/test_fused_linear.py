@@ -276,6 +276,7 @@ def test_row_kernels_carry_a_batch1_step(trained_ckpt, monkeypatch, dtype):
     kernels, and one fused kernel for the final norm and lm_head. The logits match
     MLX's ops on the same weights (batched steps run MLX's ops either way)."""
     model = build(trained_ckpt, dtype)
+    assert model.runs_row_kernels(1) and not model.runs_row_kernels(2)
     with_kernels, logits = decode_step_primitives(model), run_logits(model)
     monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
     monkeypatch.setitem(USE_LINEAR_ROW, BACKEND, False)
@@ -291,3 +292,16 @@ def test_row_kernels_carry_a_batch1_step(trained_ckpt, monkeypatch, dtype):
     assert nmse(logits, bare_logits) <= NMSE_LIMIT[dtype]
     if dtype == "float32":
         assert np.abs(logits - bare_logits).max() <= FP32_SAME_ENGINE_ATOL
+
+
+def test_runs_row_kernels_where_the_first_layer_takes_them(trained_ckpt, q4_gguf, monkeypatch):
+    """``Model.runs_row_kernels`` (which picks a compiled step's early-queued layers)
+    says yes for one row of a float model where the backend uses the kernels, and no
+    for a batch, for quantized projections, or where the backend does not."""
+    model, quantized = build(trained_ckpt), build(q4_gguf)
+    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
+    assert not model.runs_row_kernels(1)
+    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, True)
+    assert model.runs_row_kernels(1)
+    assert not model.runs_row_kernels(2)
+    assert not quantized.runs_row_kernels(1)

@@ -38,9 +38,9 @@ ATTENTION = sys.modules["kernels.paged_attention"]
 COMMIT_LAYERS = impl.engine.commit_layers
 Policy = dict  # keys: "commit_layers" (n_layers -> layers), "fused_norm", "split"
 VARIANTS: dict[str, Policy] = {
-    "no-early": {"commit_layers": lambda n: []},
+    "no-early": {"commit_layers": lambda n, rows=False: []},
     "default": {},
-    "dense": {"commit_layers": lambda n: list(range(max(n - 8, 0), n - 1))},
+    "dense": {"commit_layers": lambda n, rows=False: list(range(max(n - 8, 0), n - 1))},
     "fused-norm": {"fused_norm": True},
     "no-split": {"split": False},
 }
