@@ -103,7 +103,12 @@ def q4_gguf(trained_dir, tmp_path_factory) -> Checkpoint:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.usefixtures("mlx_row_ops")
 def test_fused_matches_unfused_trained(trained_ckpt, dtype):
+    """Fused and unfused through MLX's ops: where the row kernels run, the fused model
+    takes them and the unfused one cannot (no joined weight), and their other order of
+    summation is a unit in float16's last place of a logit; the row kernels are held
+    to MLX's ops in ``test_row_kernels_carry_a_batch1_step``."""
     fused, unfused = fused_and_unfused(trained_ckpt, dtype)
     for layer in fused.model.layers:
         assert set(layer.self_attn) >= {"qkv_proj", "o_proj"} and "q_proj" not in layer.self_attn
