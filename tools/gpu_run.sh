@@ -7,7 +7,8 @@
 # Steps (STEPS, default all but asv, in this order):
 #   grid          the paged decode and prefill attention grids (suites/test_kernels.py,
 #                 suites/test_prefill_kernel.py); ~12 min, mostly kernel compiles
-#   fused-grid    the RoPE + cache-write and add + RMSNorm grids (suites/test_fused_kernels.py)
+#   fused-grid    the RoPE + cache-write, add + RMSNorm and row-kernel grids
+#                 (suites/test_fused_kernels.py)
 #   suites        pytest suites/ (all but the grids) with every kernel active
 #   kernel-bench  each kernel vs what it replaces, and the decode launch-shape sweep
 #                 (tools/gpu_kernels_check.py --skip-tests)
