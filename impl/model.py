@@ -262,8 +262,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[mx.array, mx.array]:
         """h: the residual stream, (B * T, hidden); pending: the previous layer's MLP
         output, not yet added to it (None for the first layer). Each residual add is
-        fused with the RMSNorm that follows it (``kernels.add_rms_norm``). Returns
-        (h, mlp): this layer's output is h + mlp, left for the next norm to add.
+        fused with the RMSNorm that follows it (``kernels.add_rms_norm``), and for one
+        row also with the projection after that (``norm_then``). Returns (h, mlp):
+        this layer's output is h + mlp, left for the next norm to add.
         """
         attn, mlp, traced = self.self_attn, self.mlp, trace is not None
         qkv_proj = attn.get("qkv_proj")
@@ -352,12 +353,16 @@ class Model(nn.Module):
         return unfused
 
     def runs_row_kernels(self, rows: int) -> bool:
-        """Whether a step of ``rows`` token rows runs the row kernels
-        (``kernels.norm_linear``: one row, a float model on a backend that uses them);
+        """Whether a step of ``rows`` token rows runs the fused row kernels
+        (``kernels.norm_linear``: one row, a float model on a backend that uses them),
+        judged by the first layer's q/k/v and gate/up projections;
         ``impl.engine.commit_layers`` queues such a step at other layers."""
-        qkv = self.model.layers[0].self_attn.get("qkv_proj") if self.model.layers else None
+        if not self.model.layers:
+            return False
+        layer = self.model.layers[0]
         x = mx.zeros((rows, self.config.hidden_size), dtype=self.dtype)  # never evaluated
-        return fuses_norm(x, qkv, False)
+        qkv, gate_up = layer.self_attn.get("qkv_proj"), layer.mlp.get("gate_up_proj")
+        return fuses_norm(x, qkv, False) or fuses_norm(x, gate_up, True)
 
     @property
     def dtype(self) -> mx.Dtype:

@@ -16,8 +16,9 @@ also applies the MLP's activation, ``silu(gate) * up``, so that launch goes too.
 
 Kernel: thread groups of ``N_WARPS`` warps, one body for CUDA and Metal
 (``kernels.backend``). Template constants: T (dtype), KDIM (the row's length, a
-multiple of 8), N_OUT (output columns), ROWS (output columns per warp), and for the
-fused kernel HAS_RES, GATED and EPS_BITS (``float_bits``).
+multiple of 8), N_OUT (output columns), ROWS (output columns per warp), N_WARPS and
+UNROLL (below), and for the fused kernel HAS_RES, GATED and EPS_BITS
+(``float_bits``).
 1. Each group loads the row into thread-group memory in T. The fused kernel first
    forms ``h = round_T(x + residual)``, sums ``h * h`` in float32 over the group
    (warp sums, then shared memory) and writes ``weight * round_T(h * rsqrt(mean +
@@ -30,9 +31,10 @@ fused kernel HAS_RES, GATED and EPS_BITS (``float_bits``).
    and up columns rounded to T, then ``silu(gate) * up`` with each op rounded to T).
 
 The sum runs in another order than MLX's gemv, so a column can differ from it in
-its last bit. Whether the kernels beat what they replace is measured by
-``tools/gpu_kernels_check.py`` (each against MLX's ops in a compiled chain) and
-by whole decode steps (results/gpu).
+its last bit. What the kernels win is launches (a TinyLlama step: 292 -> 181), so
+they are judged by whole decode steps against MLX's ops, interleaved with mlx-lm
+(results/gpu/row-commit-ab.py), and their GPU time per launch by ncu
+(tools/gpu_profile.py); ``tools/gpu_kernels_check.py`` does not time them.
 """
 
 from __future__ import annotations
@@ -216,7 +218,9 @@ def supports(x: mx.array, weight: mx.array, gated: bool = False) -> bool:
     """Whether the kernels take these inputs (the dispatchers fall back if not): one
     row of a float dtype, a 2-D weight of the same dtype whose rows are as long as x,
     rows a multiple of 8 long and within thread-group memory (``shared_bytes``), and
-    for ``gated`` an even number of weight rows ([gate; up])."""
+    for ``gated`` an even number of weight rows ([gate; up]). The kernels load 16
+    bytes at a time, so x and the weight must start on 16-byte boundaries, as arrays
+    MLX allocates do; a view into the middle of a row may not (copy it first)."""
     if x.ndim != 2 or weight.ndim != 2 or x.dtype not in DTYPES or weight.dtype != x.dtype:
         return False
     rows, hidden = x.shape

@@ -354,7 +354,8 @@ def test_add_rms_norm_check_catches_a_norm_of_the_wrong_tensor() -> None:
 
 
 # -- one row through a projection (kernels.norm_linear) -----------------------------------
-ROW_HIDDEN: list[int] = [64, 2048, 5632]
+# 264: a row of two 256-element chunks, the second partial (896, Qwen2.5-0.5B's, too)
+ROW_HIDDEN: list[int] = [64, 264, 2048, 5632]
 ROW_OUT: list[int] = [1, 13, 2560]
 # (residual, gated): q/k/v after the first layer's norm (nothing to add), gate/up after
 # an add (the activation fused in), a projection after an add (lm_head).
@@ -424,11 +425,15 @@ def test_linear_row_kernel(dtype: str, hidden: int, n_out: int) -> None:
 @pytest.mark.parametrize("n_out", [32000, N_WARPS * MAX_GROUPS + 1])
 def test_row_kernels_with_many_columns_a_warp(n_out: int) -> None:
     """Past MAX_GROUPS groups each warp takes several columns (lm_head's vocabulary:
-    4), and the last group holds fewer than a full share."""
+    4), and the last group holds fewer than a full share; gated too (Llama-2-7B's
+    11008-wide MLP takes 2 a warp)."""
     assert groups(n_out)[1] > 1
     x, r, nw, w = make_row_case(2048, n_out, "float16", False, seed=2)
     assert_rows_match(norm_linear(x, r, nw, EPS, w), norm_linear_ops(x, r, nw, EPS, w), "float16")
     assert_rows_match((linear_row(x, w),), (linear_row_ops(x, w),), "float16")
+    x, r, nw, w = make_row_case(264, n_out, "float16", True, seed=3)
+    got, want = norm_linear(x, r, nw, EPS, w, True), norm_linear_ops(x, r, nw, EPS, w, True)
+    assert_rows_match(got, want, "float16")
 
 
 @pytest.mark.skipif(not ON_GPU, reason=NO_GPU)

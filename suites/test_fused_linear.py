@@ -310,3 +310,6 @@ def test_runs_row_kernels_where_the_first_layer_takes_them(trained_ckpt, q4_gguf
     assert model.runs_row_kernels(1)
     assert not model.runs_row_kernels(2)
     assert not quantized.runs_row_kernels(1)
+    for layer in model.model.layers:  # q/k/v with a bias: gate/up still takes them
+        layer.self_attn.qkv_proj = impl.model.Linear(8, 8, bias=True)
+    assert model.runs_row_kernels(1)

@@ -60,8 +60,8 @@ def test_compiled_step_launches_fewer_kernels(checkpoint) -> None:
 
 def test_interleaved_steps_follow_each_other_alike() -> None:
     """Within the reps each function runs right after each other one equally often
-    (a fixed a, b, c order would put b after a every time), and every sample lands
-    in its own function's list."""
+    (a fixed a, b, c order would put b after a every time, and give one order, not
+    six), and every sample lands in its own function's list."""
     calls: list[int] = []
     fns = [lambda i=i: calls.append(i) for i in range(3)]
     times = gpu_bench.interleaved_samples(fns, warmup=1, reps=12)
@@ -70,8 +70,6 @@ def test_interleaved_steps_follow_each_other_alike() -> None:
     assert len({tuple(r) for r in reps}) == 6  # every order of three
     follows = Counter(pair for r in reps for pair in zip(r, r[1:]))
     assert set(follows.values()) == {4} and len(follows) == 6
-    fixed = Counter(pair for r in [[0, 1, 2]] * 12 for pair in zip(r, r[1:]))
-    assert set(fixed.values()) != {4}  # the check sees an unbalanced order
     assert gpu_bench.rep_order(5, 2) == (2, 3, 4, 0, 1)
 
 
