@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from impl.model import KVPools, Model
-from impl.paged_cache import CacheFullError, PagedKVCache, StepPlan, check_id, check_int
+from conform_mlx.impl.model import KVPools, Model
+from conform_mlx.impl.paged_cache import CacheFullError, PagedKVCache, StepPlan, check_id, check_int
 
 
 class InputError(ValueError):
@@ -221,7 +221,7 @@ def commit_layers(num_layers: int, row_kernels: bool = False) -> list[int]:
       to about 0.2 ms, as with 20-launch graphs for the whole process
       (``MLX_MAX_OPS_PER_BUFFER=20``), which would also change every other engine's
       steps.
-    - The row kernels of a batch-1 step (``kernels.norm_linear``, ``row_kernels``;
+    - The row kernels of a batch-1 step (``impl.kernels.norm_linear``, ``row_kernels``;
       about 8 launches a layer, and the host no longer the bound): every 4 layers
       from layer 3. With the first graph 12 layers long the row kernels' step took as
       long as MLX's ops' (1.00 of it); queued every 4 layers, 0.85-0.87 of it, and

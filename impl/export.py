@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from impl.loader import Checkpoint
+from conform_mlx.impl.loader import Checkpoint
 
 
 def mlx_lm_config(ckpt: Checkpoint) -> dict:

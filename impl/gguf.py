@@ -87,9 +87,9 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 def _adds_bos(reader: Any) -> bool:
     """Whether prompts start with BOS: the file says so, or else llama.cpp's default
-    for its tokenizer kind (SentencePiece "llama" yes, BPE "gpt2" no). impl's prompt
-    encoding prepends bos_token_id when the config has one, so it is left out here
-    for a model that does not take one."""
+    for its tokenizer kind (SentencePiece "llama" yes, BPE "gpt2" no). Prompts are
+    encoded by transformers' GGUF tokenizer, which follows the same rule; the config
+    names bos_token_id only for a model that takes one."""
     adds = _field(reader, "tokenizer.ggml.add_bos_token")
     return bool(adds) if adds is not None else _field(reader, "tokenizer.ggml.model") == "llama"
 

@@ -26,8 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from impl.config import ConfigError, LlamaConfig
-from impl.model import Model
+from conform_mlx.impl.config import ConfigError, LlamaConfig
+from conform_mlx.impl.model import Model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -128,7 +128,7 @@ def read_config(path: str | Path) -> LlamaConfig:
     metadata), without reading any weights."""
     path = Path(path)
     if is_gguf(path):
-        from impl import gguf
+        from conform_mlx.impl import gguf
 
         reader = gguf._reader(path)
         raw = gguf.config_dict(reader, path, {t.name for t in reader.tensors})
@@ -175,7 +175,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Config, arrays and quantization of a checkpoint directory or GGUF file."""
     path = Path(path)
     if is_gguf(path):
-        from impl import gguf
+        from conform_mlx.impl import gguf
 
         try:
             raw, arrays, quant, summary = gguf.read(path)

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import mlx.core as mx
 import mlx.nn as nn
 
-import kernels
-from impl.config import LlamaConfig
-from impl.paged_cache import StepPlan
+from conform_mlx.impl import kernels
+from conform_mlx.impl.config import LlamaConfig
+from conform_mlx.impl.paged_cache import StepPlan
 
 if TYPE_CHECKING:
-    from impl.engine import CompiledSteps
+    from conform_mlx.impl.engine import CompiledSteps
 
 
 class CacheMismatchError(ValueError):
@@ -209,7 +209,7 @@ def _fuse(module: nn.Module, fused_name: str, names: list[str]) -> bool:
 
 
 def fuses_norm(x: mx.array, linear: nn.Module | None, gated: bool) -> bool:
-    """Whether ``norm_then`` runs ``kernels.norm_linear`` for rows ``x`` into
+    """Whether ``norm_then`` runs ``impl.kernels.norm_linear`` for rows ``x`` into
     ``linear``: a float ``Linear`` without a bias, which the kernel takes."""
     return (
         type(linear) is Linear
@@ -227,7 +227,7 @@ def norm_then(
     keep_normed: bool,
 ) -> tuple[mx.array, mx.array | None, mx.array | None]:
     """The residual add (of ``pending``, if any) and the RMSNorm after it, and where
-    ``kernels.norm_linear`` takes them, the projection after that in the same launch.
+    ``impl.kernels.norm_linear`` takes them, the projection after that in the same launch.
     Returns (h, y, normed): y = ``linear`` of the normed rows (``gated``: silu(gate) *
     up of the gate/up projection), or None where the kernel did not run and the caller
     projects ``normed``; normed is None where it did (``keep_normed``, for a trace,
@@ -262,7 +262,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[mx.array, mx.array]:
         """h: the residual stream, (B * T, hidden); pending: the previous layer's MLP
         output, not yet added to it (None for the first layer). Each residual add is
-        fused with the RMSNorm that follows it (``kernels.add_rms_norm``), and for one
+        fused with the RMSNorm that follows it (``impl.kernels.add_rms_norm``), and for one
         row also with the projection after that (``norm_then``). Returns (h, mlp):
         this layer's output is h + mlp, left for the next norm to add.
         """
@@ -354,7 +354,7 @@ class Model(nn.Module):
 
     def runs_row_kernels(self, rows: int) -> bool:
         """Whether a step of ``rows`` token rows runs the fused row kernels
-        (``kernels.norm_linear``: one row, a float model on a backend that uses them),
+        (``impl.kernels.norm_linear``: one row, a float model on a backend that uses them),
         judged by the first layer's q/k/v and gate/up projections;
         ``impl.engine.commit_layers`` queues such a step at other layers."""
         if not self.model.layers:

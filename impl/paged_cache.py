@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from impl.config import LlamaConfig
+from conform_mlx.impl.config import LlamaConfig
 
 
 class CacheFullError(RuntimeError):

@@ -1,28 +1,41 @@
-"""The tokenizer a GGUF file stores in its metadata, as a ``tokenizers.Tokenizer``.
+"""transformers' tokenizers: the one a GGUF file stores in its metadata, as a
+``tokenizers.Tokenizer``, and the ids AutoTokenizer gives a checkpoint folder's text
+(what conform's own prompt encoding must equal).
 
-Built by transformers' GGUF converter, so this lives with the reference (the one
-package that imports transformers).
+They live with the reference (the one package that imports transformers).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
 
-def gguf_tokenizer(path: Path) -> Tokenizer | None:
-    """The tokenizer in ``path``'s metadata; None when the file has none. A ValueError
-    naming the file when transformers cannot build it."""
-    import gguf
-
-    if "tokenizer.ggml.model" not in gguf.GGUFReader(path).fields:
-        return None
+def _auto_tokenizer(path: Path, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def gguf_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer in ``path``'s metadata; None when the file has none. A ValueError
+    naming the file when transformers cannot build it. Its post-processor adds BOS as
+    the file's add_bos_token says (llama.cpp's default where it is absent)."""
+    import gguf
+
+    if "tokenizer.ggml.model" not in gguf.GGUFReader(path).fields:
+        return None
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).backend_tokenizer
+        return _auto_tokenizer(path.parent, gguf_file=path.name).backend_tokenizer
     except Exception as e:  # transformers raises several kinds for metadata it cannot use
         raise ValueError(f"{path}: its tokenizer metadata cannot be used ({e})") from None
+
+
+def auto_tokenizer_ids(model_dir: Path, text: str) -> list[int]:
+    """``AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]``: the ids HF gives
+    a checkpoint folder's prompt, special tokens (BOS or none) by the folder's rules."""
+    return list(_auto_tokenizer(model_dir)(text)["input_ids"])

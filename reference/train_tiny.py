@@ -24,8 +24,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from reference.checkpoints import out_dir_error, seed_arg
-from reference.corpus import make_corpus
+from conform_mlx.reference.checkpoints import out_dir_error, seed_arg
+from conform_mlx.reference.corpus import make_corpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
 VOCAB_SIZE = 512

@@ -1,6 +1,6 @@
 """The suites. Imported before conftest.py and every test module, so the BLAS MLX's
-CPU backend uses is chosen here, before anything imports mlx (conform/blas.py)."""
+CPU backend uses is chosen here, before anything imports mlx (conform_mlx/blas.py)."""
 
-from conform import blas
+from conform_mlx import blas
 
 blas.load()

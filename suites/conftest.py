@@ -1,7 +1,7 @@
 """Shared fixtures: the engine under test, checkpoints (made once per session), loaded
 models and engines, references; the options of the run's reports (suites.report).
 
-``--engine NAME`` picks the engine (default ``impl``; see conform.engines). Tests
+``--engine NAME`` picks the engine (default ``impl``; see conform_mlx.engines). Tests
 about impl's internals carry ``@pytest.mark.impl_only(reason)`` or sit in a file
 outside ENGINE_SUITES; with another engine they are skipped with that reason.
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conform import DEFAULT_MODEL
-from conform.engines import Engine, EngineError, resolve
-from impl.loader import load
-from impl.model import Model
+from conform_mlx import DEFAULT_MODEL
+from conform_mlx.engines import Engine, EngineError, resolve
+from conform_mlx.impl.loader import load
+from conform_mlx.impl.model import Model
 from suites.report import DEFAULT_DIR, METRIC, NODEID, PARITY_ROWS, RunReports
 
 # Re-exported: the parity tests append their rows here.
@@ -60,6 +60,8 @@ IMPL_ONLY_FILES = {
     "test_host_bench.py": "times impl's host-side step work (paged cache, decode, graph)",
     "test_generate.py": "tests impl.engine.generate's pipelining, sampler and compiled buckets",
     "test_fused_linear.py": "tests impl's fused q/k/v and gate/up projections against unfused",
+    "test_names.py": "checks this project's import names against installed packages",
+    "test_prompt_encoding.py": "tests how the harness encodes prompts, not an engine",
 }
 # The checkpoint a file's checkpoint tests share: its parameter that names one, if any,
 # else the file's shape (tests on trained_dir alone use "trained"). Only scheduling
@@ -96,7 +98,7 @@ def pytest_addoption(parser) -> None:
         "--engine",
         default="impl",
         help="engine under test: impl, impl-compiled, impl-dequantized, mlx-lm, hf, an entry "
-        "point of group conform.engines, or module:Class (default: impl)",
+        "point of group conform_mlx.engines, or module:Class (default: impl)",
     )
     parser.addoption(
         "--report",
@@ -207,7 +209,7 @@ def trained_dir() -> Path:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Callable[[str], Path]:
     """Factory: path of a random-weight checkpoint of a named shape, written once."""
-    from reference.checkpoints import write_random_checkpoint
+    from conform_mlx.reference.checkpoints import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     made: dict[str, Path] = {}
@@ -236,7 +238,7 @@ def model_factory() -> Callable[[Path, str], Model]:
 @pytest.fixture(scope="session")
 def reference_factory():
     """Factory: the HF float32 reference of a checkpoint directory, loaded once."""
-    from reference.hf import Reference
+    from conform_mlx.reference.hf import Reference
 
     loaded: dict[Path, Reference] = {}
 

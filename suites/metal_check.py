@@ -41,19 +41,19 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from kernels import paged_decode_source, paged_prefill_source, rope
-from kernels.add_rms_norm import build_kernel as build_norm_kernel
-from kernels.add_rms_norm import call_args as norm_call_args
-from kernels.norm_linear import build_kernels as build_linear_kernels
-from kernels.norm_linear import call_args as linear_call_args
-from kernels.paged_attention import (
+from conform_mlx.impl.kernels import paged_decode_source, paged_prefill_source, rope
+from conform_mlx.impl.kernels.add_rms_norm import build_kernel as build_norm_kernel
+from conform_mlx.impl.kernels.add_rms_norm import call_args as norm_call_args
+from conform_mlx.impl.kernels.norm_linear import build_kernels as build_linear_kernels
+from conform_mlx.impl.kernels.norm_linear import call_args as linear_call_args
+from conform_mlx.impl.kernels.paged_attention import (
     DTYPES,
     HEAD_DIMS,
     combine_call_args,
     kernel_call_args,
     max_warps,
 )
-from kernels.paged_prefill import call_args as prefill_call_args
+from conform_mlx.impl.kernels.paged_prefill import call_args as prefill_call_args
 
 STUB = Path(__file__).with_name("metal_stub.h")
 CLANG_FLAGS = ["-fsyntax-only", "-std=c++17", "-x", "c++", "-Wno-unknown-attributes"]
@@ -166,7 +166,7 @@ def prefill_metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array
 
 def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int) -> list[str]:
     """The Metal text of the Q/K RoPE and the add + RMSNorm kernels, and of the
-    norm + projection kernels (``kernels.norm_linear``): gated after a residual add,
+    norm + projection kernels (``impl.kernels.norm_linear``): gated after a residual add,
     plain without one, and the plain row kernel."""
     rope_kernel, norm_kernel = rope.build_kernel("metal"), build_norm_kernel("metal")
     fused_linear, row_linear = build_linear_kernels("metal")

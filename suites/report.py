@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from conform import REPO_ROOT, machine
-from conform.engines import Engine
+from conform_mlx import REPO_ROOT, machine, versions
+from conform_mlx.engines import Engine
 from suites import engine_report
 
 DEFAULT_DIR = REPO_ROOT / "reports"
@@ -123,7 +123,7 @@ def report_path(root: Path, name: str, partial: list[str]) -> Path:
 
 
 def write_parity_json(rows: list[dict], path: Path, header: dict) -> Path:
-    """header: the run's machine, reference, run and partial fields."""
+    """header: the run's machine, versions, reference, run and partial fields."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {**header, "cases": rows}
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -234,6 +234,7 @@ class RunReports:
         partial = self.partial_reasons(session.testscollected)
         run = {
             "machine": machine(),
+            "versions": versions(),
             "reference": REFERENCE,
             "run": {
                 "command": "pytest " + shlex.join(self.config.invocation_params.args),

@@ -38,9 +38,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import impl.model
-from impl.engine import InputError, decode, generate, prefill
-from impl.paged_cache import CacheFullError, PagedKVCache
+import conform_mlx.impl.model
+from conform_mlx.impl.engine import InputError, decode, generate, prefill
+from conform_mlx.impl.paged_cache import CacheFullError, PagedKVCache
 from suites.test_cache_accounting import CFG, check_invariants, rows, snapshot
 
 SHAPE = "tiny-gqa8"
@@ -120,7 +120,7 @@ def test_a_cache_of_another_shape_is_refused_before_anything_is_reserved(model, 
         with pytest.raises(ValueError, match=field):
             call()
         assert snapshot(cache) == before
-    with pytest.raises(impl.model.CacheMismatchError):
+    with pytest.raises(conform_mlx.impl.model.CacheMismatchError):
         calls[0]()
 
 
@@ -132,7 +132,9 @@ def test_pools_in_the_old_two_pool_layout_are_refused(model):
     before = snapshot(cache)
     half = cache.kv[0][:, :, 0]
     cache.kv = [half] * len(cache.kv)
-    with pytest.raises(impl.model.CacheMismatchError, match=r"not \(num_blocks, block_size, 2,"):
+    with pytest.raises(
+        conform_mlx.impl.model.CacheMismatchError, match=r"not \(num_blocks, block_size, 2,"
+    ):
         prefill(model, cache, "s", [1, 2, 3])
     assert snapshot(cache) == before
 

@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import kernels.rope
-from impl import engine
-from impl.engine import (
+import conform_mlx.impl.kernels.rope
+from conform_mlx.impl import engine
+from conform_mlx.impl.engine import (
     CompiledSteps,
     InputError,
     Sampler,
@@ -22,8 +22,8 @@ from impl.engine import (
     step_arrays,
     to_numpy,
 )
-from impl.model import KVPools
-from impl.paged_cache import CacheFullError, PagedKVCache
+from conform_mlx.impl.model import KVPools
+from conform_mlx.impl.paged_cache import CacheFullError, PagedKVCache
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
 SHAPE = "tiny-gqa8"
@@ -180,13 +180,13 @@ def test_rope_angles_are_made_once_a_step_for_all_layers(model, monkeypatch):
     layer (no memo of earlier calls), so a fault injected there reaches every layer."""
     assert len(model.model.layers) > 1  # else once a step and once a layer agree
     shapes = []
-    real = kernels.rope.rope_cos_sin
+    real = conform_mlx.impl.kernels.rope.rope_cos_sin
 
     def counted(positions, inv_freq):
         shapes.append(positions.shape)
         return real(positions, inv_freq)
 
-    monkeypatch.setattr(kernels.rope, "rope_cos_sin", counted)
+    monkeypatch.setattr(conform_mlx.impl.kernels.rope, "rope_cos_sin", counted)
     cache = fresh_cache(model)
     prefill(model, cache, "s", ids(5), chunk_size=2)
     decode(model, cache, ["s"], [1])

@@ -16,20 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from conform import DEFAULT_MODEL
-from conform.cli import main
+from conform_mlx import DEFAULT_MODEL
+from conform_mlx.cli import main
 
 RANDOM_SHAPE = "tiny-gqa4"  # a random checkpoint: config.json and weights, no tokenizer
 
 
 @pytest.fixture
 def no_run(monkeypatch) -> None:
-    import conform.validate
+    import conform_mlx.validate
 
     def ran(*args, **kwargs):
         raise AssertionError("the run started: the bad input was not refused before it")
 
-    monkeypatch.setattr(conform.validate, "timed_greedy", ran)
+    monkeypatch.setattr(conform_mlx.validate, "timed_greedy", ran)
 
 
 def exit_status(argv: list[str], capsys) -> tuple[int | str | None, str]:

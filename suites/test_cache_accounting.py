@@ -13,9 +13,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conform.engines import NotApplicable
-from impl.config import LlamaConfig
-from impl.paged_cache import (
+from conform_mlx.engines import NotApplicable
+from conform_mlx.impl.config import LlamaConfig
+from conform_mlx.impl.paged_cache import (
     SMALL_POOL_BYTES,
     BlockAllocator,
     CacheFullError,

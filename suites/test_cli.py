@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import re
 import shutil
@@ -10,15 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conform import DEFAULT_MODEL, REPO_ROOT
-from conform.cli import main
-from conform.metrics import compare_logits
-from conform.validate_io import write_json
-from reference.checkpoints import write_random_checkpoint
+from conform_mlx import DEFAULT_MODEL, REPO_ROOT, VERSIONED, versions
+from conform_mlx.cli import main
+from conform_mlx.metrics import compare_logits
+from conform_mlx.reference.checkpoints import write_random_checkpoint
+from conform_mlx.validate_io import write_json
 
 KNOWN = "impl, impl-compiled, impl-dequantized, mlx-lm, hf"
 
@@ -40,6 +42,8 @@ def test_validate_on_the_default_model_passes_and_writes_json(tmp_path, capsys):
     assert report["parity"]["greedy_first_divergence"] is None
     assert report["parity"]["greedy_identical"] and report["parity"]["non_finite"] == {}
     assert report["failures"] == {}
+    assert report["versions"] == versions() and report["versions"]["mlx"] == mx.__version__
+    assert f"versions   mlx {mx.__version__}, mlx-lm " in out
     assert set(report["checks"]) == {
         "logits_finite",
         "parity_nmse",
@@ -86,11 +90,11 @@ def test_validate_reports_bad_input_with_exit_status_2(tmp_path, capsys):
 
 
 def test_validate_fails_when_parity_breaks(tmp_path, monkeypatch, capsys):
-    import conform.validate
+    import conform_mlx.validate
 
-    real = conform.validate.compare_logits
+    real = conform_mlx.validate.compare_logits
     monkeypatch.setattr(
-        conform.validate,
+        conform_mlx.validate,
         "compare_logits",
         lambda got, ref, **kw: real(got + 0.5 * (got.std()), ref, **kw),
     )
@@ -148,7 +152,7 @@ def test_nan_weights_fail_with_every_metric_saying_so(tmp_path, capsys):
 
 
 def test_report_is_strict_json_written_whole(tmp_path, monkeypatch):
-    import conform.validate_io
+    import conform_mlx.validate_io
 
     report = {
         "model_dir": "/m/tiny",
@@ -165,7 +169,7 @@ def test_report_is_strict_json_written_whole(tmp_path, monkeypatch):
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(conform.validate_io.os, "replace", disk_full)
+    monkeypatch.setattr(conform_mlx.validate_io.os, "replace", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_json({**report, "new": 1}, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # old report, no temp file
@@ -190,7 +194,7 @@ def test_report_names_say_what_was_run(tmp_path, capsys):
 
 def test_python_m_form_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "conform", "validate", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "conform_mlx", "validate", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "--max-new-tokens" in out.stdout
     assert "--engine ENGINE" in out.stdout and "--compare ENGINE" in out.stdout
@@ -204,6 +208,13 @@ def test_random_checkpoints_are_deterministic(tmp_path):
     assert digest[0] == digest[1]
     other = write_random_checkpoint("tiny-mqa", tmp_path / "c", seed=6)
     assert hashlib.sha256((other / "model.safetensors").read_bytes()).hexdigest() != digest[0]
+
+
+def test_versions_names_every_release_reports_depend_on(capsys):
+    assert main(["versions"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(VERSIONED)
+    assert f"torch {importlib.metadata.version('torch')}" in lines
 
 
 def readme() -> str:

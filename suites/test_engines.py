@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from conform import REPO_ROOT
-from conform.engines import (
+from conform_mlx import REPO_ROOT
+from conform_mlx.engines import (
     ENTRY_POINT_GROUP,
     Engine,
     EngineCache,
@@ -23,10 +23,10 @@ from conform.engines import (
     known_engines,
     resolve,
 )
-from conform.engines.hf_engine import HfCache
-from conform.engines.impl_engine import ImplCache, ImplCompiledEngine, ImplEngine
-from conform.validate import kv_bytes
-from impl.config import LlamaConfig
+from conform_mlx.engines.hf_engine import HfCache
+from conform_mlx.engines.impl_engine import ImplCache, ImplCompiledEngine, ImplEngine
+from conform_mlx.impl.config import LlamaConfig
+from conform_mlx.validate import kv_bytes
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
 BUILTIN = ["impl", "impl-compiled", "impl-dequantized", "mlx-lm", "hf"]
@@ -90,7 +90,7 @@ def test_entry_point_engine_resolves(user_module, tmp_path):
 @pytest.mark.parametrize(
     "spec,message",
     [
-        ("user_engines:NotAnEngine", "is not a subclass of conform.engines.Engine"),
+        ("user_engines:NotAnEngine", "is not a subclass of conform_mlx.engines.Engine"),
         ("user_engines:Missing", "has no attribute 'Missing'"),
         ("no_such_module_xyz:Engine", "cannot import no_such_module_xyz"),
     ],

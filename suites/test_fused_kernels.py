@@ -8,7 +8,7 @@ row by row; every row no new token owns must still hold its NaN afterwards, in i
 K and its V half, so a write through a wrong slot, or past the new tokens, fails
 the case.
 
-One row through a projection (``kernels.norm_linear``): the fused add + RMSNorm +
+One row through a projection (``impl.kernels.norm_linear``): the fused add + RMSNorm +
 matmul kernel and the plain row kernel against their ops twins (MLX's add, rms_norm
 and matmul), which a float32 case checks against float64 on any backend.
 
@@ -24,9 +24,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels import rope
-from kernels.add_rms_norm import add_rms_norm, add_rms_norm_kernel, add_rms_norm_ops
-from kernels.norm_linear import (
+from conform_mlx.impl.kernels import rope
+from conform_mlx.impl.kernels.add_rms_norm import (
+    add_rms_norm,
+    add_rms_norm_kernel,
+    add_rms_norm_ops,
+)
+from conform_mlx.impl.kernels.norm_linear import (
     MAX_GROUPS,
     N_WARPS,
     SHARED_BYTES,
@@ -353,7 +357,7 @@ def test_add_rms_norm_check_catches_a_norm_of_the_wrong_tensor() -> None:
         assert_norm_matches(wrong, x, r, w, "float32")
 
 
-# -- one row through a projection (kernels.norm_linear) -----------------------------------
+# -- one row through a projection (impl.kernels.norm_linear) -----------------------------------
 # 264: a row of two 256-element chunks, the second partial (896, Qwen2.5-0.5B's, too)
 ROW_HIDDEN: list[int] = [64, 264, 2048, 5632]
 ROW_OUT: list[int] = [1, 13, 2560]
@@ -376,9 +380,7 @@ def assert_rows_match(got: tuple[mx.array, ...], want: tuple[mx.array, ...], dty
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(
-            to_f64(a), to_f64(b), atol=ROW_ATOL[dtype], rtol=ROW_RTOL[dtype]
-        )
+        np.testing.assert_allclose(to_f64(a), to_f64(b), atol=ROW_ATOL[dtype], rtol=ROW_RTOL[dtype])
 
 
 @pytest.mark.parametrize("kind", ROW_KINDS, ids=lambda k: f"res{int(k[0])}-gated{int(k[1])}")
@@ -457,7 +459,9 @@ def test_row_check_catches_a_dropped_residual() -> None:
         )
 
 
-@pytest.mark.skipif(ON_GPU, reason="checks the CPU backend's refusal; a GPU backend runs the kernels")
+@pytest.mark.skipif(
+    ON_GPU, reason="checks the CPU backend's refusal; a GPU backend runs the kernels"
+)
 def test_row_kernels_refuse_the_cpu_backend() -> None:
     x, r, nw, w = make_row_case(64, 8, "float32", False)
     with pytest.raises(RuntimeError, match="GPU backend"):

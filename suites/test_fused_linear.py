@@ -23,14 +23,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import impl.model
-from conform.metrics import nmse
-from impl.engine import CompiledSteps, decode, prefill, step_arrays, to_numpy
-from impl.loader import Checkpoint, build, read_checkpoint
-from impl.model import Model
-from impl.paged_cache import PagedKVCache
-from kernels.norm_linear import BACKEND, USE_LINEAR_ROW, USE_NORM_LINEAR
-from reference.gguf_writer import write_gguf
+import conform_mlx.impl.model
+from conform_mlx.impl.engine import CompiledSteps, decode, prefill, step_arrays, to_numpy
+from conform_mlx.impl.kernels.norm_linear import BACKEND, USE_LINEAR_ROW, USE_NORM_LINEAR
+from conform_mlx.impl.loader import Checkpoint, build, read_checkpoint
+from conform_mlx.impl.model import Model
+from conform_mlx.impl.paged_cache import PagedKVCache
+from conform_mlx.metrics import nmse
+from conform_mlx.reference.gguf_writer import write_gguf
 from suites.tolerances import FP32_SAME_ENGINE_ATOL, NMSE_LIMIT
 
 PROMPTS = {"a": [1, 264, 319, 322, 309, 336, 17], "b": [1, 42, 99]}
@@ -176,12 +176,12 @@ def test_mixed_quantization_leaves_that_layer_unfused(trained_ckpt):
 def test_swapped_k_and_v_are_caught(trained_ckpt, monkeypatch):
     """A planted fault: q, v, k concatenated (k and v have the same shape, so the
     model runs); the fused-vs-unfused comparison must fail by far."""
-    real = impl.model.fuse_linears
+    real = conform_mlx.impl.model.fuse_linears
 
     def swapped(parts):
         return real([parts[0], parts[2], parts[1]] if len(parts) == 3 else parts)
 
-    monkeypatch.setattr(impl.model, "fuse_linears", swapped)
+    monkeypatch.setattr(conform_mlx.impl.model, "fuse_linears", swapped)
     fused, unfused = fused_and_unfused(trained_ckpt)
     with pytest.raises(AssertionError, match="max"):
         assert_same_logits(fused, unfused)
@@ -191,7 +191,7 @@ def test_swapped_k_and_v_are_caught(trained_ckpt, monkeypatch):
 @pytest.fixture
 def mlx_row_ops(monkeypatch) -> None:
     """MLX's add, rms_norm and matmul for a batch-1 step's rows, not the row kernels
-    (``kernels.norm_linear``), on whatever backend: the graphs counted here are
+    (``impl.kernels.norm_linear``), on whatever backend: the graphs counted here are
     MLX's."""
     monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
     monkeypatch.setitem(USE_LINEAR_ROW, BACKEND, False)
@@ -220,7 +220,7 @@ def test_decode_step_has_three_fewer_matmuls_per_layer(kind, trained_ckpt, q4_gg
 
 # -- kept transposes (impl.model.Linear) ------------------------------------------
 def float_linears(model: Model) -> list[nn.Module]:
-    return [m for _, m in model.named_modules() if type(m) is impl.model.Linear]
+    return [m for _, m in model.named_modules() if type(m) is conform_mlx.impl.model.Linear]
 
 
 @pytest.mark.usefixtures("mlx_row_ops")
@@ -230,11 +230,11 @@ def test_decode_step_multiplies_by_kept_transposes(trained_ckpt, monkeypatch):
     per Linear (4 a layer and lm_head) than with ``weight.T`` in the graph, nothing
     else changes, and the logits are the same bits."""
     model = build(trained_ckpt)
-    assert all(impl.model.WEIGHT_T in m for m in float_linears(model))
+    assert all(conform_mlx.impl.model.WEIGHT_T in m for m in float_linears(model))
     kept, kept_logits = decode_step_primitives(model), run_logits(model)
     monkeypatch.setattr(Model, "keep_transposes", lambda self: None)
     bare = build(trained_ckpt)
-    assert not any(impl.model.WEIGHT_T in m for m in float_linears(bare))
+    assert not any(conform_mlx.impl.model.WEIGHT_T in m for m in float_linears(bare))
     plain = decode_step_primitives(bare)
     layers = model.config.num_hidden_layers
     assert len(float_linears(model)) == 4 * layers + 1
@@ -271,7 +271,7 @@ def test_stale_transposes_are_caught(trained_ckpt, monkeypatch):
         check_replaced_weight_reaches_steps(model)
 
 
-# -- the row kernels (kernels.norm_linear) in a batch-1 step ------------------------
+# -- the row kernels (impl.kernels.norm_linear) in a batch-1 step ------------------------
 @pytest.mark.skipif(not USE_NORM_LINEAR[BACKEND], reason=f"row kernels not used on {BACKEND}")
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_row_kernels_carry_a_batch1_step(trained_ckpt, monkeypatch, dtype):
@@ -311,5 +311,5 @@ def test_runs_row_kernels_where_the_first_layer_takes_them(trained_ckpt, q4_gguf
     assert not model.runs_row_kernels(2)
     assert not quantized.runs_row_kernels(1)
     for layer in model.model.layers:  # q/k/v with a bias: gate/up still takes them
-        layer.self_attn.qkv_proj = impl.model.Linear(8, 8, bias=True)
+        layer.self_attn.qkv_proj = conform_mlx.impl.model.Linear(8, 8, bias=True)
     assert model.runs_row_kernels(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conform import gate
+from conform_mlx import gate
 
 pytestmark = pytest.mark.skipif(
     shutil.which("git") is None or not (gate.REPO_ROOT / ".git").exists(),

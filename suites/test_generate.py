@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import impl.engine
-from impl.engine import (
+import conform_mlx.impl.engine
+from conform_mlx.impl.engine import (
     CompiledSteps,
     InputError,
     Sampler,
@@ -28,8 +28,8 @@ from impl.engine import (
     prefill,
     to_numpy,
 )
-from impl.loader import load
-from impl.paged_cache import PagedKVCache
+from conform_mlx.impl.loader import load
+from conform_mlx.impl.paged_cache import PagedKVCache
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
 PROMPT = [1, 264, 319, 322, 309]
@@ -266,7 +266,7 @@ def test_a_long_compiled_run_traces_about_log2_blocks_graphs(trained_dir, monkey
 
     assert traces() <= bound
     # The counter sees retraces: without the buckets there is one per width.
-    monkeypatch.setattr(impl.engine, "bucket_width", lambda width: width)
+    monkeypatch.setattr(conform_mlx.impl.engine, "bucket_width", lambda width: width)
     assert traces() == widest > bound
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conform import REPO_ROOT
-from conform.history import CPU_MACHINE, HISTORY_BLAS, asv_config, results_dir
+from conform_mlx import REPO_ROOT
+from conform_mlx.history import CPU_MACHINE, HISTORY_BLAS, asv_config, results_dir
 
 pytestmark = pytest.mark.skipif(
     shutil.which("git") is None or not (REPO_ROOT / ".git").exists(),
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(
 # benchmarks, their inputs, the build. One that changes only tests, tools, docs or
 # results (the results of commit N are committed after it) measures the same code.
 NEEDS_POINT = re.compile(
-    r"^((impl|kernels|conform|reference|benchmarks|checkpoints)/|pyproject\.toml$|asv\.conf\.json$)"
+    r"^((impl|kernels|conform_mlx|reference|conform_bench|checkpoints)/"
+    r"|pyproject\.toml$|asv\.conf\.json$|constraints\.txt$)"
 )
 
 

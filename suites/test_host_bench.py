@@ -22,11 +22,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from benchmarks.common import BENCH_SMALL, BLOCK_SIZE
-from impl.config import LlamaConfig
-from impl.engine import bucket_width, decode
-from impl.model import Model
-from impl.paged_cache import PagedKVCache
+from conform_bench.common import BENCH_SMALL, BLOCK_SIZE
+from conform_mlx.impl.config import LlamaConfig
+from conform_mlx.impl.engine import bucket_width, decode
+from conform_mlx.impl.model import Model
+from conform_mlx.impl.paged_cache import PagedKVCache
 
 # A batch of 32 at mixed contexts: four lengths a block apart from each other's
 # residues (100, 257 and 700 leave a partial last block; 16 + 16 i is block-aligned,
@@ -43,7 +43,7 @@ def blocks_for(contexts: list[int], spare: int = 0) -> int:
 
 @pytest.fixture(scope="module")
 def small_config() -> LlamaConfig:
-    """The asv small preset (benchmarks/common.py): TinyLlama's head layout, 4 layers."""
+    """The asv small preset (conform_bench/common.py): TinyLlama's head layout, 4 layers."""
     return LlamaConfig(**BENCH_SMALL)
 
 

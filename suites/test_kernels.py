@@ -20,11 +20,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels import paged_decode_source, paged_prefill, paged_prefill_source
-from kernels.add_rms_norm import INPUTS as NORM_INPUTS
-from kernels.add_rms_norm import call_args as norm_call_args
-from kernels.backend import float_bits
-from kernels.paged_attention import (
+from conform_mlx.impl.kernels import paged_decode_source, paged_prefill, paged_prefill_source
+from conform_mlx.impl.kernels.add_rms_norm import INPUTS as NORM_INPUTS
+from conform_mlx.impl.kernels.add_rms_norm import call_args as norm_call_args
+from conform_mlx.impl.kernels.backend import float_bits
+from conform_mlx.impl.kernels.paged_attention import (
     BACKEND,
     PREFILL_KERNEL_MAX_CHUNK,
     causal_self_attention,

@@ -1,4 +1,4 @@
-"""Corpus metrics against stored reference logits (conform.kld, conform.goldens,
+"""Corpus metrics against stored reference logits (conform_mlx.kld, conform_mlx.goldens,
 ``conform reference`` and ``conform kld``): each metric on a case worked out by hand,
 the top-k + rest KL against the full one, the goldens file's round trip and its
 staleness checks, and an end-to-end run on the committed model that a planted fault
@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conform.cli import main
-from conform.engines import resolve
-from conform.kld import (
+from conform_mlx import versions
+from conform_mlx.cli import main
+from conform_mlx.engines import resolve
+from conform_mlx.kld import (
     CORPORA,
     CorpusMetrics,
     GoldensError,
@@ -30,8 +31,8 @@ from conform.kld import (
     score_rows,
     summarize,
 )
-from conform.kld_cli import kld_failures
-from conform.metrics import KLD_LIMIT
+from conform_mlx.kld_cli import kld_failures
+from conform_mlx.metrics import KLD_LIMIT
 
 # Two positions over a vocabulary of 4, as probabilities; the next tokens are 1 and 2.
 P_REF = np.array([[0.5, 0.25, 0.2, 0.05], [0.1, 0.6, 0.2, 0.1]])
@@ -213,12 +214,12 @@ def load_tokenizer_ids(model: Path, corpus: Path) -> list[int]:
 
 
 def test_goldens_are_written_whole_or_not_at_all(trained_dir, tmp_path, monkeypatch):
-    import conform.goldens
+    import conform_mlx.goldens
 
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(conform.goldens.os, "replace", disk_full)
+    monkeypatch.setattr(conform_mlx.goldens.os, "replace", disk_full)
     with pytest.raises(OSError, match="No space left"):
         out = tmp_path / "g.npz"
         make_goldens(trained_dir, "gpl-3.0", 16, 8, bigram_logits(), out, False, max_windows=1)
@@ -250,6 +251,7 @@ def test_impl_matches_the_stored_reference(real_goldens, trained_dir, tmp_path, 
     m = report["metrics"]
     assert (m["positions"], m["windows"], m["ctx"], m["k"]) == (126, 2, 64, 32)
     assert report["corpus_checked"] and report["goldens_meta"]["corpus"] == "gpl-3.0"
+    assert report["versions"] == versions() and "versions   mlx " in out
     assert_close_to_reference(m)
 
 
@@ -272,7 +274,7 @@ def test_a_shifted_engine_fails_the_same_check(real_goldens, trained_dir):
 
 def test_kld_imports_no_torch(real_goldens, trained_dir, tmp_path):
     code = (
-        "import sys; from conform.cli import main; "
+        "import sys; from conform_mlx.cli import main; "
         f"rc = main(['kld', '--engine', 'impl', '--model', {str(trained_dir)!r}, "
         f"'--goldens', {str(real_goldens)!r}, '--out-dir', {str(tmp_path)!r}]); "
         "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"

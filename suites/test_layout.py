@@ -1,5 +1,5 @@
 """The import graph stays as designed: the suites, benchmarks and tools use only the
-public names of impl/ and kernels/, and each engine has one adapter (mlx-lm is
+public names of impl/ (its kernels included), and each engine has one adapter (mlx-lm is
 imported by exactly one production module)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conform import REPO_ROOT
+from conform_mlx import REPO_ROOT
 
-CONSUMERS = ("suites", "benchmarks", "tools")
-PRODUCTION = ("impl", "kernels", "conform", "reference", "benchmarks", "tools")
-GUARDED = ("impl", "kernels")
-MLX_LM_ADAPTER = "conform/engines/mlx_lm_engine.py"
+CONSUMERS = ("suites", "conform_bench", "tools")
+PRODUCTION = ("impl", "conform_mlx", "reference", "conform_bench", "tools")
+GUARDED = "conform_mlx.impl"
+MLX_LM_ADAPTER = "conform_mlx/engines/mlx_lm_engine.py"
 
 
 def python_files(*folders: str) -> list[Path]:
@@ -22,19 +22,19 @@ def python_files(*folders: str) -> list[Path]:
 
 
 def private_uses(source: str) -> list[str]:
-    """Private names of impl/kernels that ``source`` imports, reads or patches."""
+    """Private names of impl (and its kernels) that ``source`` imports, reads or patches."""
     tree = ast.parse(source)
-    modules: set[str] = set()  # local names bound to impl/kernels modules or objects
+    modules: set[str] = set()  # local names bound to impl modules or objects
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in GUARDED:
+        if isinstance(node, ast.ImportFrom) and _guarded(node.module or ""):
             for alias in node.names:
                 if alias.name.startswith("_"):
                     found.append(f"from {node.module} import {alias.name}")
                 modules.add(alias.asname or alias.name)
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] in GUARDED:
+                if _guarded(alias.name):
                     modules.add(alias.asname or alias.name.split(".")[0])
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
@@ -50,6 +50,10 @@ def private_uses(source: str) -> list[str]:
             ):
                 found.append(f"setattr({ast.unparse(target)}, {name.value!r})")
     return found
+
+
+def _guarded(module: str) -> bool:
+    return module == GUARDED or module.startswith(GUARDED + ".")
 
 
 def _root(node: ast.AST) -> str | None:
@@ -87,15 +91,20 @@ def test_consumers_use_only_public_names():
 @pytest.mark.parametrize(
     "source",
     [
-        "from impl.paged_cache import _Pools",
-        "import impl.engine\nimpl.engine._compiled_step(1)",
-        "from kernels import rope\nrope._memo.clear()",
-        "from impl.paged_cache import PagedKVCache\n"
+        "from conform_mlx.impl.paged_cache import _Pools",
+        "import conform_mlx.impl.engine\nconform_mlx.impl.engine._compiled_step(1)",
+        "from conform_mlx.impl.kernels import rope\nrope._memo.clear()",
+        "from conform_mlx.impl import model\nmodel._x",
+        "from conform_mlx.impl.paged_cache import PagedKVCache\n"
         "monkeypatch.setattr(PagedKVCache, '_block_needs', f)",
     ],
 )
 def test_a_private_use_is_caught(source):
     assert private_uses(source)
+
+
+def test_a_public_use_passes():
+    assert private_uses("from conform_mlx.impl.kernels import rope\nrope.rope_step") == []
 
 
 def test_mlx_lm_has_one_adapter():

@@ -13,8 +13,8 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
-from impl.config import ConfigError, LlamaConfig
-from impl.loader import CheckpointError, load
+from conform_mlx.impl.config import ConfigError, LlamaConfig
+from conform_mlx.impl.loader import CheckpointError, load
 
 SHAPE = "tiny-gqa4"
 
@@ -61,7 +61,7 @@ def test_old_rope_theta_layout_loads_the_same_base(ckpt):
 
 @pytest.mark.parametrize("shape", ["tiny-gqa8", "tiny-hd128", "tiny-llama3-rope"])
 def test_rope_frequencies_equal_hf(checkpoint, shape):
-    from reference.hf import hf_inv_freq
+    from conform_mlx.reference.hf import hf_inv_freq
 
     path = checkpoint(shape)
     np.testing.assert_array_equal(LlamaConfig.from_dir(path).inv_freq(), hf_inv_freq(path))

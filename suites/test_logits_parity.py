@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import impl.model
-import kernels.rope
-from conform.engines import Engine, NotApplicable
-from conform.localize import first_departure
-from conform.metrics import compare_logits, top_k
+import conform_mlx.impl.kernels.rope
+import conform_mlx.impl.model
+from conform_mlx.engines import Engine, NotApplicable
+from conform_mlx.localize import first_departure
+from conform_mlx.metrics import compare_logits, top_k
 from suites.conftest import PARITY_ROWS, TINY_SHAPES, expect_known_issue
 from suites.tolerances import NMSE_LIMIT
 
@@ -30,7 +30,7 @@ TOTAL_LEN = 40  # crosses several 4-token blocks and two 16-token blocks
 SHAPES = ["trained", *TINY_SHAPES, "tiny-llama3-rope"]
 DTYPES = ["float32", "float16", "bfloat16"]
 # Dtypes in which a known RoPE bug is expected to show: on random weights a RoPE error
-# sits below bfloat16's tolerance (see conform/metrics.py), so there it may pass.
+# sits below bfloat16's tolerance (see conform_mlx/metrics.py), so there it may pass.
 KNOWN_ISSUE_DTYPES = ("float32", "float16")
 
 
@@ -126,7 +126,7 @@ def parity_case(request, checkpoint, trained_dir, engine_factory, reference_fact
 
 
 def _num_layers(path: Path) -> int:
-    from impl.config import LlamaConfig
+    from conform_mlx.impl.config import LlamaConfig
 
     return LlamaConfig.from_dir(path).num_hidden_layers
 
@@ -159,17 +159,17 @@ def inject(monkeypatch):
             # Rotating at cached_len + 1 (the length after the append). A shift of every
             # token alike would be invisible: RoPE scores depend on relative position.
             # Injected where the angles are made: the twin and the GPU kernel both see it.
-            real = kernels.rope.rope_cos_sin
+            real = conform_mlx.impl.kernels.rope.rope_cos_sin
 
             def shifted(positions, inv_freq):
                 decode = positions.shape[1] == 1
                 return real(positions + 1 if decode else positions, inv_freq)
 
-            monkeypatch.setattr(kernels.rope, "rope_cos_sin", shifted)
+            monkeypatch.setattr(conform_mlx.impl.kernels.rope, "rope_cos_sin", shifted)
         else:
-            real_mlp = impl.model.MLP.__call__
+            real_mlp = conform_mlx.impl.model.MLP.__call__
             monkeypatch.setattr(
-                impl.model.MLP, "__call__", lambda self, x: real_mlp(self, x) * 1.05
+                conform_mlx.impl.model.MLP, "__call__", lambda self, x: real_mlp(self, x) * 1.05
             )
 
     return apply

@@ -18,11 +18,11 @@ import math
 import mlx.core as mx
 import pytest
 
-import impl.paged_cache
-from conform.validate import kv_bytes
-from impl.config import LlamaConfig
-from impl.paged_cache import PagedKVCache
-from reference.checkpoints import hf_config
+import conform_mlx.impl.paged_cache
+from conform_mlx.impl.config import LlamaConfig
+from conform_mlx.impl.paged_cache import PagedKVCache
+from conform_mlx.reference.checkpoints import hf_config
+from conform_mlx.validate import kv_bytes
 
 MiB = 2**20
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -101,7 +101,7 @@ def repeated_heads_cache(monkeypatch):
         tiled = dataclasses.replace(config, num_key_value_heads=config.num_attention_heads)
         real_init(self, tiled, *args, **kwargs)
 
-    monkeypatch.setattr(impl.paged_cache.PagedKVCache, "__init__", init)
+    monkeypatch.setattr(conform_mlx.impl.paged_cache.PagedKVCache, "__init__", init)
 
 
 @IMPL_ONLY

@@ -10,8 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from kernels.backend import compact
-from kernels.paged_attention import HEAD_DIMS as KERNEL_HEAD_DIMS
+from conform_mlx.impl.kernels.backend import compact
+from conform_mlx.impl.kernels.paged_attention import HEAD_DIMS as KERNEL_HEAD_DIMS
 from suites import metal_check
 
 CLANG = metal_check.clang_path()

@@ -25,14 +25,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels.paged_attention import (
+from conform_mlx.impl.kernels.paged_attention import (
     BACKEND,
     ContextRows,
     context_rows,
     gathered_attention,
     paged_attention_ops,
 )
-from kernels.paged_prefill import (
+from conform_mlx.impl.kernels.paged_prefill import (
     HEAD_DIMS,
     TARGET_ROWS,
     call_args,

@@ -22,11 +22,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-import impl.gguf
-from conform.engines import NotApplicable
-from conform.metrics import compare_logits
-from impl.loader import CheckpointError, load
-from reference.gguf_writer import write_gguf
+import conform_mlx.impl.gguf
+from conform_mlx.engines import NotApplicable
+from conform_mlx.impl.loader import CheckpointError, load
+from conform_mlx.metrics import compare_logits
+from conform_mlx.reference.gguf_writer import write_gguf
 from suites.test_logits_parity import engine_logits
 from suites.tolerances import NMSE_LIMIT
 
@@ -59,7 +59,7 @@ def quantized(tmp_path_factory, trained_dir):
             )
         else:
             pytest.importorskip("mlx_lm", reason="mlx-lm writes its format (.[test] has it)")
-            from conform.engines.mlx_lm_engine import quantize_checkpoint
+            from conform_mlx.engines.mlx_lm_engine import quantize_checkpoint
 
             made[kind] = quantize_checkpoint(trained_dir, root / kind, MLX_BITS[kind], 32)
         return made[kind]
@@ -106,8 +106,8 @@ def test_weights_stay_quantized(kind, quantized):
     assert attn.qkv_proj.weight.dtype == mx.uint32
     if kind in GGUF_KINDS:
         qtype, embed, tied = GGUF_KINDS[kind]
-        assert attn.qkv_proj.bits == impl.gguf.TYPES[qtype]
-        assert model.model.embed_tokens.bits == impl.gguf.TYPES[embed or qtype]
+        assert attn.qkv_proj.bits == conform_mlx.impl.gguf.TYPES[qtype]
+        assert model.model.embed_tokens.bits == conform_mlx.impl.gguf.TYPES[embed or qtype]
         assert model.config.tie_word_embeddings is tied
         assert ("lm_head" in model) is not tied
         assert model.weights_format.startswith("GGUF")
@@ -123,8 +123,8 @@ def test_parity_catches_missing_unpermute(
     path = quantized("Q8_0")
     ref = reference_factory(path)
     good = parity_nmse(engine_factory(path, "float32"), ref)
-    monkeypatch.setattr(impl.gguf, "unpermute_heads", lambda x, n: x)
-    from conform.engines.impl_engine import ImplEngine
+    monkeypatch.setattr(conform_mlx.impl.gguf, "unpermute_heads", lambda x, n: x)
+    from conform_mlx.engines.impl_engine import ImplEngine
 
     bad = parity_nmse(ImplEngine.load(path, "float32"), ref)
     assert good <= NMSE_LIMIT["float32"] < bad / 1000, (good, bad)
@@ -132,7 +132,7 @@ def test_parity_catches_missing_unpermute(
 
 @pytest.mark.impl_only("checks impl's de-quantize-at-load path")
 def test_dequantized_engine_matches(quantized, reference_factory):
-    from conform.engines.impl_engine import ImplDequantizedEngine
+    from conform_mlx.engines.impl_engine import ImplDequantizedEngine
 
     path = quantized("Q4_1-tied-Q8_0")
     engine = ImplDequantizedEngine.load(path, "float32")
@@ -200,7 +200,7 @@ def test_bad_mlx_quantization_is_refused(tmp_path, quantized):
 
 @pytest.mark.impl_only("runs the conform validate flow with impl")
 def test_validate_passes_on_a_gguf_file(quantized, tmp_path):
-    from conform.validate import Options, run
+    from conform_mlx.validate import Options, run
 
     report = run(Options(model=quantized("Q4_1-tied-Q8_0"), tokens=[1, 5, 9, 30],
                          max_new_tokens=6, out_dir=tmp_path))  # fmt: skip
@@ -214,8 +214,8 @@ def test_validate_passes_on_a_gguf_file(quantized, tmp_path):
 def test_smollm2_validates(tmp_path):
     """The real model end to end (35 s here): GGUF Q4_1 through the quantized path,
     the tokenizer from the GGUF metadata, parity on every fed position."""
-    from conform.models import ModelNotFound, named_model_path
-    from conform.validate import Options, run
+    from conform_mlx.models import ModelNotFound, named_model_path
+    from conform_mlx.validate import Options, run
 
     try:
         path = named_model_path("smollm2-135m")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conform import REPO_ROOT
+from conform_mlx import REPO_ROOT
 from suites import engine_report
 from suites.report import report_path
 

@@ -5,7 +5,7 @@ top-level ``rope_theta``. An engine that reads only the old field runs with the
 default base 10000. The error has a signature: position 0 is rotated by angle 0
 whatever the base, so it agrees with the reference, and the first activation to
 depart is layer 0's attention, from position 1 on. mlx-lm 0.32.2 has this bug (a
-strict expected failure, see conform/engines/mlx_lm_engine.py); a test below
+strict expected failure, see conform_mlx/engines/mlx_lm_engine.py); a test below
 plants the same bug in impl to show the check fails and how it is localized.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import impl.config
-from conform.engines.impl_engine import ImplEngine
-from conform.localize import first_departure
-from conform.metrics import compare_logits
+import conform_mlx.impl.config
+from conform_mlx.engines.impl_engine import ImplEngine
+from conform_mlx.localize import first_departure
+from conform_mlx.metrics import compare_logits
 from suites.conftest import expect_known_issue
 from suites.test_logits_parity import EngineRun, engine_logits
 from suites.tolerances import NMSE_LIMIT
@@ -93,9 +93,9 @@ def test_ignoring_rope_parameters_fails_and_is_localized(
     """impl made to read only a top-level rope_theta, as mlx-lm 0.32.2 does."""
 
     def top_level_only(raw, source):
-        return float(raw.get("rope_theta", 10000.0)), impl.config.RopeScaling()
+        return float(raw.get("rope_theta", 10000.0)), conform_mlx.impl.config.RopeScaling()
 
-    monkeypatch.setattr(impl.config, "rope_fields", top_level_only)
+    monkeypatch.setattr(conform_mlx.impl.config, "rope_fields", top_level_only)
     path = checkpoints["rope_parameters"]
     engine = ImplEngine.load(path, "float32")  # not the cached one: the config is read here
     run = engine_logits(engine, TOKENS, PREFILL_LEN)

@@ -13,10 +13,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import kernels.rope
-from conform.engines import Engine, NotApplicable
-from conform.engines.impl_engine import DEFAULT_BLOCK_SIZE as BLOCK_SIZE
-from impl.config import LlamaConfig
+import conform_mlx.impl.kernels.rope
+from conform_mlx.engines import Engine, NotApplicable
+from conform_mlx.engines.impl_engine import DEFAULT_BLOCK_SIZE as BLOCK_SIZE
+from conform_mlx.impl.config import LlamaConfig
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
 # Positions and chunks straddle impl's blocks; for an unpaged engine they are just
@@ -103,14 +103,14 @@ def formula(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.nd
 @pytest.mark.parametrize("offset", [*ROPE_OFFSETS, "max-1"])
 @pytest.mark.parametrize("shape", ["tiny-hd128", "tinyllama-1.1b"])
 def test_rope_equals_formula(offset, shape):
-    from reference.checkpoints import hf_config
+    from conform_mlx.reference.checkpoints import hf_config
 
     cfg = LlamaConfig.from_dict(hf_config(shape).to_dict())
     pos = cfg.max_position_embeddings - 1 if offset == "max-1" else offset
     positions = np.arange(pos, pos + 3)
     x = np.random.default_rng(pos).standard_normal((1, 3, 4, cfg.dim_per_head)).astype(np.float32)
     inv = cfg.inv_freq()
-    got = kernels.rope.rope(mx.array(x), mx.array(positions[None]), mx.array(inv))
+    got = conform_mlx.impl.kernels.rope.rope(mx.array(x), mx.array(positions[None]), mx.array(inv))
     # float32 cos/sin of angles up to ~2000 rad carry ~1e-7 relative error each.
     np.testing.assert_allclose(np.array(got)[0], formula(x[0], positions, inv), atol=2e-5, rtol=0)
 
@@ -125,12 +125,12 @@ FAULTS = {
 @pytest.mark.parametrize("fault", FAULTS)
 def test_offset_faults_are_caught(engine, tokens, full_pass, monkeypatch, fault):
     # Injected where the angles are made, so the twin and the GPU kernel both see it.
-    real = kernels.rope.rope_cos_sin
+    real = conform_mlx.impl.kernels.rope.rope_cos_sin
     shift = FAULTS[fault]
 
     def faulty(positions, inv_freq):
         return real(shift(positions) if positions.shape[1] == 1 else positions, inv_freq)
 
-    monkeypatch.setattr(kernels.rope, "rope_cos_sin", faulty)
+    monkeypatch.setattr(conform_mlx.impl.kernels.rope, "rope_cos_sin", faulty)
     with pytest.raises(AssertionError, match="differs from the full pass"):
         check_decode_offsets(engine, tokens, full_pass)

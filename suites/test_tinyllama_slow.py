@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conform.engines import NotApplicable
+from conform_mlx.engines import NotApplicable
 from suites.conftest import PARITY_ROWS
 from suites.test_logits_parity import check_parity, engine_logits
 
@@ -26,7 +26,7 @@ CACHE_DIR = Path.home() / ".cache" / "conform" / "tinyllama-1.1b-float16-seed0"
 @pytest.fixture(scope="module")
 def tinyllama() -> Path:
     if not (CACHE_DIR / "model.safetensors").is_file():
-        from reference.checkpoints import write_random_checkpoint
+        from conform_mlx.reference.checkpoints import write_random_checkpoint
 
         write_random_checkpoint("tinyllama-1.1b", CACHE_DIR, seed=0, dtype=_torch_fp16())
     return CACHE_DIR

@@ -10,8 +10,8 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 
-import impl.engine
-from conform.engines import resolve
+import conform_mlx.impl.engine
+from conform_mlx.engines import resolve
 from tools import gpu_bench, gpu_kernels_check, gpu_policy_ab, gpu_profile
 
 
@@ -106,7 +106,7 @@ def test_ncu_csv_rows_become_one_record_per_launch() -> None:
 
 @pytest.mark.parametrize(("batch", "context"), gpu_kernels_check.POINTS)
 def test_kernel_sweep_holds_the_policy(batch: int, context: int) -> None:
-    from kernels.paged_attention import launch_plan
+    from conform_mlx.impl.kernels.paged_attention import launch_plan
 
     n_blocks = -(-context // gpu_kernels_check.BLOCK_SIZE)
     shapes = gpu_kernels_check.sweep(batch, context, n_blocks)
@@ -122,12 +122,20 @@ def test_kernel_sweep_holds_the_policy(batch: int, context: int) -> None:
 def test_policy_ab_sets_each_policy_and_puts_it_back() -> None:
     """gpu_policy_ab's variants differ only while their policy is set."""
     norm, attention = gpu_policy_ab.NORM, gpu_policy_ab.ATTENTION
-    before = (norm.USE_KERNEL, attention.MIN_PARTITION_TOKENS, impl.engine.commit_layers)
+    before = (
+        norm.USE_KERNEL,
+        attention.MIN_PARTITION_TOKENS,
+        conform_mlx.impl.engine.commit_layers,
+    )
     with gpu_policy_ab.policy(gpu_policy_ab.VARIANTS["no-early"]):
-        assert impl.engine.commit_layers(22) == []
+        assert conform_mlx.impl.engine.commit_layers(22) == []
     with gpu_policy_ab.policy({"fused_norm": True, "split": False}):
         assert norm.USE_KERNEL and attention.MIN_PARTITION_TOKENS > 2**20
     with pytest.raises(RuntimeError), gpu_policy_ab.policy({"fused_norm": True}):
         raise RuntimeError("a failing step")
-    assert (norm.USE_KERNEL, attention.MIN_PARTITION_TOKENS, impl.engine.commit_layers) == before
-    assert impl.engine.commit_layers(22) == [15, 17, 19]
+    assert (
+        norm.USE_KERNEL,
+        attention.MIN_PARTITION_TOKENS,
+        conform_mlx.impl.engine.commit_layers,
+    ) == before
+    assert conform_mlx.impl.engine.commit_layers(22) == [15, 17, 19]

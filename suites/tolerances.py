@@ -1,7 +1,7 @@
 """Tolerances for the suites, one table keyed by dtype. Reasons live beside the
-numbers in ``conform.metrics`` so the CLI and the suites judge by the same table."""
+numbers in ``conform_mlx.metrics`` so the CLI and the suites judge by the same table."""
 
-from conform.metrics import NMSE_LIMIT
+from conform_mlx.metrics import NMSE_LIMIT
 
 # Two MLX float32 paths computing the same logits (batched vs single decode, chunked
 # vs whole prefill): same kernels, different shapes, so only reduction order and
@@ -29,7 +29,7 @@ KERNEL_ATOL = {"float32": 5e-6, "float16": 4e-3, "bfloat16": 3e-2}
 KERNEL_RTOL = {"float32": 1.3e-6, "float16": 1e-3, "bfloat16": 1.6e-2}
 __all__ += ["KERNEL_ATOL", "KERNEL_RTOL"]
 
-# One row through a projection (kernels.norm_linear, suites/test_fused_kernels.py):
+# One row through a projection (impl.kernels.norm_linear, suites/test_fused_kernels.py):
 # the kernel against its ops twin (MLX's add, rms_norm and matmul) on the same inputs,
 # outputs of scale ~1. Both sum in float32, in other orders, then round to the dtype
 # the same way, so a column may land one or two units in the last place apart (gated:

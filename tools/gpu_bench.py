@@ -4,7 +4,7 @@ BITS``: an mlx-lm-format copy of the TinyLlama shape, group 32, made by mlx-lm).
 
 Meant for the lent NVIDIA machine with MLX's CUDA backend (see tools/gpu_run.sh);
 it also runs, slowly, on the CPU backend. Every engine is reached through
-conform.engines (names as ``resolve`` takes them). Prints a table and writes JSON:
+conform_mlx.engines (names as ``resolve`` takes them). Prints a table and writes JSON:
 
   python tools/gpu_bench.py --engine impl --engine mlx-lm --out results/gpu-bench.json
   python tools/gpu_bench.py --model smollm2-135m --quick --out reports/smollm2.json
@@ -12,9 +12,9 @@ conform.engines (names as ``resolve`` takes them). Prints a table and writes JSO
 Every figure is the median of timed repetitions after warm-up, each ending in an
 evaluated step (``Engine.run_prefill`` / ``run_decode``). The engines compared at one
 point are timed interleaved (a, b, c, then a, c, b, ...: the reps go through every
-order, so each engine follows each other alike), so drift in clocks or host load hits them alike: separate runs
-of the same mlx-lm step differed by up to 2x on one machine. Ratios are to the last engine named. The weights-read floor is the
-checkpoint's weight bytes (as stored, quantized or not) divided by the read
+order, so each engine follows each other alike), so drift in clocks or host load hits
+them alike: separate runs of the same mlx-lm step differed by up to 2x on one machine.
+Ratios are to the last engine named. The weights-read floor is the checkpoint's weight bytes (as stored, quantized or not) divided by the read
 bandwidth of a large device copy measured in the same run.
 """
 
@@ -36,17 +36,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from conform import blas
+from conform_mlx import blas
 
-blas.load()  # before MLX is imported: MLX binds its BLAS then (conform/blas.py)
+blas.load()  # before MLX is imported: MLX binds its BLAS then (conform_mlx/blas.py)
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from benchmarks import common  # noqa: E402
-from conform.engines import Engine, resolve  # noqa: E402
-from conform.models import resolve_model  # noqa: E402
-from impl.loader import read_config  # noqa: E402
+from conform_bench import common  # noqa: E402
+from conform_mlx.engines import Engine, resolve  # noqa: E402
+from conform_mlx.impl.loader import read_config  # noqa: E402
+from conform_mlx.models import resolve_model  # noqa: E402
 
 DTYPE = "float16"
 CONTEXTS = [16, 512, 2048]
@@ -134,7 +134,7 @@ def weight_bytes(model_dir: Path) -> int:
 def quantized_copy(src: Path, bits: int) -> Path:
     """An mlx-lm-format copy of ``src`` quantized by mlx-lm (affine, group 32), made
     once beside it; every engine then loads the same quantized weights."""
-    from conform.engines.mlx_lm_engine import quantize_checkpoint
+    from conform_mlx.engines.mlx_lm_engine import quantize_checkpoint
 
     out = src.with_name(f"{src.name}-mlx{bits}bit-g32")
     if not (out / "config.json").is_file():

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 import mlx.core as mx  # noqa: E402
 
-from kernels.backend import CUDA_HEADER  # noqa: E402
+from conform_mlx.impl.kernels.backend import CUDA_HEADER  # noqa: E402
 
 N = 200  # graph nodes per timed chain
 HIDDEN = 2048

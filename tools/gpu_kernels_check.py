@@ -66,7 +66,7 @@ def inputs(batch: int, context: int, seed: int = 0, padded: bool = False) -> tup
     import mlx.core as mx
     import numpy as np
 
-    from impl.engine import pad_block_tables
+    from conform_mlx.impl.engine import pad_block_tables
 
     rng = np.random.default_rng(seed)
     per_seq = math.ceil(context / BLOCK_SIZE)
@@ -122,7 +122,7 @@ def chained_ms(step, x0, calls: int, rounds: int = 5, warmup: int = 3) -> float:
 def sweep(batch: int, context: int, n_blocks: int) -> list[tuple[int, int]]:
     """(warps, partitions) launch shapes tried at one point, the policy's among them:
     every split that leaves each warp at least half a 32-token chunk."""
-    from kernels.paged_attention import MAX_WARPS
+    from conform_mlx.impl.kernels.paged_attention import MAX_WARPS
 
     tried = {plan(batch, n_blocks)}
     for warps in (1, 2, 4, 8, MAX_WARPS):
@@ -134,7 +134,7 @@ def sweep(batch: int, context: int, n_blocks: int) -> list[tuple[int, int]]:
 
 def plan(batch: int, n_blocks: int) -> tuple[int, int]:
     """The launch policy's (warps, partitions) at TinyLlama's heads."""
-    from kernels.paged_attention import launch_plan
+    from conform_mlx.impl.kernels.paged_attention import launch_plan
 
     return launch_plan(batch, N_KV_HEADS, n_blocks, BLOCK_SIZE, N_HEADS // N_KV_HEADS, HEAD_DIM)
 
@@ -155,7 +155,7 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     """One row of ``time_decode``."""
     import mlx.core as mx
 
-    from kernels.paged_attention import paged_attention_ops, paged_decode_attention
+    from conform_mlx.impl.kernels.paged_attention import paged_attention_ops, paged_decode_attention
 
     scale = HEAD_DIM**-0.5
     q, kv_pool, tables, ctx = inputs(batch, context, padded=True)
@@ -228,13 +228,13 @@ def time_prefill(calls: int) -> list[dict]:
     sequence."""
     import mlx.core as mx
 
-    from kernels.paged_attention import (
+    from conform_mlx.impl.kernels.paged_attention import (
         context_rows,
         gathered_attention,
         paged_attention_ops,
         uses_prefill_kernel,
     )
-    from kernels.paged_prefill import paged_prefill_attention
+    from conform_mlx.impl.kernels.paged_prefill import paged_prefill_attention
 
     def point(batch: int, chunk: int, prefix: int) -> dict:
         _, kv_pool, tables, ctx = inputs(batch, prefix + chunk)
@@ -270,7 +270,7 @@ def time_rope(calls: int) -> list[dict]:
     stack into pool rows), batch 1 and 32."""
     import mlx.core as mx
 
-    from kernels.rope import apply_rope, rope_cos_sin, rope_qkv, split_qkv
+    from conform_mlx.impl.kernels.rope import apply_rope, rope_cos_sin, rope_qkv, split_qkv
 
     def point(tokens: int) -> dict:
         key = mx.random.key(tokens)
@@ -314,7 +314,7 @@ def time_norm(calls: int) -> list[dict]:
     """The fused add + RMSNorm kernel against MLX's add then rms_norm (what it replaces)."""
     import mlx.core as mx
 
-    from kernels.add_rms_norm import add_rms_norm_kernel, add_rms_norm_ops
+    from conform_mlx.impl.kernels.add_rms_norm import add_rms_norm_kernel, add_rms_norm_ops
 
     def point(n_rows: int) -> dict:
         key = mx.random.key(n_rows)
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
 
-    from kernels.backend import active_backend
+    from conform_mlx.impl.kernels.backend import active_backend
 
     backend = active_backend()
     if backend == "cpu":

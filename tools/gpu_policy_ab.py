@@ -23,19 +23,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
-from conform import blas  # noqa: E402
+from conform_mlx import blas  # noqa: E402
 
-blas.load()  # before MLX is imported: MLX binds its BLAS then (conform/blas.py)
+blas.load()  # before MLX is imported: MLX binds its BLAS then (conform_mlx/blas.py)
 
-import impl.engine  # noqa: E402
-import kernels  # noqa: E402, F401  (so its submodules are in sys.modules)
-from benchmarks import common  # noqa: E402
-from conform.engines import resolve  # noqa: E402
+import conform_mlx.impl.engine  # noqa: E402
+import conform_mlx.impl.kernels  # noqa: E402, F401  (so its submodules are in sys.modules)
+from conform_bench import common  # noqa: E402
+from conform_mlx.engines import resolve  # noqa: E402
 from tools import gpu_bench  # noqa: E402
 
-NORM = sys.modules["kernels.add_rms_norm"]
-ATTENTION = sys.modules["kernels.paged_attention"]
-COMMIT_LAYERS = impl.engine.commit_layers
+NORM = sys.modules["conform_mlx.impl.kernels.add_rms_norm"]
+ATTENTION = sys.modules["conform_mlx.impl.kernels.paged_attention"]
+COMMIT_LAYERS = conform_mlx.impl.engine.commit_layers
 Policy = dict  # keys: "commit_layers" (n_layers -> layers), "fused_norm", "split"
 VARIANTS: dict[str, Policy] = {
     "no-early": {"commit_layers": lambda n, rows=False: []},
@@ -49,15 +49,17 @@ VARIANTS: dict[str, Policy] = {
 @contextlib.contextmanager
 def policy(p: Policy) -> Iterator[None]:
     """impl's module-level policy set to ``p`` while inside, then put back."""
-    saved = NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, impl.engine.commit_layers
+    saved = NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, conform_mlx.impl.engine.commit_layers
     NORM.USE_KERNEL = p.get("fused_norm", NORM.USE_KERNEL)
     if not p.get("split", True):
         ATTENTION.MIN_PARTITION_TOKENS = 1 << 30
-    impl.engine.commit_layers = p.get("commit_layers", COMMIT_LAYERS)
+    conform_mlx.impl.engine.commit_layers = p.get("commit_layers", COMMIT_LAYERS)
     try:
         yield
     finally:
-        NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, impl.engine.commit_layers = saved
+        NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, conform_mlx.impl.engine.commit_layers = (
+            saved
+        )
 
 
 def under(p: Policy, step: Callable[[], None]) -> Callable[[], None]:

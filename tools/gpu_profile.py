@@ -12,7 +12,7 @@ largest kernels grouped by name, with the threads each launched. ncu flushes the
 caches before every kernel by default (``--cache-control all``), so small kernels
 read long; ``--cache-control none`` keeps them warm, closer to a real step. Compare
 engines within one run, not with the wall time alone. TinyLlama-1.1B shape,
-float16 (benchmarks/common.py's preset).
+float16 (conform_bench/common.py's preset).
 
 Needs ``ncu`` on PATH and NVTX: torch's ``torch.cuda.nvtx`` where torch is
 installed, else ``libnvToolsExt``. ``--worker`` is the process ncu profiles.
@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> int:
     """Load the engine, warm up, print the median wall ms of a step as JSON; with
     --mark, run --steps more steps inside the NVTX range for ncu."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import common  # loads the BLAS before MLX
+    from conform_bench import common  # loads the BLAS before MLX
     from tools.gpu_bench import chunked_prefill_step, decode_step, median_ms, prefill_step
 
     engine = common.engine(args.engine[0], "tinyllama", "float16")

@@ -61,7 +61,7 @@ for step in $STEPS; do
       run smollm2 python3 tools/gpu_bench.py --model smollm2-135m --quick --out "$OUT/smollm2.json"
       run tinyllama-4bit python3 tools/gpu_bench.py --quantize 4 --quick \
         --out "$OUT/tinyllama-4bit.json" ;;
-    asv) run asv python3 -m conform history --gpu ;;
+    asv) run asv python3 -m conform_mlx history --gpu ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

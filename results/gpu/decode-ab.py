@@ -8,20 +8,23 @@ each its own loaded model (a compiled graph keeps what it traced), and mlx-lm.
   w1p32 / w2p64 : decode attention with 1 warp and >= 32 tokens a partition, or 2 and 64
   all   : views + preT + host
 Usage, from the repository root: PYTHONPATH=. python results/gpu/decode-ab.py"""
+
 import os
 import statistics
+import sys
 
-from tools import gpu_bench as gb  # noqa: I001
 import mlx.core as mx
 import mlx.nn as nn
-import impl.engine as E
-import impl.model as im
-import sys
-import kernels  # noqa: F401
-pa = sys.modules["kernels.paged_attention"]
-kr = sys.modules["kernels.rope"]
-from benchmarks import common
-from conform.engines import resolve
+
+import conform_mlx.impl.engine as E
+import conform_mlx.impl.kernels  # noqa: F401
+import conform_mlx.impl.model as im
+from tools import gpu_bench as gb  # noqa: I001
+
+pa = sys.modules["conform_mlx.impl.kernels.paged_attention"]
+kr = sys.modules["conform_mlx.impl.kernels.rope"]
+from conform_bench import common
+from conform_mlx.engines import resolve
 
 BASE_ATTN, BASE_LAZY = im.Attention.__call__, E.CompiledSteps.lazy
 BASE_PARTS = (pa.N_WARPS, pa.MIN_PARTITION_TOKENS)
@@ -43,7 +46,13 @@ def attn_views(self, x, layer, cache, plan, rope, context):
     )
     pool[rope.blocks, rope.offsets] = kv
     cache.update_layer(layer, pool)
-    inputs = [q, pool, plan.block_tables, plan.context_lens, mx.array([self.scale], dtype=mx.float32)]
+    inputs = [
+        q,
+        pool,
+        plan.block_tables,
+        plan.context_lens,
+        mx.array([self.scale], dtype=mx.float32),
+    ]
     n_warps, n_parts = pa.launch_plan(B, n_kv, plan.block_tables.shape[1], pool.shape[1])
     launch = pa.kernel_call_args(q, pool, n_parts, n_warps)
     final, split, combine = pa._KERNELS
@@ -51,9 +60,18 @@ def attn_views(self, x, layer, cache, plan, rope, context):
     if n_parts == 1:
         out = final(inputs=inputs, output_shapes=[flat], output_dtypes=[q.dtype], **launch)[0]
     else:
-        acc, ml = split(inputs=inputs, output_shapes=[(B, n_q, n_parts, hd), (B, n_q, n_parts, 2)],
-                        output_dtypes=[mx.float32] * 2, **launch)
-        out = combine(inputs=[acc, ml], output_shapes=[flat], output_dtypes=[q.dtype], **pa.combine_call_args(q))[0]
+        acc, ml = split(
+            inputs=inputs,
+            output_shapes=[(B, n_q, n_parts, hd), (B, n_q, n_parts, 2)],
+            output_dtypes=[mx.float32] * 2,
+            **launch,
+        )
+        out = combine(
+            inputs=[acc, ml],
+            output_shapes=[flat],
+            output_dtypes=[q.dtype],
+            **pa.combine_call_args(q),
+        )[0]
     return self.o_proj(out)
 
 
@@ -122,21 +140,37 @@ for ctx in [16, 512, 2048]:
     steps.append(gb.decode_step(lm, [ctx]))
     ms = gb.interleaved_samples(steps, warmup=5, reps=REPS)
     med = [statistics.median(t) for t in ms]
-    print(f"decode b=1 ctx={ctx} median ms: " + ", ".join(f"{n} {m:.3f}" for n, m in zip(names, med)))
+    print(
+        f"decode b=1 ctx={ctx} median ms: " + ", ".join(f"{n} {m:.3f}" for n, m in zip(names, med))
+    )
     for n, t in zip(names[:-1], ms):
         q, qb = gb.paired_ratios(t, ms[-1]), gb.paired_ratios(t, ms[0])
-        print(f"  {n:6s} / mlx-lm {q[0]:.3f} {q[1]:.3f} {q[2]:.3f}   / base {qb[0]:.3f} {qb[1]:.3f} {qb[2]:.3f}", flush=True)
+        print(
+            f"  {n:6s} / mlx-lm {q[0]:.3f} {q[1]:.3f} {q[2]:.3f}   / base {qb[0]:.3f} {qb[1]:.3f} {qb[2]:.3f}",
+            flush=True,
+        )
 for b in [8, 32]:
     steps = [using(n, gb.decode_step(engines[n], gb.mixed_contexts(b))) for n in VARIANTS]
     ms = gb.interleaved_samples(steps, warmup=3, reps=20)
-    print(f"decode b={b} mixed median ms: " + ", ".join(f"{n} {statistics.median(t):.3f}" for n, t in zip(names, ms)), flush=True)
+    print(
+        f"decode b={b} mixed median ms: "
+        + ", ".join(f"{n} {statistics.median(t):.3f}" for n, t in zip(names, ms)),
+        flush=True,
+    )
 for n in VARIANTS:
     a = gb.step_anatomy(using(n, gb.decode_step(engines[n], [512])))
-    print(f"anatomy ctx 512 {n:6s} launches {a['launches']} wall {a['wall_ms']:.3f} python {a['python_ms']:.3f} encode {a['encode_ms']:.3f} wait {a['wait_ms']:.3f} views {sum(v for k, v in a['primitives'].items() if k in gb.VIEWS)}", flush=True)
+    print(
+        f"anatomy ctx 512 {n:6s} launches {a['launches']} wall {a['wall_ms']:.3f} python {a['python_ms']:.3f} encode {a['encode_ms']:.3f} wait {a['wait_ms']:.3f} views {sum(v for k, v in a['primitives'].items() if k in gb.VIEWS)}",
+        flush=True,
+    )
 a = gb.step_anatomy(gb.decode_step(lm, [512]))
-print(f"anatomy ctx 512 mlx-lm launches {a['launches']} wall {a['wall_ms']:.3f} python {a['python_ms']:.3f} encode {a['encode_ms']:.3f} wait {a['wait_ms']:.3f} views {sum(v for k, v in a['primitives'].items() if k in gb.VIEWS)}", flush=True)
+print(
+    f"anatomy ctx 512 mlx-lm launches {a['launches']} wall {a['wall_ms']:.3f} python {a['python_ms']:.3f} encode {a['encode_ms']:.3f} wait {a['wait_ms']:.3f} views {sum(v for k, v in a['primitives'].items() if k in gb.VIEWS)}",
+    flush=True,
+)
 # correctness of each variant against base: one decode step's logits at ctx 512
 import numpy as np  # noqa: E402
+
 ref = None
 for n in VARIANTS:
     e = engines[n]

@@ -2,15 +2,17 @@
 as tools/gpu_bench.py runs them (eager, compiled, mlx-lm) and with the compiled one
 alone back to back. Parts: before (checks, plan), call (the compiled graph's replay),
 marks (the early mx.async_eval), eval (encode the rest + wait), after (trim etc.)."""
+
 import os
 import statistics
 import time
 
-from tools import gpu_bench as gb  # noqa: I001
 import mlx.core as mx
-import impl.engine as E
-from benchmarks import common
-from conform.engines import resolve
+
+import conform_mlx.impl.engine as E
+from conform_bench import common
+from conform_mlx.engines import resolve
+from tools import gpu_bench as gb  # noqa: I001
 
 T = []
 
@@ -47,6 +49,7 @@ def parts_of(step):
         T.append(("start", time.perf_counter()))
         step()
         T.append(("end", time.perf_counter()))
+
     return run
 
 
@@ -79,5 +82,11 @@ for ctx in [16, 512]:
                 cur = []
         recs = recs[-REPS:]
         med = [statistics.median(t) for t in ms]
-        print(f"ctx {ctx} {mode:11s} medians " + ", ".join(f"{n} {m:.3f}" for n, m in zip(names if len(fns) == 3 else ["impl-compiled"], med)), flush=True)
+        print(
+            f"ctx {ctx} {mode:11s} medians "
+            + ", ".join(
+                f"{n} {m:.3f}" for n, m in zip(names if len(fns) == 3 else ["impl-compiled"], med)
+            ),
+            flush=True,
+        )
         print(f"   compiled parts ms: {summary(recs)}", flush=True)

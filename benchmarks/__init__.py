@@ -1,6 +1,0 @@
-"""asv benchmarks. The BLAS MLX's CPU backend uses is chosen here, before anything
-imports mlx (conform/blas.py); asv.conf.json's matrix demands OpenBLAS for the history."""
-
-from conform import blas
-
-blas.load()

@@ -1,3 +1,0 @@
-from conform.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,3 @@
+from conform_mlx.cli import main
+
+raise SystemExit(main())
