@@ -11,6 +11,9 @@ from conform_mlx.engines import DTYPES, known_engines
 
 MODEL_HELP = "HF checkpoint directory, GGUF file, or a model name (smollm2-135m)"
 CORPUS_HELP = "a corpus name (gpl-3.0) or a UTF-8 text file"
+NON_FINITE_HELP = (
+    "run a model whose weights hold NaN or Inf (refused by default, naming the tensor)"
+)
 
 
 def _ms(x: float | None) -> str:
@@ -153,6 +156,8 @@ def add_kld_parsers(sub) -> dict[str, argparse.ArgumentParser]:
     )
     k.add_argument("--chunk-size", type=int, help="prefill chunk (default: a window at once)")
     k.add_argument("--out-dir", type=Path, help="where the JSON goes (default reports/)")
+    for p in (r, k):
+        p.add_argument("--allow-non-finite", action="store_true", help=NON_FINITE_HELP)
     return {"reference": r, "kld": k}
 
 
@@ -223,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument(
         "--out-dir", type=Path, help="where the JSON goes (default reports/, git-ignored)"
     )
+    v.add_argument("--allow-non-finite", action="store_true", help=NON_FINITE_HELP)
 
     commands = {"validate": v, **add_kld_parsers(sub)}
     sub.add_parser("versions", help="the installed releases every report names (mlx, torch, ...)")
@@ -264,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         engine=args.engine,
         compare=args.compare,
         out_dir=args.out_dir or Options.out_dir,
+        allow_non_finite=args.allow_non_finite,
     )
     try:
         check_out_dir(opts.out_dir)

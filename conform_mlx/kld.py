@@ -65,17 +65,25 @@ class Corpus:
 
 
 def read_corpus(spec: str | Path) -> Corpus:
-    """A CORPORA name, or the path of any UTF-8 text file."""
+    """A CORPORA name, or the path of any UTF-8 text file. ValueError naming the file
+    for one that is missing, unreadable, not UTF-8, or empty (or only white space)."""
     text_spec = str(spec)
     path = CORPORA.get(text_spec, Path(text_spec))
+    if path.is_dir():
+        raise ValueError(f"--corpus {text_spec}: a directory, not a text file")
     if not path.is_file():
         known = ", ".join(CORPORA)
         raise ValueError(f"--corpus {text_spec}: no such file, and not a known corpus ({known})")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"corpus {path}: cannot be read ({e.strerror})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"corpus {path}: not UTF-8 text (byte {e.start})") from None
+        raise ValueError(f"corpus {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise ValueError(f"corpus {path}: empty (no text to tokenize)")
     name = text_spec if text_spec in CORPORA else path.stem
     return Corpus(name, path, text, hashlib.sha256(data).hexdigest())
 
@@ -264,8 +272,7 @@ def make_goldens(
 
     Everything that can be refused is refused before the first window.
     """
-    from conform_mlx.models import model_digest
-    from conform_mlx.validate_io import load_tokenizer
+    from conform_mlx.models import load_tokenizer, model_digest
 
     model_path, out_path = Path(model_path), Path(out_path)
     _check_args(model_path, ctx, k, max_windows)

@@ -37,8 +37,21 @@ def window_note(meta: dict) -> str:
 
 def run_reference(args: argparse.Namespace, model: Path) -> int:
     from conform_mlx.kld import make_goldens, read_corpus, reference_logits_fn
+    from conform_mlx.models import open_model
 
     try:
+        checked = open_model(model, finite=not args.allow_non_finite)
+        if checked.tokenizer is None:
+            raise ValueError(
+                f"{model} has no tokenizer (tokenizer.json, or tokenizer metadata in a GGUF "
+                "file), so the corpus cannot be tokenized"
+            )
+        context = checked.config.max_position_embeddings
+        if args.ctx > context:
+            raise ValueError(
+                f"--ctx {args.ctx} exceeds the model's context length "
+                f"max_position_embeddings={context}"
+            )
         corpus = read_corpus(args.corpus)
         name = f"goldens-{model_label(args.model, model)}-{corpus.name}-ctx{args.ctx}.npz"
         out = args.out or REPORTS / name
@@ -75,8 +88,9 @@ def own_corpus(meta: dict) -> str | None:
 
 def run_kld(args: argparse.Namespace, model: Path) -> int:
     from conform_mlx import machine, versions
-    from conform_mlx.engines import NotApplicable, resolve
+    from conform_mlx.engines import NotApplicable, load_engine, resolve
     from conform_mlx.kld import check_corpus, engine_logits_fn, judge, load_goldens, read_corpus
+    from conform_mlx.models import open_model
     from conform_mlx.validate_io import check_out_dir, write_json
 
     out_dir = args.out_dir or REPORTS
@@ -84,12 +98,13 @@ def run_kld(args: argparse.Namespace, model: Path) -> int:
         check_out_dir(out_dir)
         if args.chunk_size is not None and args.chunk_size < 1:
             raise ValueError(f"--chunk-size {args.chunk_size}: must be at least 1")
+        engine_cls = resolve(args.engine)
+        checked = open_model(model, finite=not args.allow_non_finite)
         text = read_corpus(args.corpus).text if args.corpus else None
         goldens = load_goldens(args.goldens, model_path=model, corpus_text=text)
         if text is None and (text := own_corpus(goldens.meta)) is not None:
             check_corpus(goldens, text)
-        engine_cls = resolve(args.engine)
-        engine = engine_cls.load(model, args.dtype)
+        engine = load_engine(engine_cls, checked, args.dtype)
         metrics = judge(goldens, engine_logits_fn(engine, args.chunk_size))
     except (ValueError, NotApplicable) as e:  # bad input, stale goldens, engine name or load
         print(f"conform kld: error: {e}", file=sys.stderr)

@@ -1,6 +1,9 @@
 """Where a model comes from: a checkpoint path, or the name of an installed real model.
 
-``resolve_model`` is the one door every command's ``--model`` goes through. It takes
+``open_model`` is the one door every command's ``--model`` and every engine's load go
+through: ``resolve_model`` finds the file, then every check runs before anything else
+(config, each tensor's name, shape, dtype and quantization, NaN/Inf, the tokenizer),
+so bad input is one error naming the file and field. A model is found from
 
 - a HuggingFace checkpoint directory (``config.json`` + safetensors, float or
   quantized in mlx-lm's format),
@@ -18,6 +21,12 @@ import hashlib
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from conform_mlx.impl.config import LlamaConfig
 
 
 class ModelNotFound(ValueError):
@@ -109,3 +118,44 @@ def model_digest(path: Path) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A model that passed ``open_model``'s checks: the only thing ``load_engine`` takes."""
+
+    path: Path
+    config: LlamaConfig
+    weights: str  # how the file stores them, e.g. "safetensors" or "GGUF F32 x9, Q4_1 x28"
+    tokenizer: Tokenizer | None  # None: the model has no tokenizer (ids must be given)
+
+
+def open_model(spec: str | Path, finite: bool = True) -> ModelInput:
+    """Resolve ``spec`` and check all of it: raises a ValueError naming the file and field
+    (ModelNotFound, ConfigError, CheckpointError) before any engine runs. ``finite``
+    False skips the NaN/Inf check (``--allow-non-finite``: to study such a model)."""
+    from conform_mlx.impl.loader import check_checkpoint, read_checkpoint
+
+    path = resolve_model(spec)
+    ckpt = read_checkpoint(path)
+    check_checkpoint(ckpt, finite)
+    return ModelInput(path, ckpt.config, ckpt.summary, load_tokenizer(path))
+
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    """The model's tokenizer, or None without tokenizer.json (or, for a GGUF file,
+    without tokenizer metadata). Its post-processor decides BOS: tokenizer.json's, as
+    AutoTokenizer uses it; for a GGUF file, add_bos_token's rule."""
+    if is_gguf(path):
+        from conform_mlx.reference.tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(path)
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"{tok_file}: cannot be read as a tokenizer ({e})") from None

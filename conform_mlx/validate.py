@@ -13,25 +13,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from conform_mlx import REPO_ROOT, machine, versions
-from conform_mlx.engines import Engine, EngineCache, Greedy, NotApplicable, resolve
+from conform_mlx.engines import Engine, EngineCache, Greedy, NotApplicable, load_engine, resolve
 from conform_mlx.impl.config import LlamaConfig
-from conform_mlx.impl.loader import read_config
 from conform_mlx.metrics import NMSE_LIMIT, compare_logits, describe_non_finite
+from conform_mlx.models import open_model
 from conform_mlx.validate_io import (
     check_run_size,
     check_vocab,
     encode_prompt,
-    load_tokenizer,
     run_digest,
 )
-
-if TYPE_CHECKING:
-    pass
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -47,6 +42,7 @@ class Options:
     engine: str = "impl"
     compare: list[str] = field(default_factory=list)  # engines timed beside it
     out_dir: Path = REPO_ROOT / "reports"  # git-ignored; results/ holds curated records
+    allow_non_finite: bool = False  # skip the NaN/Inf weight check (to study such a model)
 
 
 def kv_bytes(cfg: LlamaConfig, itemsize: int, slots: int, kv_heads: int | None = None) -> int:
@@ -128,13 +124,13 @@ def cache_report(cfg: LlamaConfig, cache: EngineCache, dtype: str, prompt: int, 
 def run(opts: Options) -> dict:
     from conform_mlx.reference.hf import Reference  # torch is slow to import; only when validating
 
-    cfg = read_config(opts.model)
-    tokenizer = load_tokenizer(opts.model)
-    prompt, prompt_desc = encode_prompt(opts.model, tokenizer, opts)
+    engines = [resolve(name) for name in [opts.engine, *opts.compare]]  # bad names first
+    model = open_model(opts.model, finite=not opts.allow_non_finite)
+    cfg = model.config
+    prompt, prompt_desc = encode_prompt(opts.model, model.tokenizer, opts)
     check_vocab(prompt, cfg.vocab_size)
     check_run_size(cfg, len(prompt), opts.max_new_tokens, opts.block_size)
-    engines = [resolve(name) for name in [opts.engine, *opts.compare]]  # bad names first
-    engine = engines[0].load(opts.model, opts.dtype)
+    engine = load_engine(engines[0], model, opts.dtype)
     eos = list(cfg.eos_token_id)
     gen, cache = timed_greedy(engine, prompt, opts.max_new_tokens, eos, opts.block_size)
 
@@ -173,7 +169,7 @@ def run(opts: Options) -> dict:
         "prompt": {"source": prompt_desc, "ids": prompt},
         "generated": {
             "ids": gen.tokens,
-            "text": tokenizer.decode(gen.tokens) if tokenizer is not None else None,
+            "text": model.tokenizer.decode(gen.tokens) if model.tokenizer is not None else None,
             "stop_reason": "eos" if gen.tokens[-1] in eos else "max_new_tokens",
         },
         "timing": timing_summary(gen.prefill_ms, gen.decode_ms),
@@ -190,7 +186,7 @@ def run(opts: Options) -> dict:
         "compare": [],
     }
     for cls in engines[1:]:
-        peer = cls.load(opts.model, opts.dtype)
+        peer = load_engine(cls, model, opts.dtype)
         peer_gen, _ = timed_greedy(peer, prompt, opts.max_new_tokens, eos)
         report["compare"].append(
             {

@@ -28,26 +28,6 @@ if TYPE_CHECKING:
 DEFAULT_PROMPT = "The quick brown fox"
 
 
-def load_tokenizer(model_dir: Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None without tokenizer.json (or, for a GGUF file,
-    without tokenizer metadata). Read before the run, so a broken file is refused up
-    front rather than after the run, with no report. Its post-processor decides BOS:
-    tokenizer.json's, as AutoTokenizer uses it; for a GGUF file, add_bos_token's rule."""
-    if model_dir.suffix == ".gguf":
-        from conform_mlx.reference.tokenizer import gguf_tokenizer
-
-        return gguf_tokenizer(model_dir)
-    tok_file = model_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(tok_file))
-    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-        raise ValueError(f"{tok_file}: cannot be read as a tokenizer ({e})") from None
-
-
 def encode_prompt(
     model_dir: Path, tokenizer: Tokenizer | None, opts: Options
 ) -> tuple[list[int], str]:

@@ -73,16 +73,42 @@ def _reader(path: Path) -> Any:
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, not b'GGUF')")
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
+    except UnicodeDecodeError as e:  # gguf-py decodes keys and tensor names as it reads
+        raise GGUFError(f"{path}: a metadata key or tensor name is not UTF-8 ({e})") from None
     except Exception as e:  # gguf-py raises ValueError/IndexError/... on a damaged file
         raise GGUFError(f"{path}: cannot read GGUF header ({e}); truncated or corrupt?") from None
+    check_strings(reader, path)
+    return reader
+
+
+def check_strings(reader: Any, path: Path) -> None:
+    """Decode every string value (and each element of a string array) of the metadata
+    now: gguf-py decodes them only when read, so a value that is not UTF-8 would surface
+    later as the codec's bare message. GGUFError names the file and the key."""
+    import gguf
+
+    for key, f in reader.fields.items():
+        if not f.types or f.types[-1] != gguf.GGUFValueType.STRING:
+            continue
+        array = f.types[0] == gguf.GGUFValueType.ARRAY
+        for i, part in enumerate(f.data):
+            try:
+                f.parts[part].tobytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"{key}[{i}]" if array else key
+                raise GGUFError(f"{path}: metadata {where} is not UTF-8 text ({e})") from None
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except UnicodeDecodeError as e:  # a reader not made by _reader: its strings unchecked
+        source = getattr(reader.data, "filename", "GGUF file")  # np.memmap's path
+        raise GGUFError(f"{source}: metadata {key} is not UTF-8 text ({e})") from None
 
 
 def _adds_bos(reader: Any) -> bool:
@@ -135,11 +161,33 @@ def config_dict(reader: Any, path: Path, names: set[str]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if v is not None}
 
 
+def check_layout(reader: Any, path: Path) -> None:
+    """Each tensor's data where GGUF writers put it: at an aligned offset, within the
+    file, filling its slot up to the next tensor but for padding. gguf-py accepts a
+    tensor whose type or offset was damaged, and its bytes would be read as garbage."""
+    align, base = int(reader.alignment), int(reader.data_offset)
+    spans = sorted((int(t.data_offset), int(t.n_bytes), t.name) for t in reader.tensors)
+    for start, _, name in spans:
+        if (start - base) % align:
+            raise GGUFError(
+                f"{path}: tensor {name}: data offset {start - base} is not a multiple of the "
+                f"file's alignment {align}"
+            )
+    ends = [s for s, _, _ in spans[1:]] + [len(reader.data)]
+    for (start, size, name), limit in zip(spans, ends):
+        if not 0 <= limit - (start + size) < align:
+            raise GGUFError(
+                f"{path}: tensor {name}: {size} bytes of data from offset {start - base} do "
+                f"not fill its slot of {limit - start} bytes (its type or offset is damaged)"
+            )
+
+
 def read(path: Path) -> tuple[dict[str, Any], dict[str, mx.array], dict[str, dict], str]:
     """(config dict, HF-named arrays, quantization {module: {group_size, bits}}, a
     summary of the tensor types) of a GGUF file. Raises GGUFError naming the file and
     the tensor at fault."""
     reader = _reader(path)
+    check_layout(reader, path)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     raw = config_dict(reader, path, set(types))
     bad = {n: t for n, t in types.items() if t not in TYPES}

@@ -19,6 +19,7 @@ quantized matmul is ~100x slower than its BLAS at 512 rows).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ FLOAT_NAMES = "a floating dtype (float32, float16 or bfloat16)"
 # What MLX's affine quantized matmul takes.
 QUANT_GROUP_SIZES = (32, 64, 128)
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
+# The keys of mlx-lm's quantization field that are not module paths.
+QUANT_KEYS = ("group_size", "bits", "mode")
 # Older checkpoints saved RoPE's inverse frequencies as buffers; we derive them from
 # the config instead, so these entries carry no information we need.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -140,7 +143,14 @@ def quantization_spec(
     raw: object, weights: dict[str, tuple[mx.array, str]], source: str
 ) -> dict[str, dict]:
     """mlx-lm's ``quantization`` field -> {module: {group_size, bits}} for every module
-    whose ``.scales`` the checkpoint holds."""
+    whose ``.scales`` the checkpoint holds.
+
+    Accepted is what mlx-lm 0.32 writes: ``group_size`` and ``bits`` as JSON integers
+    (32.0 and true are refused by type), ``mode`` "affine" if present, and per-module
+    entries that are such an object (mixed-precision recipes) or ``false`` (its AWQ
+    tool, for a module left unquantized). Anything else, a group size that does not
+    divide a quantized module's input dimension, and packed weights that do not match
+    the declared bits and group size are refused naming the file and the field."""
     modules = [n.removesuffix(".scales") for n in weights if n.endswith(".scales")]
     if raw is None:
         if modules:
@@ -150,24 +160,86 @@ def quantization_spec(
             )
         return {}
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{source}: field quantization must be an object, got {raw!r}")
+        raise CheckpointError(f"{source}: field quantization must be an object, got {_clip(raw)}")
 
-    def params(where: str, d: dict) -> dict:
-        if d.get("mode", "affine") != "affine":
-            raise CheckpointError(f"{source}: {where}mode {d['mode']!r}; only affine is supported")
-        g, b = d.get("group_size"), d.get("bits")
-        if g not in QUANT_GROUP_SIZES or b not in QUANT_BITS:
+    def params(field: str, d: dict) -> dict:
+        mode = d.get("mode", "affine")
+        if mode != "affine":
             raise CheckpointError(
-                f"{source}: {where}group_size={g!r}, bits={b!r}; supported group sizes "
-                f"{QUANT_GROUP_SIZES}, bits {QUANT_BITS}"
+                f"{source}: field {field}.mode is {_clip(mode)}; only 'affine' is supported"
             )
-        return {"group_size": g, "bits": b}
+        out = {}
+        for key, allowed in (("group_size", QUANT_GROUP_SIZES), ("bits", QUANT_BITS)):
+            if key not in d:
+                raise CheckpointError(f"{source}: field {field}.{key} is missing")
+            v = d[key]
+            if type(v) is not int:  # bool is an int subclass; 32.0 == 32 would pass `in`
+                raise CheckpointError(
+                    f"{source}: field {field}.{key} must be an integer, got {_clip(v)} "
+                    f"({type(v).__name__})"
+                )
+            if v not in allowed:
+                raise CheckpointError(
+                    f"{source}: field {field}.{key} is {v}; supported: "
+                    f"{', '.join(map(str, allowed))}"
+                )
+            out[key] = v
+        return out
 
-    default = params("quantization.", raw)
-    spec = {}
-    for m in modules:
-        override = raw.get(m)
-        spec[m] = params(f"quantization.{m}.", override) if isinstance(override, dict) else default
+    default = params("quantization", raw)
+    spec = {m: default for m in modules}
+    for m, entry in raw.items():
+        if m in QUANT_KEYS:
+            continue
+        field = f"quantization[{m!r}]"
+        if entry is False:  # left unquantized: then it must hold no scales
+            if m in spec:
+                raise CheckpointError(
+                    f"{source}: field {field} is false (not quantized), but the checkpoint "
+                    f"holds {m}.scales"
+                )
+            continue
+        if not isinstance(entry, dict):
+            raise CheckpointError(
+                f"{source}: field {field} must be an object {{group_size, bits}} or false, "
+                f"got {_clip(entry)}"
+            )
+        if m not in spec:
+            raise CheckpointError(
+                f"{source}: field {field} quantizes module {m}, but the checkpoint holds no "
+                f"{m}.scales"
+            )
+        spec[m] = params(field, entry)
+
+    # Packed shapes against the declared bits and group size; every module's input
+    # dimension first, so a group size that does not divide one is named as such.
+    shapes = []
+    for m, q in spec.items():
+        field = f"quantization[{m!r}]" if isinstance(raw.get(m), dict) else "quantization"
+        packed, f = weights.get(f"{m}.weight", (None, None))
+        scales = weights[f"{m}.scales"][0]
+        if packed is None or packed.dtype != mx.uint32 or packed.ndim != 2 or scales.ndim != 2:
+            continue  # check_weights names the missing or mis-shaped tensor
+        g, b = q["group_size"], q["bits"]
+        in_dim, rest = divmod(packed.shape[-1] * 32, b)
+        if rest:
+            raise CheckpointError(
+                f"{source}: field {field}.bits is {b}, but {m}.weight in {f} has "
+                f"{packed.shape[-1]} uint32 words a row, no whole number of {b}-bit values"
+            )
+        if in_dim % g:
+            raise CheckpointError(
+                f"{source}: field {field}.group_size {g} does not divide the input dimension "
+                f"{in_dim} of module {m} ({m}.weight in {f}, {b}-bit)"
+            )
+        shapes.append((m, field, f, g, b, in_dim, scales.shape[-1]))
+    for m, field, f, g, b, in_dim, groups in shapes:
+        if groups * g != in_dim:
+            raise CheckpointError(
+                f"{source}: field {field} (group_size {g}, bits {b}) does not match module "
+                f"{m} in {f}: {m}.weight packs {in_dim} values a row, {m}.scales has "
+                f"{groups} groups, not {in_dim // g}"
+            )
     return spec
 
 
@@ -236,22 +308,53 @@ def check_weights(model: Model, weights: dict[str, tuple[mx.array, str]]) -> Non
             raise CheckpointError(f"tensor {name} in {f} has dtype {dtype}, expected {want}")
 
 
-def build(ckpt: Checkpoint, dtype: str | mx.Dtype = "float32", fuse: bool = True) -> Model:
+def check_finite(weights: dict[str, tuple[mx.array, str]]) -> None:
+    """Refuse NaN or Inf in any float tensor (weights, norms, a quantized module's scales
+    and biases), naming the tensor and its file. Unchecked, such a weight surfaces, if
+    at all, as bad logits that a report blames on the engine. Runs on MLX's default
+    device; packed integer weights cannot hold either value."""
+    floats = [(name, a, f) for name, (a, f) in weights.items() if a.dtype in FLOAT_DTYPES]
+    if not floats:
+        return
+    # A sum is NaN or Inf when any element is, and costs a third of an elementwise
+    # isfinite on MLX's CPU; a sum that overflowed is told apart by the exact test.
+    sums = mx.stack([a.sum().astype(mx.float32) for _, a, _ in floats]).tolist()
+    for (name, a, f), total in zip(floats, sums):
+        if not math.isfinite(total) and not mx.isfinite(a).all().item():
+            bad = int(mx.logical_not(mx.isfinite(a)).sum().item())
+            raise CheckpointError(
+                f"tensor {name} in {f} holds {bad} non-finite value(s) (NaN or Inf); to "
+                "study such a model anyway, skip the check (--allow-non-finite)"
+            )
+
+
+def check_checkpoint(ckpt: Checkpoint, finite: bool = True) -> Model:
+    """Check every tensor against the model ``ckpt.config`` describes (names, shapes,
+    dtypes, quantization) and, with ``finite``, for NaN and Inf; returns that model,
+    still unfilled (MLX allocates its parameters lazily)."""
+    model = Model(ckpt.config)
+    if ckpt.quantization:
+        nn.quantize(model, class_predicate=lambda p, _m: ckpt.quantization.get(p, False))
+    check_weights(model, ckpt.weights)
+    if finite:
+        check_finite(ckpt.weights)
+    return model
+
+
+def build(
+    ckpt: Checkpoint, dtype: str | mx.Dtype = "float32", fuse: bool = True, finite: bool = True
+) -> Model:
     """A model holding ``ckpt``'s weights: floats cast to ``dtype``; packed quantized
     weights kept, their scales and biases cast to ``dtype`` (the activation dtype).
 
     The weights are checked and installed under their HF names; then, with ``fuse``,
     each layer's q/k/v and gate/up projections are joined into one matmul each
     (``Model.fuse_projections``), so the model's parameters are named ``qkv_proj``
-    and ``gate_up_proj`` where the checkpoint has the separate ones.
+    and ``gate_up_proj`` where the checkpoint has the separate ones. ``finite``: as
+    for ``check_checkpoint``.
     """
     target = parse_dtype(dtype)
-    # MLX initialises parameters lazily, so this allocates nothing until the real
-    # weights replace the placeholders.
-    model = Model(ckpt.config)
-    if ckpt.quantization:
-        nn.quantize(model, class_predicate=lambda p, _m: ckpt.quantization.get(p, False))
-    check_weights(model, ckpt.weights)
+    model = check_checkpoint(ckpt, finite)
     model.load_weights(
         [
             (n, a if a.dtype == mx.uint32 else a.astype(target))
@@ -272,12 +375,15 @@ def load(
     dtype: str | mx.Dtype = "float32",
     dequantize: bool = False,
     fuse: bool = True,
+    finite: bool = True,
 ) -> Model:
     """Build the model a checkpoint directory or GGUF file describes and fill it
-    (``fuse``: as for ``build``).
+    (``fuse``, ``finite``: as for ``build``).
 
     Raises ConfigError or CheckpointError naming the file and tensor at fault.
     """
     parse_dtype(dtype)  # a bad dtype fails before any file is read
     ckpt = read_checkpoint(path)
-    return build(dequantized(ckpt) if dequantize else ckpt, dtype, fuse)
+    if finite:  # the file's own values, before a cast could turn a large one into inf
+        check_finite(ckpt.weights)
+    return build(dequantized(ckpt) if dequantize else ckpt, dtype, fuse, finite=False)

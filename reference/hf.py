@@ -27,21 +27,39 @@ class ReferenceRun:
     values: list[np.ndarray]  # per layer (n_kv_heads, T, head_dim)
 
 
+def affine_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integers of MLX's affine format, int64 (rows, cols * 32 / bits): each row's
+    uint32 words are one little-endian bit stream (bit k of the row is bit k % 32 of
+    word k // 32) and value j fills its bits j * bits to (j + 1) * bits - 1, lowest
+    first. For 2, 4 and 8 bits no value crosses a word; for 3, 5 and 6 bits some
+    straddle two."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"the reference unpacks 1 to 8 bits per value, not {bits}")
+    words = packed.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (rows, W)
+    n = words.shape[-1] * 32 // bits
+    start = torch.arange(n, dtype=torch.int64) * bits  # first bit of each value
+    # Each value lies within the 64 bits of its first word and the next one.
+    pairs = torch.cat([words, torch.zeros_like(words[..., :1])], dim=-1)
+    lo, hi = pairs[..., start // 32], pairs[..., start // 32 + 1]
+    return (((hi << 32) | lo) >> (start % 32)) & ((1 << bits) - 1)
+
+
 def unpack_affine(
     packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
-    """float32 weights of MLX's affine quantization: each uint32 holds 32 // bits values,
-    lowest bits first; w = q * scale + bias per group of ``group_size`` along a row.
-    Written here from the format, not taken from MLX, so the reference does not share
-    the engine's de-quantization code."""
-    if 32 % bits:
-        raise NotImplementedError(
-            f"the reference de-quantizes 2-, 4- and 8-bit weights, not {bits}"
-        )
-    words = packed.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (rows, cols * bits / 32)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    q = ((words[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2).to(torch.float32)
+    """float32 weights of MLX's affine quantization: w = q * scale + bias per group of
+    ``group_size`` along a row, q from ``affine_codes``. Written here from the format,
+    not taken from MLX, so the reference does not share the engine's de-quantization
+    code (suites/test_quantized.py checks it against ``mx.dequantize``)."""
+    q = affine_codes(packed, bits).to(torch.float32)
     rows, cols = q.shape
+    groups = (rows, cols // group_size)
+    if cols % group_size or tuple(scales.shape) != groups or tuple(biases.shape) != groups:
+        raise ValueError(
+            f"{bits}-bit packed weights of shape {tuple(packed.shape)} hold {cols} values a "
+            f"row; scales {tuple(scales.shape)} and biases {tuple(biases.shape)} do not "
+            f"make groups of {group_size} of them"
+        )
     q = q.view(rows, cols // group_size, group_size)
     w = q * scales.float()[..., None] + biases.float()[..., None]
     return w.view(rows, cols)
@@ -60,11 +78,13 @@ def dequantized_state_dict(model_dir: Path, quantization: dict) -> dict[str, tor
             continue
         module = name.removesuffix(".weight")
         if f"{module}.scales" in tensors:
-            q = (
-                quantization.get(module)
-                if isinstance(quantization.get(module), dict)
-                else quantization
-            )
+            # A per-module entry overrides the default; mlx-lm writes ``false`` only for
+            # modules it left unquantized, which hold no scales.
+            q = quantization.get(module, quantization)
+            if not isinstance(q, dict):
+                raise ValueError(
+                    f"{model_dir}: quantization.{module} is {q!r}, but {module} is quantized"
+                )
             t = unpack_affine(
                 t,
                 tensors[f"{module}.scales"],

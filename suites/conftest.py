@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from conform_mlx import DEFAULT_MODEL
-from conform_mlx.engines import Engine, EngineError, resolve
+from conform_mlx.engines import Engine, EngineError, load_engine, resolve
 from conform_mlx.impl.loader import load
 from conform_mlx.impl.model import Model
+from conform_mlx.models import open_model
 from suites.report import DEFAULT_DIR, METRIC, NODEID, PARITY_ROWS, RunReports
 
 # Re-exported: the parity tests append their rows here.
@@ -172,7 +173,7 @@ def engine_factory(engine_cls) -> Callable[[Path, str], Engine]:
 
     def get(path: Path, dtype: str = "float32") -> Engine:
         if (path, dtype) not in loaded:
-            loaded[path, dtype] = engine_cls.load(path, dtype)
+            loaded[path, dtype] = load_engine(engine_cls, open_model(path), dtype)
         return loaded[path, dtype]
 
     return get

@@ -128,13 +128,26 @@ def test_non_finite_logits_are_named_and_agree_with_nothing():
     assert compare_logits(ref[1:], ref[1:]).non_finite == {}
 
 
-def test_nan_weights_fail_with_every_metric_saying_so(tmp_path, capsys):
-    """Both sides load the NaN, so both are named; no agreement is claimed; strict JSON."""
+def nan_model(tmp_path: Path) -> Path:
     model = Path(shutil.copytree(DEFAULT_MODEL, tmp_path / "nan-model"))
     tensors = load_file(model / "model.safetensors")
-    tensors["model.norm.weight"][:] = np.nan
+    tensors["model.norm.weight"][3] = np.nan
     save_file(tensors, model / "model.safetensors")
-    argv = ["validate", "--model", str(model), "--max-new-tokens", "2"]
+    return model
+
+
+def test_nan_weights_are_refused_naming_the_tensor(tmp_path, capsys):
+    argv = ["validate", "--model", str(nan_model(tmp_path)), "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tensor model.norm.weight in " in err and "1 non-finite value(s)" in err
+    assert "--allow-non-finite" in err and not list((tmp_path / "out").glob("*"))
+
+
+def test_allowed_nan_weights_fail_with_every_metric_saying_so(tmp_path, capsys):
+    """Both sides load the NaN, so both are named; no agreement is claimed; strict JSON."""
+    model = nan_model(tmp_path)
+    argv = ["validate", "--model", str(model), "--max-new-tokens", "2", "--allow-non-finite"]
     assert main([*argv, "--out-dir", str(tmp_path / "out")]) == 1
     out = capsys.readouterr().out
     assert "FAIL: logits_finite, parity_nmse" in out and "100.0%" not in out

@@ -18,7 +18,7 @@ import pytest
 
 from conform_mlx import versions
 from conform_mlx.cli import main
-from conform_mlx.engines import resolve
+from conform_mlx.engines import load_engine
 from conform_mlx.kld import (
     CORPORA,
     CorpusMetrics,
@@ -33,6 +33,7 @@ from conform_mlx.kld import (
 )
 from conform_mlx.kld_cli import kld_failures
 from conform_mlx.metrics import KLD_LIMIT
+from conform_mlx.models import open_model
 
 # Two positions over a vocabulary of 4, as probabilities; the next tokens are 1 and 2.
 P_REF = np.array([[0.5, 0.25, 0.2, 0.05], [0.1, 0.6, 0.2, 0.1]])
@@ -257,7 +258,7 @@ def test_impl_matches_the_stored_reference(real_goldens, trained_dir, tmp_path, 
 
 def test_a_shifted_engine_fails_the_same_check(real_goldens, trained_dir):
     """Each position fed the previous one's logits: the check above must catch it."""
-    base = engine_logits_fn(resolve("impl").load(trained_dir, "float32"))
+    base = engine_logits_fn(load_engine("impl", open_model(trained_dir), "float32"))
 
     def shifted(ids: list[int]) -> np.ndarray:
         x = base(ids)

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 from conform_mlx.impl.config import ConfigError, LlamaConfig
-from conform_mlx.impl.loader import CheckpointError, load
+from conform_mlx.impl.loader import CheckpointError, check_finite, load
 
 SHAPE = "tiny-gqa4"
 
@@ -237,3 +237,37 @@ def test_no_weights_and_bad_dtype(ckpt):
         CheckpointError, match="no model.safetensors or model.safetensors.index.json"
     ):
         load(ckpt)
+
+
+NON_FINITE = [np.nan, np.inf, -np.inf]
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("name", ["model.norm.weight", "model.layers.0.mlp.up_proj.scales"])
+def test_a_non_finite_weight_is_named(name, dtype, value):
+    x = np.ones(4096, np.float32)
+    x[4000] = value
+    weights = {"lm_head.weight": (mx.ones((4, 4)), "a.safetensors")}
+    weights[name] = (mx.array(x).astype(dtype), "b.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^tensor {name} in b\.safetensors holds 1 non-"):
+        check_finite(weights)
+
+
+def test_a_sum_that_overflows_is_not_refused():
+    """The check screens with a sum: 4096 float16 values of 60000 sum past float16's
+    range, yet every one is finite."""
+    big = mx.full((4096,), 60000.0, dtype=mx.float16)
+    assert not np.isfinite(np.array(big.sum().astype(mx.float32)))  # the screen trips
+    check_finite({"model.norm.weight": (big, "a.safetensors")})
+
+
+def test_load_refuses_a_nan_checkpoint_unless_told(checkpoint, tmp_path):
+    src = checkpoint("tiny-gqa4")
+    dst = Path(shutil.copytree(src, tmp_path / "nan"))
+    tensors = load_file(dst / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"][0, 0] = np.nan
+    save_file(tensors, dst / "model.safetensors")
+    with pytest.raises(CheckpointError, match="self_attn.k_proj.weight in .*holds 1 non-finite"):
+        load(dst)
+    load(dst, finite=False)  # --allow-non-finite's path: it loads

@@ -15,9 +15,10 @@ import pytest
 from conform_mlx import DEFAULT_MODEL
 from conform_mlx.cli import main
 from conform_mlx.impl.loader import read_config
+from conform_mlx.models import load_tokenizer
 from conform_mlx.reference.tokenizer import auto_tokenizer_ids
 from conform_mlx.validate import Options
-from conform_mlx.validate_io import DEFAULT_PROMPT, encode_prompt, load_tokenizer
+from conform_mlx.validate_io import DEFAULT_PROMPT, encode_prompt
 
 BOS = 1  # "<s>" in the committed tokenizer and bos_token_id in its config.json
 PROMPTS = [DEFAULT_PROMPT, "Hello", " leading space", "one\ntwo 3 four"]

@@ -11,7 +11,8 @@ import mlx.core as mx
 import pytest
 
 import conform_mlx.impl.engine
-from conform_mlx.engines import resolve
+from conform_mlx.engines import load_engine
+from conform_mlx.models import open_model
 from tools import gpu_bench, gpu_kernels_check, gpu_policy_ab, gpu_profile
 
 
@@ -51,7 +52,7 @@ def test_compiled_step_launches_fewer_kernels(checkpoint) -> None:
     path = checkpoint("tiny-gqa4")
     launches = {}
     for name in ("impl", "impl-compiled"):
-        step = gpu_bench.decode_step(resolve(name).load(path, "float32"), [20])
+        step = gpu_bench.decode_step(load_engine(name, open_model(path), "float32"), [20])
         anatomy = gpu_bench.step_anatomy(step, reps=2)
         assert anatomy["wall_ms"] > 0 and anatomy["wait_ms"] >= 0
         launches[name] = anatomy["launches"]

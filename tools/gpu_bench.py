@@ -14,8 +14,9 @@ evaluated step (``Engine.run_prefill`` / ``run_decode``). The engines compared a
 point are timed interleaved (a, b, c, then a, c, b, ...: the reps go through every
 order, so each engine follows each other alike), so drift in clocks or host load hits
 them alike: separate runs of the same mlx-lm step differed by up to 2x on one machine.
-Ratios are to the last engine named. The weights-read floor is the checkpoint's weight bytes (as stored, quantized or not) divided by the read
-bandwidth of a large device copy measured in the same run.
+Ratios are to the last engine named. The weights-read floor is the checkpoint's weight
+bytes (as stored, quantized or not) divided by the read bandwidth of a large device
+copy measured in the same run.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from conform_bench import common  # noqa: E402
-from conform_mlx.engines import Engine, resolve  # noqa: E402
+from conform_mlx.engines import Engine, load_engine  # noqa: E402
 from conform_mlx.impl.loader import read_config  # noqa: E402
-from conform_mlx.models import resolve_model  # noqa: E402
+from conform_mlx.models import open_model, resolve_model  # noqa: E402
 
 DTYPE = "float16"
 CONTEXTS = [16, 512, 2048]
@@ -345,7 +346,8 @@ def main() -> int:
         path = quantized_copy(common.checkpoint(args.preset), args.quantize)
     else:
         path = common.checkpoint(args.preset)
-    engines = [resolve(n).load(path, args.dtype) for n in names]
+    checked = open_model(path)
+    engines = [load_engine(n, checked, args.dtype) for n in names]
     cfg = read_config(path)
     vocab = cfg.vocab_size
     wbytes = weight_bytes(path)

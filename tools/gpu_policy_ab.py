@@ -30,7 +30,8 @@ blas.load()  # before MLX is imported: MLX binds its BLAS then (conform_mlx/blas
 import conform_mlx.impl.engine  # noqa: E402
 import conform_mlx.impl.kernels  # noqa: E402, F401  (so its submodules are in sys.modules)
 from conform_bench import common  # noqa: E402
-from conform_mlx.engines import resolve  # noqa: E402
+from conform_mlx.engines import load_engine  # noqa: E402
+from conform_mlx.models import open_model  # noqa: E402
 from tools import gpu_bench  # noqa: E402
 
 NORM = sys.modules["conform_mlx.impl.kernels.add_rms_norm"]
@@ -78,8 +79,9 @@ def main() -> int:
     args = ap.parse_args()
     names = args.variant or ["no-early", "default", "dense", "fused-norm"]
     path = common.checkpoint(args.preset)
-    engines = {n: resolve("impl-compiled").load(path, "float16") for n in names}
-    engines["mlx-lm"] = resolve("mlx-lm").load(path, "float16")
+    checked = open_model(path)
+    engines = {n: load_engine("impl-compiled", checked, "float16") for n in names}
+    engines["mlx-lm"] = load_engine("mlx-lm", checked, "float16")
     policies = {n: VARIANTS[n] for n in names} | {"mlx-lm": {}}
     vocab = common.vocab_size(args.preset)
 

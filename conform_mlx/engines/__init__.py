@@ -35,9 +35,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from conform_mlx.models import ModelInput
 
 DTYPES = ("float32", "float16", "bfloat16")
 ENTRY_POINT_GROUP = "conform_mlx.engines"
@@ -298,3 +301,10 @@ def resolve(spec: str) -> type[Engine]:
     if not isinstance(getattr(cls, "name", None), str):
         raise EngineError(f"engine {spec!r}: {target} must set a class attribute `name` (str)")
     return cls
+
+
+def load_engine(engine: str | type[Engine], model: ModelInput, dtype: str) -> Engine:
+    """The one way to load an engine: ``model`` comes from ``conform_mlx.models.open_model``,
+    so it has passed every input check before the engine's own ``load`` sees its path."""
+    cls = resolve(engine) if isinstance(engine, str) else engine
+    return cls.load(model.path, check_dtype(dtype))

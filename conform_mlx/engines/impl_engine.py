@@ -76,14 +76,16 @@ class ImplEngine(Engine):
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str) -> ImplEngine:
-        return cls(load(model_dir, check_dtype(dtype), dequantize=cls.dequantize))
+        # finite=False: load_engine's door (conform_mlx.models.open_model) checked the
+        # weights for NaN/Inf, or was told not to (--allow-non-finite).
+        return cls(load(model_dir, check_dtype(dtype), dequantize=cls.dequantize, finite=False))
 
     @classmethod
     def version(cls) -> str:
         try:  # a source tree on PYTHONPATH (the GPU machine) has no installed metadata
-            return f"conform {importlib.metadata.version('conform')}"
+            return f"conform-mlx {importlib.metadata.version('conform-mlx')}"
         except importlib.metadata.PackageNotFoundError:
-            return "conform (source tree)"
+            return "conform-mlx (source tree)"
 
     @property
     def dtype(self) -> mx.Dtype:
