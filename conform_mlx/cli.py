@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_kld(args, model)
 
     from conform_mlx.engines import NotApplicable
-    from conform_mlx.validate import Options, run
-    from conform_mlx.validate_io import check_out_dir, write_json
+    from conform_mlx.validate import run
+    from conform_mlx.validate_io import Options, check_out_dir, write_json
 
     opts = Options(
         model=model,

@@ -169,8 +169,9 @@ def plant(edit: tuple[str, str, str] | None, message: str) -> str:
 # The anchor is decode()'s own plan line; suites/test_gate.py checks it is in the file.
 SLOW_DECODE = (
     "impl/engine.py",
-    "    plan = _plan_decode(model, cache, seqs, compiled)\n    return _step(model, mx.array(ids)",
-    "    plan = _plan_decode(model, cache, seqs, compiled)\n"
+    "    plan = _plan_decode(model, cache, seqs, steps is not None)\n"
+    "    return _step(model, mx.array(ids)",
+    "    plan = _plan_decode(model, cache, seqs, steps is not None)\n"
     "    mx.eval(model(mx.array(ids)[:, None], cache, plan))  # planted: decode twice\n"
     "    return _step(model, mx.array(ids)",
 )

@@ -11,17 +11,16 @@ beside the formula, and logit parity against HF transformers. Engines named with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from conform_mlx import REPO_ROOT, machine, versions
+from conform_mlx import machine, versions
 from conform_mlx.engines import Engine, EngineCache, Greedy, NotApplicable, load_engine, resolve
 from conform_mlx.impl.config import LlamaConfig
 from conform_mlx.metrics import NMSE_LIMIT, compare_logits, describe_non_finite
 from conform_mlx.models import open_model
 from conform_mlx.validate_io import (
+    Options,
     check_run_size,
     check_vocab,
     encode_prompt,
@@ -29,20 +28,6 @@ from conform_mlx.validate_io import (
 )
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-@dataclass
-class Options:
-    model: Path
-    dtype: str = "float32"
-    prompt: str | None = None  # None: DEFAULT_PROMPT
-    tokens: list[int] | None = None
-    max_new_tokens: int = 5
-    block_size: int | None = None  # None: the engine's own; an unpaged engine refuses one
-    engine: str = "impl"
-    compare: list[str] = field(default_factory=list)  # engines timed beside it
-    out_dir: Path = REPO_ROOT / "reports"  # git-ignored; results/ holds curated records
-    allow_non_finite: bool = False  # skip the NaN/Inf weight check (to study such a model)
 
 
 def kv_bytes(cfg: LlamaConfig, itemsize: int, slots: int, kv_heads: int | None = None) -> int:

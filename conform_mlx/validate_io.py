@@ -13,19 +13,33 @@ import math
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from conform_mlx import REPO_ROOT
 from conform_mlx.impl.config import LlamaConfig
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from conform_mlx.validate import Options
-
 DEFAULT_PROMPT = "The quick brown fox"
+
+
+@dataclass
+class Options:
+    model: Path
+    dtype: str = "float32"
+    prompt: str | None = None  # None: DEFAULT_PROMPT
+    tokens: list[int] | None = None
+    max_new_tokens: int = 5
+    block_size: int | None = None  # None: the engine's own; an unpaged engine refuses one
+    engine: str = "impl"
+    compare: list[str] = field(default_factory=list)  # engines timed beside it
+    out_dir: Path = REPO_ROOT / "reports"  # git-ignored; results/ holds curated records
+    allow_non_finite: bool = False  # skip the NaN/Inf weight check (to study such a model)
 
 
 def encode_prompt(

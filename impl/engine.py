@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from conform_mlx.impl.kernels.policy import KernelPolicy, current_policy
 from conform_mlx.impl.model import KVPools, Model
 from conform_mlx.impl.paged_cache import CacheFullError, PagedKVCache, StepPlan, check_id, check_int
 
@@ -62,15 +63,15 @@ def prefill(
     tokens: Sequence[int] | np.ndarray,
     chunk_size: int | None = None,
     trace: dict[str, list[mx.array]] | None = None,
-    compiled: bool = False,
+    steps: CompiledSteps | None = None,
 ) -> mx.array:
     """Feed ``tokens`` to ``seq`` (after whatever it has cached); logits (T, vocab).
 
     With ``chunk_size``, the prompt goes through the model ``chunk_size`` tokens at a
     time, each chunk attending to the cached chunks before it. ``trace``, when given,
     collects each chunk's per-layer activations (see ``Model.__call__``) by name.
-    ``compiled`` is as for ``decode``; MLX traces once per chunk length, so it pays
-    off for prompts of repeating lengths (fixed-size chunks), not one-off prompts.
+    ``steps`` is as for ``decode``; MLX traces once per chunk length, so it pays off
+    for prompts of repeating lengths (fixed-size chunks), not one-off prompts.
     """
     ids = _check_tokens(model, tokens, f"prompt for sequence {seq!r}")
     model.check_cache(cache)
@@ -84,7 +85,7 @@ def prefill(
     logits = []
     for chunk in chunks:
         plan = cache.plan([seq], chunk.size)
-        out = _step(model, mx.array(chunk)[None], cache, plan, trace, compiled)  # (1, t, vocab)
+        out = _step(model, mx.array(chunk)[None], cache, plan, trace, steps)  # (1, t, vocab)
         logits.append(out.squeeze(0))  # not out[0]: MLX would gather (copy) the logits
     return logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0)
 
@@ -95,22 +96,22 @@ def decode(
     seqs: Sequence[Hashable],
     tokens: Sequence[int] | np.ndarray,
     trace: dict[str, list[mx.array]] | None = None,
-    compiled: bool = False,
+    steps: CompiledSteps | None = None,
 ) -> mx.array:
     """Feed one token to each sequence in ``seqs`` in one batch; logits (B, vocab).
 
-    ``compiled`` runs the step as an ``mx.compile``d graph (see ``CompiledSteps``):
-    the same ops, without rebuilding the graph in Python every step. It is off by
-    default because a compiled graph keeps what it traced: code patched afterwards
-    (the suites inject faults that way) would not reach it.
+    ``steps`` (the caller's ``CompiledSteps(model)``, made once and reused) runs the
+    step as an ``mx.compile``d graph: the same ops, without rebuilding the graph in
+    Python every step. Without it the step is built op by op, so code patched into
+    the model reaches it (the suites inject faults that way).
     """
     ids = _check_tokens(model, tokens, "decode tokens")
     if isinstance(seqs, str | bytes):  # else "ab" would be read as sequences "a" and "b"
         raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
     if ids.size != len(seqs):
         raise InputError(f"decode: {len(seqs)} sequences but {ids.size} tokens")
-    plan = _plan_decode(model, cache, seqs, compiled)
-    return _step(model, mx.array(ids)[:, None], cache, plan, trace, compiled)[:, 0]
+    plan = _plan_decode(model, cache, seqs, steps is not None)
+    return _step(model, mx.array(ids)[:, None], cache, plan, trace, steps)[:, 0]
 
 
 def decode_lazy(
@@ -118,7 +119,7 @@ def decode_lazy(
     cache: PagedKVCache,
     seqs: Sequence[Hashable],
     tokens: mx.array,
-    compiled: bool = False,
+    steps: CompiledSteps | None = None,
 ) -> mx.array:
     """``decode`` without the ``mx.eval``: logits (B, vocab), unevaluated.
 
@@ -140,10 +141,10 @@ def decode_lazy(
         raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
     if tokens.size != len(seqs):
         raise InputError(f"decode_lazy: {len(seqs)} sequences but {tokens.size} tokens")
-    plan = _plan_decode(model, cache, seqs, compiled)
+    plan = _plan_decode(model, cache, seqs, steps is not None)
     # int32 like decode's ids, so both share one compiled trace per shape.
     tok = tokens.astype(mx.int32)[:, None]
-    return _step(model, tok, cache, plan, None, compiled, lazy=True)[:, 0]
+    return _step(model, tok, cache, plan, None, steps, lazy=True)[:, 0]
 
 
 def _plan_decode(
@@ -168,17 +169,18 @@ def _step(
     cache: PagedKVCache,
     plan: StepPlan,
     trace: dict[str, list[mx.array]] | None,
-    compiled: bool,
+    steps: CompiledSteps | None,
     lazy: bool = False,
 ) -> mx.array:
     """One forward step, logits (B, T, vocab); the cache's new pools installed.
 
     Evaluated unless ``lazy``. A ``trace`` needs the Python forward, so it runs
-    eagerly even when ``compiled`` is asked for.
+    eagerly even when ``steps`` are given.
     """
     model.keep_transposes()  # outside any trace: weights replaced since get new views
-    if compiled and trace is None:
-        steps = CompiledSteps.of(model)
+    if steps is not None and trace is None:
+        if steps.model is not model:
+            raise ValueError("steps: CompiledSteps of another model")
         return steps.lazy(tokens, cache, plan) if lazy else steps(tokens, cache, plan)
     step: dict[str, mx.array] | None = {} if trace is not None else None
     out = model(tokens, cache, plan, step)
@@ -204,34 +206,6 @@ class StepPools:
 # forward(tokens, positions, slots, blocks, offsets, block_tables, context_lens, kv_pools)
 #   -> (logits, kv_pools, marks)
 StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
-
-
-def commit_layers(num_layers: int, row_kernels: bool = False) -> list[int]:
-    """The layers after which a compiled step is queued early (``CompiledSteps``).
-
-    MLX's CUDA backend submits a step's kernels to the GPU in graphs of up to 100
-    launches (an H100/H200 default), so the GPU starts on a step only once its first
-    100 launches are encoded, and the step ends with the GPU time of its last graph.
-    Queueing the step up to these layers first (``mx.async_eval``) submits it in
-    smaller graphs: the GPU starts sooner and finishes soon after the host.
-
-    - MLX's ops (about 13 launches a layer; a batch-1 step is bound by the host):
-      after layers n-7, n-5 and n-3. Measured on an H200 (TinyLlama shape,
-      results/gpu/README.md): the wait after the last launch fell from about 0.5 ms
-      to about 0.2 ms, as with 20-launch graphs for the whole process
-      (``MLX_MAX_OPS_PER_BUFFER=20``), which would also change every other engine's
-      steps.
-    - The row kernels of a batch-1 step (``impl.kernels.norm_linear``, ``row_kernels``;
-      about 8 launches a layer, and the host no longer the bound): every 4 layers
-      from layer 3. With the first graph 12 layers long the row kernels' step took as
-      long as MLX's ops' (1.00 of it); queued every 4 layers, 0.85-0.87 of it, and
-      every 2 layers 0.91 (results/gpu/row-commit-ab.txt).
-
-    On other backends queueing early only starts the work sooner.
-    """
-    if row_kernels:
-        return list(range(3, num_layers - 2, 4))
-    return [layer for layer in (num_layers - 7, num_layers - 5, num_layers - 3) if layer >= 0]
 
 
 def step_arrays(plan: StepPlan) -> list[mx.array]:
@@ -277,25 +251,21 @@ class CompiledSteps:
     so a growing context retraces only at powers of two. ``traces`` counts the
     traces: it is incremented inside the traced function, which runs only when MLX
     traces. The model's arrays (weights, RoPE frequencies) are implicit inputs, so
-    loading new weights reaches the compiled graph. Held by the model
-    (``Model.compiled_steps``), so its traces live as long as the model does.
+    loading new weights reaches the compiled graph. Made by the caller once per model,
+    after the model is built (fusing projections changes its graph), and kept as long
+    as it steps that model: the engine, or whoever calls ``generate`` repeatedly.
     """
 
     def __init__(self, model: Model) -> None:
         self.model = model
-        self.graphs: dict[bool, StepGraph] = {}
+        self.graphs: dict[tuple[bool, KernelPolicy], StepGraph] = {}
         self.traces = 0
 
-    @classmethod
-    def of(cls, model: Model) -> CompiledSteps:
-        """``model``'s compiled steps, made on first use."""
-        if model.compiled_steps is None:
-            model.compiled_steps = cls(model)
-        return model.compiled_steps
-
     def graph(self, fresh: bool) -> StepGraph:
-        """The compiled forward for steps with this ``StepPlan.fresh``."""
-        if fresh not in self.graphs:
+        """The compiled forward for steps with this ``StepPlan.fresh`` under the
+        current kernel policy (a graph bakes in the kernels it was traced with)."""
+        policy = current_policy()
+        if (fresh, policy) not in self.graphs:
             model = self.model
 
             def forward(tokens, *fields_and_pools):
@@ -305,12 +275,12 @@ class CompiledSteps:
                 plan = StepPlan(*fields, fresh=fresh)
                 layers = model.config.num_hidden_layers
                 row_kernels = model.runs_row_kernels(tokens.size)
-                marks = dict.fromkeys(commit_layers(layers, row_kernels))
+                marks = dict.fromkeys(policy.commits(layers, row_kernels))
                 logits = model(tokens, pools, plan, marks=marks)
                 return logits, pools.kv, [marks[i] for i in sorted(marks)]
 
-            self.graphs[fresh] = mx.compile(forward, inputs=model.state)
-        return self.graphs[fresh]
+            self.graphs[fresh, policy] = mx.compile(forward, inputs=model.state)
+        return self.graphs[fresh, policy]
 
     def __call__(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
         """One step through the compiled graph, evaluated; installs the new pools."""
@@ -321,8 +291,8 @@ class CompiledSteps:
     def lazy(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
         """``__call__`` without the final ``mx.eval``: the logits and the pools it
         installs are for the caller to queue (``mx.async_eval``) or chain. The step up
-        to each of ``commit_layers`` is queued here already, so the GPU starts on it
-        while the host encodes the rest."""
+        to each layer of the policy's ``commits`` is queued here already, so the GPU
+        starts on it while the host encodes the rest."""
         step = self.graph(plan.fresh)
         out, kv_pools, marks = step(tokens, *step_arrays(plan), cache.kv)
         # The traced graph returns pools of the shapes and dtype it took: installed
@@ -422,7 +392,7 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     block_size: int = 16,
     keep_logits: bool = False,
-    compiled: bool = True,
+    steps: CompiledSteps | None = None,
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``.
 
@@ -435,10 +405,11 @@ def generate(
     queued with ``mx.async_eval`` (``decode_lazy``); only then does the host wait
     for that previous token. So the host sees EOS one step late, after the step
     that feeds it is queued: that step is rolled back (``cache.trim``), keeping
-    the rule above exact. No step is queued past ``max_new_tokens``. ``compiled``
-    (the default) runs each decode step as a compiled graph (``CompiledSteps``);
-    with False the steps are built op by op, so code patched into the model
-    reaches them. The prefill is never compiled: a prompt's length rarely repeats.
+    the rule above exact. No step is queued past ``max_new_tokens``. ``steps`` (a
+    ``CompiledSteps(model)`` the caller keeps across calls) runs each decode step as
+    a compiled graph; without it the steps are built op by op, so code patched into
+    the model reaches them. The prefill is never compiled: a prompt's length rarely
+    repeats.
 
     All-or-nothing: before the first step, the whole run must fit what ``seq``
     already holds, both in the context and in the pool,
@@ -492,7 +463,7 @@ def generate(
     while True:
         queued = None
         if sampled < max_new_tokens:
-            step = decode_lazy(model, cache, [seq], token, compiled=compiled)
+            step = decode_lazy(model, cache, [seq], token, steps=steps)
             queued = sampler(step)
             mx.async_eval(queued, cache.kv, step if keep_logits else None)
             sampled += 1

@@ -21,7 +21,7 @@ step (graph replay and encoding), which bounds a batch-1 step on a GPU.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,9 +29,6 @@ import mlx.nn as nn
 from conform_mlx.impl import kernels
 from conform_mlx.impl.config import LlamaConfig
 from conform_mlx.impl.paged_cache import StepPlan
-
-if TYPE_CHECKING:
-    from conform_mlx.impl.engine import CompiledSteps
 
 
 class CacheMismatchError(ValueError):
@@ -306,10 +303,6 @@ class Model(nn.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # A plain attribute (leading underscore) so it is not a loadable parameter.
         self._inv_freq = mx.array(cfg.inv_freq())
-        # The engine's mx.compile'd forward steps, made on first use (see
-        # impl.engine.CompiledSteps). Not a dict: nn.Module files a dict attribute
-        # among its children, where it would join the parameter tree.
-        self.compiled_steps: CompiledSteps | None = None
         self._forget_transposes()
 
     def _forget_transposes(self) -> None:
@@ -341,14 +334,14 @@ class Model(nn.Module):
         """Fuse every layer's q/k/v and gate/up projections (``Attention.fuse``,
         ``MLP.fuse``) after the weights are loaded; returns the modules left unfused
         (e.g. ``model.layers.0.self_attn`` when its projections are quantized to
-        different bits). Idempotent. Drops compiled steps traced before the fusion.
+        different bits). Idempotent. Compiled steps traced before the fusion are stale:
+        make ``CompiledSteps`` after it (``impl.loader.build`` fuses).
         """
         unfused = []
         for i, layer in enumerate(self.model.layers):
             for name in ("self_attn", "mlp"):
                 if not layer[name].fuse():
                     unfused.append(f"model.layers.{i}.{name}")
-        self.compiled_steps = None
         self._forget_transposes()  # the Linears changed
         return unfused
 
@@ -356,7 +349,7 @@ class Model(nn.Module):
         """Whether a step of ``rows`` token rows runs the fused row kernels
         (``impl.kernels.norm_linear``: one row, a float model on a backend that uses them),
         judged by the first layer's q/k/v and gate/up projections;
-        ``impl.engine.commit_layers`` queues such a step at other layers."""
+        the kernel policy's ``commits`` queue such a step at other layers."""
         if not self.model.layers:
             return False
         layer = self.model.layers[0]

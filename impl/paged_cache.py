@@ -144,13 +144,7 @@ def step_fields(fields: list[list[int]]) -> list[mx.array]:
     Fields of at most two ints (a batch-1 decode step's) become one array each, all
     in MLX's small pool (``SMALL_POOL_BYTES``): no page migrates. Larger fields
     share one array, views of it, so a step costs one migration rather than one a
-    field. Measured on an H200 (TinyLlama shape, results/gpu/README.md): one packed
-    array of a batch-1 step's fields and tables cost 127-164 us a step (ncu: the
-    first kernel that read it, an 8-thread multiply, took that long). In the small
-    pool each kernel that reads a field waits on the bus instead (the decode
-    attention kernel: 17.7 -> 20.3 us), but the step's wall time still fell. Making
-    the fields on the device from one 8-byte array took those waits away too and
-    cost one launch; it timed no faster than this, so it is not done.
+    field (measured: docs/kernel-notes.md#step-fields).
     """
     if all(len(f) * 4 <= SMALL_POOL_BYTES for f in fields):
         return [mx.array(f, mx.int32) for f in fields]

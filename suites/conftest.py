@@ -1,29 +1,44 @@
 """Shared fixtures: the engine under test, checkpoints (made once per session), loaded
 models and engines, references; the options of the run's reports (suites.report).
 
-``--engine NAME`` picks the engine (default ``impl``; see conform_mlx.engines). Tests
-about impl's internals carry ``@pytest.mark.impl_only(reason)`` or sit in a file
-outside ENGINE_SUITES; with another engine they are skipped with that reason.
+``--engine NAME`` picks the engine (default ``impl``; see conform_mlx.engines). Each test
+file says at its top what it tests (``pytestmark``, docs/suites.md):
+
+- ``pytest.mark.engine_suite``: its tests go through the engine under test and run for
+  every engine; a test in it about impl's internals carries ``impl_only(reason)``.
+- ``pytest.mark.impl_only(reason)``: impl's internals or the harness; with another engine
+  every test in it is skipped with that reason. A file that says neither is skipped too,
+  so a new file is never run quietly against the wrong engine.
+
+A test that runs for an engine other than impl must request the engine (``engine_cls`` or
+``engine_factory``, directly or through a fixture): one that does not fails at setup
+(``engine_not_called``), so the engine's report never counts a test it took no part in.
+
+``pytest.mark.gpu`` marks a case that needs MLX's Metal or CUDA backend; on the CPU
+backend those cases are deselected at collection and one line of the summary says how
+many and where to run them.
 
 ``--report DIR`` (default ``reports/``, git-ignored) is where the parity and
 conformance reports go; ``--report results`` rewrites the curated records. Under
 ``pytest -n N --dist loadgroup`` tests that load the same checkpoint share a worker
-(``checkpoint_group``), so each model is loaded by one worker, not every one.
+(``checkpoint_group``, from a file's or test's ``pytest.mark.checkpoint_group``), so each
+model is loaded by one worker, not every one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 
 from conform_mlx import DEFAULT_MODEL
 from conform_mlx.engines import Engine, EngineError, load_engine, resolve
+from conform_mlx.impl.kernels.backend import active_backend
 from conform_mlx.impl.loader import load
 from conform_mlx.impl.model import Model
 from conform_mlx.models import open_model
-from suites.report import DEFAULT_DIR, METRIC, NODEID, PARITY_ROWS, RunReports
+from suites.report import DEFAULT_DIR, METRIC, NODEID, OFF_BACKEND, PARITY_ROWS, RunReports
 
 # Re-exported: the parity tests append their rows here.
 __all__ = ["PARITY_ROWS", "TINY_SHAPES", "expect_known_issue"]
@@ -31,57 +46,9 @@ __all__ = ["PARITY_ROWS", "TINY_SHAPES", "expect_known_issue"]
 # The random shapes every parity case runs on; see reference/checkpoints.py.
 TINY_SHAPES = ["tiny-mha", "tiny-gqa4", "tiny-gqa8", "tiny-mqa", "tiny-hd64", "tiny-hd128"]
 
-# Files whose tests go through the engine interface (impl-internal tests in them carry
-# the impl_only mark). Every other file is about impl's internals and, with another
-# engine, is skipped whole: a new file is never run quietly against the wrong engine.
-ENGINE_SUITES = {
-    "test_logits_parity.py",
-    "test_rope_offsets.py",
-    "test_rope_base.py",
-    "test_cache_accounting.py",
-    "test_memory_math.py",
-    "test_tinyllama_slow.py",
-    "test_quantized.py",
-}
-IMPL_ONLY_FILES = {
-    "test_kernels.py": "tests impl's attention kernels (kernels/), not an engine",
-    "test_metal_source.py": "checks impl's Metal kernel source, not an engine",
-    "test_loader.py": "tests impl's checkpoint loader and its errors",
-    "test_api.py": "tests impl's Python API (impl.engine, impl.paged_cache)",
-    "test_cli.py": "tests the conform command, which runs impl",
-    "test_engines.py": "tests engine selection (the harness), not an engine",
-    "test_reports.py": "tests the run's reports (the harness), not an engine",
-    "test_history.py": "checks the committed asv history, not an engine",
-    "test_layout.py": "checks this repository's import graph, not an engine",
-    "test_gate.py": "tests the regression gate (the harness), not an engine",
-    "test_bad_input.py": "tests the conform command's input checks, which run impl",
-    "test_all_or_nothing.py": "tests impl's paged cache and engine under refused calls",
-    "test_fused_kernels.py": "tests impl's fused kernels (kernels/), not an engine",
-    "test_kld.py": "tests the corpus metrics and goldens files (the harness); runs impl",
-    "test_host_bench.py": "times impl's host-side step work (paged cache, decode, graph)",
-    "test_generate.py": "tests impl.engine.generate's pipelining, sampler and compiled buckets",
-    "test_fused_linear.py": "tests impl's fused q/k/v and gate/up projections against unfused",
-    "test_names.py": "checks this project's import names against installed packages",
-    "test_prompt_encoding.py": "tests how the harness encodes prompts, not an engine",
-}
-# The checkpoint a file's checkpoint tests share: its parameter that names one, if any,
-# else the file's shape (tests on trained_dir alone use "trained"). Only scheduling
-# reads this: a stale entry costs a repeated load, never a wrong result.
-CHECKPOINT_PARAM = {"test_logits_parity.py": "name", "test_loader.py": "shape"}
-FILE_CHECKPOINT = {
-    "test_logits_parity.py": "tiny-gqa8",  # the fault-injection cases
-    "test_cache_accounting.py": "tiny-gqa8",
-    "test_memory_math.py": "tiny-gqa8",
-    "test_api.py": "tiny-gqa8",
-    "test_engines.py": "tiny-gqa8",
-    "test_all_or_nothing.py": "tiny-gqa8",
-    "test_loader.py": "tiny-gqa4",
-    "test_rope_base.py": "tiny-rope-500k",
-    "test_quantized.py": "trained",
-    "test_host_bench.py": "trained",  # the graph-building cases load checkpoints/tiny-gqa
-    "test_generate.py": "trained",
-    "test_fused_linear.py": "trained",
-}
+IMPL = "impl"  # the engine every test runs for
+# The fixtures through which a test reaches the engine under test.
+ENGINE_FIXTURES = {"engine_cls", "engine_factory"}
 # Session fixtures that write or load a checkpoint, a model or the reference; each
 # xdist worker is its own session, so each would repeat the work.
 CHECKPOINT_FIXTURES = {
@@ -91,7 +58,24 @@ CHECKPOINT_FIXTURES = {
     "model_factory",
     "reference_factory",
 }
+# Where to run the cases a CPU backend deselects.
+GPU_HINT = (
+    "run them on a machine with Metal or CUDA (Apple silicon; NVIDIA with the cuda "
+    "extra): python -m pytest suites/ -m gpu"
+)
+MARKERS = [
+    "engine_suite: the file's tests go through the engine under test (--engine) and run "
+    "for every engine",
+    "impl_only(reason): applies to the impl engine only; skipped with reason for another",
+    "checkpoint_group(name, param=None): the checkpoint the tests load through the session "
+    "fixtures (the test's parameter `param` where it has one), for --dist loadgroup",
+    "conformance(property): a row of the cross-engine conformance report",
+    # Registered by pytest-xdist too; here so a run without xdist does not warn.
+    "xdist_group(name): tests that share a worker",
+]
 _ENGINE = pytest.StashKey[type[Engine]]()
+_GPU_DESELECTED = pytest.StashKey[int]()
+_NOT_CALLED = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser) -> None:
@@ -111,12 +95,8 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "impl_only(reason): applies to the impl engine only")
-    config.addinivalue_line(
-        "markers", "conformance(property): a row of the cross-engine conformance report"
-    )
-    # Registered by pytest-xdist too; here so a run without xdist does not warn.
-    config.addinivalue_line("markers", "xdist_group(name): tests that share a worker")
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
     try:
         engine = config.stash[_ENGINE] = resolve(config.getoption("engine"))
     except EngineError as e:
@@ -125,40 +105,110 @@ def pytest_configure(config) -> None:
 
 
 def checkpoint_group(item: pytest.Item) -> str | None:
-    """The checkpoint a test loads through the session fixtures; None: it loads none."""
+    """The checkpoint a test loads through the session fixtures; None: it loads none.
+
+    From its ``checkpoint_group(name, param=...)`` mark: the value of its parameter
+    ``param`` if it has one, else ``name`` where it writes a random checkpoint; tests on
+    the trained one alone share "trained". Only scheduling reads this: a wrong group
+    costs a repeated load, never a wrong result."""
     if not CHECKPOINT_FIXTURES & set(item.fixturenames):
         return None
+    mark = item.get_closest_marker("checkpoint_group")
     params = item.callspec.params if hasattr(item, "callspec") else {}
-    param = CHECKPOINT_PARAM.get(item.path.name)
+    param = mark.kwargs.get("param") if mark else None
     if param in params:
         return params[param]
     if "checkpoint" not in item.fixturenames:
         return "trained"
-    return FILE_CHECKPOINT.get(item.path.name, item.path.name)
+    return mark.args[0] if mark else item.path.name
+
+
+def engine_skip_reason(item: pytest.Item, engine: str) -> str | None:
+    """Why ``item`` does not run for ``engine``; None: it runs (impl runs every test)."""
+    if engine == IMPL:
+        return None
+    mark = item.get_closest_marker("impl_only")
+    if mark:
+        return mark.args[0]
+    if item.get_closest_marker("engine_suite") is None:
+        return "its file is not marked engine_suite (tests impl's internals)"
+    return None
+
+
+def engine_not_called(items: Iterable[pytest.Item], engine: str) -> list[str]:
+    """The tests that would run, and count, for ``engine`` without requesting it (none
+    of ENGINE_FIXTURES in their fixture closure); for an engine but impl, none may."""
+    return [
+        item.nodeid
+        for item in items
+        if engine != IMPL
+        and engine_skip_reason(item, engine) is None
+        and not ENGINE_FIXTURES & set(item.fixturenames)
+    ]
 
 
 # tryfirst: xdist's loadgroup reads the groups (and rewrites node ids) in its own
 # collection hook, which must see them.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
+    gpu_only = []
+    if active_backend() == "cpu":
+        gpu_only = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_only:
+        for item in gpu_only:
+            item.stash[OFF_BACKEND] = True  # the run's selection still (suites.report)
+        dropped = {id(item) for item in gpu_only}
+        items[:] = [item for item in items if id(item) not in dropped]
+        config.hook.pytest_deselected(items=gpu_only)
+    config.stash[_GPU_DESELECTED] = len(gpu_only)
     for item in items:
         item.stash[NODEID] = item.nodeid
         group = checkpoint_group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
-    name = config.stash[_ENGINE].name
-    if name == "impl":
-        return
+    select_for_engine(items, config.stash[_ENGINE].name)
+
+
+def select_for_engine(items: list[pytest.Item], engine: str) -> None:
+    """Skip the tests that do not run for ``engine``, with their reason; of those that
+    run, mark the ones that do not request it to fail at setup."""
+    not_called = set(engine_not_called(items, engine))
     for item in items:
-        mark = item.get_closest_marker("impl_only")
-        if mark:
-            reason = mark.args[0]
-        elif item.path.name not in ENGINE_SUITES:
-            reason = IMPL_ONLY_FILES.get(item.path.name, "tests impl's internals")
-        else:
-            reason = None
+        reason = engine_skip_reason(item, engine)
         if reason:
-            item.add_marker(pytest.mark.skip(reason=f"engine {name}: {reason}"))
+            item.add_marker(pytest.mark.skip(reason=f"engine {engine}: {reason}"))
+        elif item.nodeid in not_called:
+            item.stash[_NOT_CALLED] = engine
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    name = item.stash.get(_NOT_CALLED, None)
+    if name:
+        pytest.fail(
+            f"counted for engine {name} but requests none of {sorted(ENGINE_FIXTURES)}: "
+            "make it use the engine, or mark it impl_only(reason)",
+            pytrace=False,
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):  # an xdist worker: tell the controller
+        session.config.workeroutput["gpu_deselected"] = session.config.stash.get(_GPU_DESELECTED, 0)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist, controller: every worker deselects the same cases; keep their count."""
+    count = getattr(node, "workeroutput", {}).get("gpu_deselected", 0)
+    node.config.stash[_GPU_DESELECTED] = max(node.config.stash.get(_GPU_DESELECTED, 0), count)
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    count = config.stash.get(_GPU_DESELECTED, 0)
+    if count:
+        terminalreporter.write_line(
+            f"{count} GPU-only cases deselected (MLX has no GPU backend here); {GPU_HINT}"
+        )
 
 
 @pytest.fixture(scope="session")

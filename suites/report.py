@@ -42,6 +42,9 @@ PARITY_ROWS: list[dict] = []
 METRIC = pytest.StashKey[tuple]()
 # The node id before xdist's loadgroup appends "@group", so rows match a serial run's.
 NODEID = pytest.StashKey[str]()
+# A test deselected because this machine's backend cannot run it (a GPU-only case on the
+# CPU, suites.conftest): the selection of a complete run still, not a narrowing of it.
+OFF_BACKEND = pytest.StashKey[bool]()
 _INDEX = pytest.StashKey[int]()
 
 COLUMNS = [
@@ -167,10 +170,13 @@ class RunReports:
 
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
         # A slow test left out of the default run (or a fast one out of -m slow) is the
-        # selection; any other deselection (-k, --deselect, --lf) narrows it.
+        # selection, and so is a case this backend cannot run; any other deselection
+        # (-k, --deselect, --lf) narrows it.
         wanted = self.slow
         self.recorded.off_selection += sum(
-            (item.get_closest_marker("slow") is not None) == wanted for item in items
+            (item.get_closest_marker("slow") is not None) == wanted
+            for item in items
+            if not item.stash.get(OFF_BACKEND, False)
         )
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:

@@ -1,7 +1,7 @@
 """All or nothing: a call that raises leaves the cache exactly as it was (docs/api.md),
 and a step that fits is never refused (issue 11).
 
-"Exactly as it was" is ``snapshot`` from test_cache_accounting: every block table,
+"Exactly as it was" is ``snapshot`` from test_paged_cache: every block table,
 token count, refcount and the free list in order. The cases: ``generate`` checks the
 whole run up front; a cache made for another config is refused before anything is
 reserved; every public cache method refuses arguments of the wrong type; a batch
@@ -41,7 +41,12 @@ from hypothesis.stateful import (
 import conform_mlx.impl.model
 from conform_mlx.impl.engine import InputError, decode, generate, prefill
 from conform_mlx.impl.paged_cache import CacheFullError, PagedKVCache
-from suites.test_cache_accounting import CFG, check_invariants, rows, snapshot
+from suites.test_paged_cache import CFG, check_invariants, rows, snapshot
+
+pytestmark = [
+    pytest.mark.impl_only("tests impl's paged cache and engine under refused calls"),
+    pytest.mark.checkpoint_group("tiny-gqa8"),
+]
 
 SHAPE = "tiny-gqa8"
 # (field, value) of a config whose cache the tiny-gqa8 model must refuse.

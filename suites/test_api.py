@@ -8,23 +8,28 @@ import numpy as np
 import pytest
 
 import conform_mlx.impl.kernels.rope
-from conform_mlx.impl import engine
 from conform_mlx.impl.engine import (
     CompiledSteps,
     InputError,
     Sampler,
     StepPools,
     bucket_width,
-    commit_layers,
     decode,
     generate,
     prefill,
     step_arrays,
     to_numpy,
 )
+from conform_mlx.impl.kernels.policy import KernelPolicy, early_commits, use_policy, variant
+from conform_mlx.impl.loader import load
 from conform_mlx.impl.model import KVPools
 from conform_mlx.impl.paged_cache import CacheFullError, PagedKVCache
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
+
+pytestmark = [
+    pytest.mark.impl_only("tests impl's Python API (impl.engine, impl.paged_cache)"),
+    pytest.mark.checkpoint_group("tiny-gqa8"),
+]
 
 SHAPE = "tiny-gqa8"
 
@@ -193,28 +198,31 @@ def test_rope_angles_are_made_once_a_step_for_all_layers(model, monkeypatch):
     assert shapes == [(1, 2), (1, 2), (1, 1), (1, 1)]
 
 
-# -- compiled steps (prefill / decode with compiled=True) -----------------------------------------
-def decode_run(model, compiled: bool, dtype=mx.float32) -> np.ndarray:
+# -- compiled steps (prefill / decode with steps=CompiledSteps(model)) ---------------------------
+def decode_run(model, steps: CompiledSteps | None, dtype=mx.float32) -> np.ndarray:
     """Two prompts (one also continued in 2-token chunks), then 20 decode steps of both
     together, crossing several 4-token blocks, so the compiled steps are traced again
     as the lengths change and the tables widen. All logits, in order."""
     cache = PagedKVCache(model.config, 24, 4, dtype)
-    steps = []
+    out = []
     for seq, n in (("a", 5), ("b", 9)):
         cache.add_sequence(seq)
-        steps.append(to_numpy(prefill(model, cache, seq, ids(n, seed=n), compiled=compiled)))
-    steps.append(to_numpy(prefill(model, cache, "b", ids(3), chunk_size=2, compiled=compiled)))
+        out.append(to_numpy(prefill(model, cache, seq, ids(n, seed=n), steps=steps)))
+    out.append(to_numpy(prefill(model, cache, "b", ids(3), chunk_size=2, steps=steps)))
     for i in range(20):
-        got = decode(model, cache, ["a", "b"], [3 + i, 7 + i], compiled=compiled)
-        steps.append(to_numpy(got))
-    return np.concatenate(steps)
+        got = decode(model, cache, ["a", "b"], [3 + i, 7 + i], steps=steps)
+        out.append(to_numpy(got))
+    return np.concatenate(out)
 
 
 def test_compiled_decode_equals_eager(model):
     # Same ops, but mx.compile fuses element-wise chains into one kernel, whose float
     # arithmetic may round differently: equal on the CPU, ~1e-7 apart on the H100.
     np.testing.assert_allclose(
-        decode_run(model, True), decode_run(model, False), atol=FP32_SAME_ENGINE_ATOL, rtol=0
+        decode_run(model, CompiledSteps(model)),
+        decode_run(model, None),
+        atol=FP32_SAME_ENGINE_ATOL,
+        rtol=0,
     )
 
 
@@ -230,14 +238,14 @@ def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, 
         test_compiled_decode_equals_eager(model)
 
 
-def test_commit_layers_end_the_step_in_small_graphs():
-    assert commit_layers(22) == [15, 17, 19]
-    assert commit_layers(6) == [1, 3]  # layers before the first are skipped
-    assert commit_layers(1) == []
+def test_early_commits_end_the_step_in_small_graphs():
+    assert early_commits(22, False) == (15, 17, 19)
+    assert early_commits(6, False) == (1, 3)  # layers before the first are skipped
+    assert early_commits(1, False) == ()
     # the row kernels' steps: every 4 layers from layer 3, none in the last two
-    assert commit_layers(22, row_kernels=True) == [3, 7, 11, 15, 19]
-    assert commit_layers(32, row_kernels=True) == [3, 7, 11, 15, 19, 23, 27]
-    assert commit_layers(4, row_kernels=True) == []
+    assert early_commits(22, True) == (3, 7, 11, 15, 19)
+    assert early_commits(32, True) == (3, 7, 11, 15, 19, 23, 27)
+    assert early_commits(4, True) == ()
 
 
 def test_compiled_step_asks_the_model_which_layers_to_queue(model, monkeypatch):
@@ -245,11 +253,10 @@ def test_compiled_step_asks_the_model_which_layers_to_queue(model, monkeypatch):
     gets the row kernels' layers where they run (forced here), a batch of two not."""
     asked = []
 
-    def spy(n, row_kernels=False):
+    def spy(n, row_kernels):
         asked.append(row_kernels)
-        return []
+        return ()
 
-    monkeypatch.setattr(engine, "commit_layers", spy)
     monkeypatch.setattr(type(model), "runs_row_kernels", lambda self, rows: rows == 1)
     cache = fresh_cache(model)
     for seq in ("a", "b"):
@@ -258,23 +265,25 @@ def test_compiled_step_asks_the_model_which_layers_to_queue(model, monkeypatch):
     for seqs in (["a"], ["a", "b"]):
         plan = cache.plan(seqs, 1, table_width=bucket_width)
         tokens = mx.zeros((len(seqs), 1), dtype=mx.int32)
-        CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.kv)
+        with use_policy(KernelPolicy(commits=spy)):
+            CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.kv)
     assert asked == [True, False]
 
 
-def test_compiled_step_queues_each_commit_layers_mlp_output(model, monkeypatch):
-    """The arrays a compiled step queues early are the MLP outputs of
-    ``commit_layers``: the same values the eager trace records under those names.
+def test_compiled_step_queues_each_early_commit_mlp_output(model):
+    """The arrays a compiled step queues early are the MLP outputs of the policy's
+    ``commits``: the same values the eager trace records under those names.
     (The test model's few layers get none by default: every layer is marked here.)"""
-    monkeypatch.setattr(engine, "commit_layers", lambda n, row_kernels=False: list(range(n)))
+    every = KernelPolicy(commits=lambda n, row_kernels: tuple(range(n)))
     traced, cache = {}, fresh_cache(model)
     cache.add_sequence("a")
     prefill(model, cache, "a", ids(5))
     plan = cache.plan(["a"], 1, table_width=bucket_width)
     tokens = mx.array([[7]], dtype=mx.int32)
-    *_, marks = CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.kv)
+    with use_policy(every):
+        *_, marks = CompiledSteps(model).graph(False)(tokens, *step_arrays(plan), cache.kv)
     model(tokens, cache, plan, traced)
-    layers = engine.commit_layers(model.config.num_hidden_layers)
+    layers = every.commits(model.config.num_hidden_layers, False)
     assert len(marks) == len(layers) > 0
     for layer, mark in zip(layers, marks):
         want = traced[f"layers.{layer}.mlp"].reshape(mark.shape)
@@ -283,14 +292,18 @@ def test_compiled_step_queues_each_commit_layers_mlp_output(model, monkeypatch):
         )
 
 
-def test_compiled_steps_are_held_by_the_model(model):
-    """One graph per StepPlan.fresh, on a declared attribute, outside the parameters."""
-    decode_run(model, True)
-    steps = model.compiled_steps
-    assert isinstance(steps, CompiledSteps) and CompiledSteps.of(model) is steps
-    assert sorted(steps.graphs) == [False, True]
-    assert "compiled_steps" not in model.parameters()
-    assert "compiled_steps" not in model  # nn.Module is a dict: not among its children
+def test_compiled_steps_belong_to_the_caller(model, trained_dir):
+    """One graph per StepPlan.fresh (under one policy), kept by the caller's object: the
+    model holds none, and another model's steps are refused."""
+    steps = CompiledSteps(model)
+    decode_run(model, steps)
+    assert sorted(fresh for fresh, _ in steps.graphs) == [False, True]
+    assert not any("compiled" in name for name in vars(model))
+    other = load(trained_dir, "float32")
+    cache = fresh_cache(model)
+    cache.add_sequence("a")
+    with pytest.raises(ValueError, match="another model"):
+        prefill(model, cache, "a", ids(3), steps=CompiledSteps(other))
 
 
 def test_cache_and_step_pools_are_kv_pools(model):
@@ -298,3 +311,12 @@ def test_cache_and_step_pools_are_kv_pools(model):
     cache = fresh_cache(model)
     assert isinstance(cache, KVPools)
     assert isinstance(StepPools(list(cache.kv)), KVPools)
+
+
+def test_compiled_steps_keep_a_graph_per_policy(model):
+    """A graph bakes in the kernels it was traced with: another policy gets its own."""
+    steps = CompiledSteps(model)
+    default = steps.graph(False)
+    with use_policy(variant("no-early")):
+        other = steps.graph(False)
+    assert other is not default and steps.graph(False) is default

@@ -19,6 +19,8 @@ import pytest
 from conform_mlx import DEFAULT_MODEL
 from conform_mlx.cli import main
 
+pytestmark = pytest.mark.impl_only("tests the conform command's input checks, which run impl")
+
 RANDOM_SHAPE = "tiny-gqa4"  # a random checkpoint: config.json and weights, no tokenizer
 
 

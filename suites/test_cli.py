@@ -22,6 +22,8 @@ from conform_mlx.metrics import compare_logits
 from conform_mlx.reference.checkpoints import write_random_checkpoint
 from conform_mlx.validate_io import write_json
 
+pytestmark = pytest.mark.impl_only("tests the conform command, which runs impl")
+
 KNOWN = "impl, impl-compiled, impl-dequantized, mlx-lm, hf"
 
 

@@ -29,6 +29,11 @@ from conform_mlx.impl.config import LlamaConfig
 from conform_mlx.validate import kv_bytes
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
+pytestmark = [
+    pytest.mark.impl_only("tests engine selection (the harness), not an engine"),
+    pytest.mark.checkpoint_group("tiny-gqa8"),
+]
+
 BUILTIN = ["impl", "impl-compiled", "impl-dequantized", "mlx-lm", "hf"]
 SHAPE = "tiny-gqa8"
 IDS = list(range(3, 24))  # 21 tokens: a partial second block at impl's 16

@@ -44,8 +44,9 @@ from conform_mlx.impl.kernels.norm_linear import (
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL, ROW_ATOL, ROW_RTOL
 
+pytestmark = pytest.mark.impl_only("tests impl's fused kernels (kernels/), not an engine")
+
 ON_GPU = rope.BACKEND != "cpu"
-NO_GPU = "no GPU backend (needs Metal or CUDA)"
 
 HEAD_DIMS: list[int] = [64, 128]
 HEAD_COUNTS: list[tuple[int, int]] = [(32, 4), (32, 8), (8, 8), (32, 1)]  # (q heads, kv heads)
@@ -203,7 +204,7 @@ def test_rope_write_ops_twin(head_dim, heads, block_size, new, dtype) -> None:
     assert_rope_write_matches(rope.rope_and_cache_write_ops(*rope_args(case)), case, dtype)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @grid(ROPE_GRID)
 def test_rope_write_kernel(head_dim, heads, block_size, new, dtype) -> None:
     case = make_rope_case(count(new, block_size), *heads, head_dim, block_size, dtype)
@@ -214,7 +215,7 @@ def test_rope_write_kernel(head_dim, heads, block_size, new, dtype) -> None:
         np.testing.assert_allclose(to_f64(a), to_f64(b), atol=KERNEL_ATOL[dtype], rtol=0)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_rope_write_readers_see_the_new_rows() -> None:
     """A reader of the returned pool that does not use q_rot (as the prefill gather)
     still runs after the write. The first kernel, which wrote in place, failed this."""
@@ -325,7 +326,7 @@ def test_add_rms_norm_ops_twin(hidden: int, rows: int, dtype: str) -> None:
     assert_norm_matches(add_rms_norm_ops(x, r, w, EPS), x, r, w, dtype)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("hidden", HIDDEN)
@@ -400,7 +401,7 @@ def test_norm_linear_ops_twin_against_float64(kind: tuple[bool, bool]) -> None:
     np.testing.assert_allclose(to_f64(linear_row_ops(x, w)), to_f64(x) @ to_f64(w).T, **tol)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ROW_KINDS, ids=lambda k: f"res{int(k[0])}-gated{int(k[1])}")
 @pytest.mark.parametrize("n_out", ROW_OUT)
 @pytest.mark.parametrize("hidden", ROW_HIDDEN)
@@ -414,7 +415,7 @@ def test_norm_linear_kernel(dtype: str, hidden: int, n_out: int, kind) -> None:
     assert_rows_match(got, norm_linear_ops(x, r, nw, EPS, w, gated), dtype)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_out", ROW_OUT)
 @pytest.mark.parametrize("hidden", ROW_HIDDEN)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -423,7 +424,7 @@ def test_linear_row_kernel(dtype: str, hidden: int, n_out: int) -> None:
     assert_rows_match((linear_row(x, w),), (linear_row_ops(x, w),), dtype)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_out", [32000, N_WARPS * MAX_GROUPS + 1])
 def test_row_kernels_with_many_columns_a_warp(n_out: int) -> None:
     """Past MAX_GROUPS groups each warp takes several columns (lm_head's vocabulary:
@@ -438,7 +439,7 @@ def test_row_kernels_with_many_columns_a_warp(n_out: int) -> None:
     assert_rows_match(got, want, "float16")
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_row_check_catches_gate_and_up_swapped() -> None:
     x, r, nw, w = make_row_case(2048, 64, "float16", True, seed=4)
     swapped = mx.concatenate([w[64:], w[:64]])
@@ -450,7 +451,7 @@ def test_row_check_catches_gate_and_up_swapped() -> None:
         )
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_row_check_catches_a_dropped_residual() -> None:
     x, r, nw, w = make_row_case(2048, 64, "float16", False, seed=5)
     with pytest.raises(AssertionError):

@@ -16,6 +16,7 @@ import dataclasses
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,13 +26,22 @@ import pytest
 
 import conform_mlx.impl.model
 from conform_mlx.impl.engine import CompiledSteps, decode, prefill, step_arrays, to_numpy
-from conform_mlx.impl.kernels.norm_linear import BACKEND, USE_LINEAR_ROW, USE_NORM_LINEAR
+from conform_mlx.impl.kernels.backend import active_backend
+from conform_mlx.impl.kernels.policy import KernelPolicy, use_policy
 from conform_mlx.impl.loader import Checkpoint, build, read_checkpoint
 from conform_mlx.impl.model import Model
 from conform_mlx.impl.paged_cache import PagedKVCache
 from conform_mlx.metrics import nmse
 from conform_mlx.reference.gguf_writer import write_gguf
 from suites.tolerances import FP32_SAME_ENGINE_ATOL, NMSE_LIMIT
+
+MEASURED = KernelPolicy.measured()
+NO_ROW_KERNELS = MEASURED.but(norm_linear=False, linear_row=False)
+
+pytestmark = [
+    pytest.mark.impl_only("tests impl's fused q/k/v and gate/up projections against unfused"),
+    pytest.mark.checkpoint_group("trained"),
+]
 
 PROMPTS = {"a": [1, 264, 319, 322, 309, 336, 17], "b": [1, 42, 99]}
 DECODE = [[336, 319], [264, 7], [309, 400], [12, 13], [5, 6], [77, 88]]
@@ -41,15 +51,15 @@ MATMULS = ("Matmul", "QuantizedMatmul")
 def run_logits(model: Model) -> np.ndarray:
     """Eager prefills of two sequences, then batched compiled decode steps
     (mixed lengths): every step's logits, float32, stacked in one array."""
-    cache = PagedKVCache(model.config, 8, 4, model.dtype)
+    cache, steps = PagedKVCache(model.config, 8, 4, model.dtype), CompiledSteps(model)
     out = []
     for seq, prompt in PROMPTS.items():
         cache.add_sequence(seq)
         out.append(to_numpy(prefill(model, cache, seq, prompt)))
     for tokens in DECODE:
-        out.append(to_numpy(decode(model, cache, list(PROMPTS), tokens, compiled=True)))
+        out.append(to_numpy(decode(model, cache, list(PROMPTS), tokens, steps=steps)))
     for token in (7, 8):  # batch 1: one row through the MLP (its own split of gate/up)
-        out.append(to_numpy(decode(model, cache, ["a"], [token], compiled=True)))
+        out.append(to_numpy(decode(model, cache, ["a"], [token], steps=steps)))
     return np.concatenate(out)
 
 
@@ -81,7 +91,7 @@ def decode_step_primitives(model: Model) -> Counter[str]:
     plan = cache.plan(["s"], 1)
     # The graph itself, not CompiledSteps.lazy: lazy queues the step's last layers
     # (commit_layers), and what is queued is no longer in the graph to count.
-    step = CompiledSteps.of(model).graph(plan.fresh)
+    step = CompiledSteps(model).graph(plan.fresh)
     logits, kv, _ = step(mx.array([[336]], dtype=mx.int32), *step_arrays(plan), cache.kv)
     counts = graph_primitives(logits, *kv)
     mx.eval(logits, kv)
@@ -189,12 +199,12 @@ def test_swapped_k_and_v_are_caught(trained_ckpt, monkeypatch):
 
 
 @pytest.fixture
-def mlx_row_ops(monkeypatch) -> None:
+def mlx_row_ops() -> Iterator[None]:
     """MLX's add, rms_norm and matmul for a batch-1 step's rows, not the row kernels
     (``impl.kernels.norm_linear``), on whatever backend: the graphs counted here are
     MLX's."""
-    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
-    monkeypatch.setitem(USE_LINEAR_ROW, BACKEND, False)
+    with use_policy(NO_ROW_KERNELS):
+        yield
 
 
 @pytest.mark.parametrize("kind", ["float32", "Q4_0"])
@@ -246,12 +256,13 @@ def test_decode_step_multiplies_by_kept_transposes(trained_ckpt, monkeypatch):
 def check_replaced_weight_reaches_steps(model: Model) -> None:
     """lm_head's weight replaced by twice itself after load: the logits of an eager
     prefill and of a compiled decode (traced before the change) double exactly."""
+    steps = CompiledSteps(model)
 
     def run() -> tuple[np.ndarray, np.ndarray]:
         cache = PagedKVCache(model.config, 8, 4, model.dtype)
         cache.add_sequence("a")
         eager = to_numpy(prefill(model, cache, "a", PROMPTS["a"]))
-        return eager, to_numpy(decode(model, cache, ["a"], [7], compiled=True))
+        return eager, to_numpy(decode(model, cache, ["a"], [7], steps=steps))
 
     before = run()
     model.update({"lm_head": {"weight": model.lm_head.weight * 2}})
@@ -272,9 +283,9 @@ def test_stale_transposes_are_caught(trained_ckpt, monkeypatch):
 
 
 # -- the row kernels (impl.kernels.norm_linear) in a batch-1 step ------------------------
-@pytest.mark.skipif(not USE_NORM_LINEAR[BACKEND], reason=f"row kernels not used on {BACKEND}")
+@pytest.mark.skipif(not MEASURED.norm_linear, reason=f"row kernels not used on {active_backend()}")
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_row_kernels_carry_a_batch1_step(trained_ckpt, monkeypatch, dtype):
+def test_row_kernels_carry_a_batch1_step(trained_ckpt, dtype):
     """Where the row kernels run, a batch-1 decode step has no RMSNorm and no
     projection matmul of MLX's left: per layer one fused kernel before q/k/v, one
     before the MLP (its activation included), the o and down projections as row
@@ -283,10 +294,9 @@ def test_row_kernels_carry_a_batch1_step(trained_ckpt, monkeypatch, dtype):
     model = build(trained_ckpt, dtype)
     assert model.runs_row_kernels(1) and not model.runs_row_kernels(2)
     with_kernels, logits = decode_step_primitives(model), run_logits(model)
-    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
-    monkeypatch.setitem(USE_LINEAR_ROW, BACKEND, False)
-    bare = build(trained_ckpt, dtype)
-    without, bare_logits = decode_step_primitives(bare), run_logits(bare)
+    with use_policy(NO_ROW_KERNELS):
+        bare = build(trained_ckpt, dtype)
+        without, bare_logits = decode_step_primitives(bare), run_logits(bare)
     layers = model.config.num_hidden_layers
     # (the attention's own matmuls, where its kernel does not take the heads, stay)
     assert without["RMSNorm"] - with_kernels["RMSNorm"] == 2 * layers + 1
@@ -299,17 +309,17 @@ def test_row_kernels_carry_a_batch1_step(trained_ckpt, monkeypatch, dtype):
         assert np.abs(logits - bare_logits).max() <= FP32_SAME_ENGINE_ATOL
 
 
-def test_runs_row_kernels_where_the_first_layer_takes_them(trained_ckpt, q4_gguf, monkeypatch):
+def test_runs_row_kernels_where_the_first_layer_takes_them(trained_ckpt, q4_gguf):
     """``Model.runs_row_kernels`` (which picks a compiled step's early-queued layers)
     says yes for one row of a float model where the backend uses the kernels, and no
     for a batch, for quantized projections, or where the backend does not."""
     model, quantized = build(trained_ckpt), build(q4_gguf)
-    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, False)
-    assert not model.runs_row_kernels(1)
-    monkeypatch.setitem(USE_NORM_LINEAR, BACKEND, True)
-    assert model.runs_row_kernels(1)
-    assert not model.runs_row_kernels(2)
-    assert not quantized.runs_row_kernels(1)
-    for layer in model.model.layers:  # q/k/v with a bias: gate/up still takes them
-        layer.self_attn.qkv_proj = conform_mlx.impl.model.Linear(8, 8, bias=True)
-    assert model.runs_row_kernels(1)
+    with use_policy(NO_ROW_KERNELS):
+        assert not model.runs_row_kernels(1)
+    with use_policy(MEASURED.but(norm_linear=True)):
+        assert model.runs_row_kernels(1)
+        assert not model.runs_row_kernels(2)
+        assert not quantized.runs_row_kernels(1)
+        for layer in model.model.layers:  # q/k/v with a bias: gate/up still takes them
+            layer.self_attn.qkv_proj = conform_mlx.impl.model.Linear(8, 8, bias=True)
+        assert model.runs_row_kernels(1)

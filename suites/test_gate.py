@@ -13,10 +13,13 @@ import pytest
 
 from conform_mlx import gate
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("git") is None or not (gate.REPO_ROOT / ".git").exists(),
-    reason="needs the project's git history (a clone, not an export)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("git") is None or not (gate.REPO_ROOT / ".git").exists(),
+        reason="needs the project's git history (a clone, not an export)",
+    ),
+    pytest.mark.impl_only("tests the regression gate (the harness), not an engine"),
+]
 BASE, HEAD = "a" * 40, "b" * 40
 
 

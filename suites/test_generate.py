@@ -32,6 +32,11 @@ from conform_mlx.impl.loader import load
 from conform_mlx.impl.paged_cache import PagedKVCache
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
+pytestmark = [
+    pytest.mark.impl_only("tests impl.engine.generate's pipelining, sampler and compiled buckets"),
+    pytest.mark.checkpoint_group("trained"),
+]
+
 PROMPT = [1, 264, 319, 322, 309]
 
 
@@ -73,9 +78,8 @@ def test_pipelined_generate_equals_the_plain_greedy_loop(model, compiled):
     n = 64
     want, want_logits, want_cache = plain_loop(model, PROMPT, n)
     cache = PagedKVCache.for_tokens(model.config, len(PROMPT) + n, 16)
-    gen = generate(
-        model, PROMPT, n, cache=cache, eos_token_ids=[], keep_logits=True, compiled=compiled
-    )
+    steps = CompiledSteps(model) if compiled else None
+    gen = generate(model, PROMPT, n, cache=cache, eos_token_ids=[], keep_logits=True, steps=steps)
     assert gen.tokens == want
     assert gen.logits.shape == want_logits.shape == (len(PROMPT) + n - 1, model.config.vocab_size)
     np.testing.assert_allclose(gen.logits, want_logits, atol=FP32_SAME_ENGINE_ATOL, rtol=0)
@@ -84,7 +88,7 @@ def test_pipelined_generate_equals_the_plain_greedy_loop(model, compiled):
     assert cache.tokens(0) == want_cache.tokens(0)
 
 
-def test_generate_compiles_its_decode_steps_by_default(model, monkeypatch):
+def test_generate_compiles_its_decode_steps_through_the_callers_steps(model, monkeypatch):
     calls = []
     real = CompiledSteps.lazy
 
@@ -93,8 +97,10 @@ def test_generate_compiles_its_decode_steps_by_default(model, monkeypatch):
         return real(self, tokens, cache, plan)
 
     monkeypatch.setattr(CompiledSteps, "lazy", counted)
-    gen = generate(model, PROMPT, 4, eos_token_ids=[])
+    gen = generate(model, PROMPT, 4, eos_token_ids=[], steps=CompiledSteps(model))
     assert len(calls) == len(gen.tokens) - 1 == 3
+    generate(model, PROMPT, 4, eos_token_ids=[])  # no steps: eager, no compiled call
+    assert len(calls) == 3
 
 
 # -- EOS, seen one step late ---------------------------------------------------------------
@@ -112,8 +118,9 @@ def test_eos_mid_run_rolls_back_the_step_that_fed_it(model, k, compiled):
     full, full_logits, _ = plain_loop(model, PROMPT, 24)
     eos, want = first_stop(full, k)
     cache = PagedKVCache.for_tokens(model.config, len(PROMPT) + 24, 4)
+    steps = CompiledSteps(model) if compiled else None
     gen = generate(
-        model, PROMPT, 24, cache=cache, eos_token_ids=[eos], keep_logits=True, compiled=compiled
+        model, PROMPT, 24, cache=cache, eos_token_ids=[eos], keep_logits=True, steps=steps
     )
     assert gen.tokens == want and gen.stop_reason == "eos"
     assert len(gen.decode_ms) == len(want) - 1
@@ -260,9 +267,9 @@ def test_a_long_compiled_run_traces_about_log2_blocks_graphs(trained_dir, monkey
     bound = math.ceil(math.log2(widest)) + 1
 
     def traces() -> int:
-        fresh = load(trained_dir, "float32")  # its own CompiledSteps: no traces yet
-        generate(fresh, PROMPT, n, eos_token_ids=[], block_size=bs)
-        return fresh.compiled_steps.traces
+        steps = CompiledSteps(load(trained_dir, "float32"))  # no traces yet
+        generate(steps.model, PROMPT, n, eos_token_ids=[], block_size=bs, steps=steps)
+        return steps.traces
 
     assert traces() <= bound
     # The counter sees retraces: without the buckets there is one per width.
@@ -292,8 +299,8 @@ def test_poisoned_pad_block_is_never_read(model):
     width = len(cache.block_table("s"))
     assert width == 3 and pad_block_tables(mx.zeros((1, width), mx.int32)).shape == (1, 4)
     eager = to_numpy(decode(model, setup(poison=0), ["s"], [11]))
-    padded = to_numpy(decode(model, cache, ["s"], [11], compiled=True))
+    padded = to_numpy(decode(model, cache, ["s"], [11], steps=CompiledSteps(model)))
     assert np.isfinite(padded).all() and np.isfinite(eager).all()
     np.testing.assert_allclose(padded, eager, atol=FP32_SAME_ENGINE_ATOL, rtol=0)
-    read = to_numpy(decode(model, setup(poison=1), ["s"], [11], compiled=True))
+    read = to_numpy(decode(model, setup(poison=1), ["s"], [11], steps=CompiledSteps(model)))
     assert not np.isfinite(read).all()

@@ -21,10 +21,13 @@ import pytest
 from conform_mlx import REPO_ROOT
 from conform_mlx.history import CPU_MACHINE, HISTORY_BLAS, asv_config, results_dir
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("git") is None or not (REPO_ROOT / ".git").exists(),
-    reason="needs the project's git history (a clone, not an export)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("git") is None or not (REPO_ROOT / ".git").exists(),
+        reason="needs the project's git history (a clone, not an export)",
+    ),
+    pytest.mark.impl_only("checks the committed asv history, not an engine"),
+]
 # A commit needs a point when it changes what asv installs or runs: the package, the
 # benchmarks, their inputs, the build. One that changes only tests, tools, docs or
 # results (the results of commit N are committed after it) measures the same code.

@@ -28,6 +28,11 @@ from conform_mlx.impl.engine import bucket_width, decode
 from conform_mlx.impl.model import Model
 from conform_mlx.impl.paged_cache import PagedKVCache
 
+pytestmark = [
+    pytest.mark.impl_only("times impl's host-side step work (paged cache, decode, graph)"),
+    pytest.mark.checkpoint_group("trained"),  # the graph-building cases: checkpoints/tiny-gqa
+]
+
 # A batch of 32 at mixed contexts: four lengths a block apart from each other's
 # residues (100, 257 and 700 leave a partial last block; 16 + 16 i is block-aligned,
 # so a quarter of the batch takes a new block every step), eight of each. The first

@@ -24,6 +24,10 @@ from safetensors.numpy import load_file, save_file
 from conform_mlx.cli import main
 from conform_mlx.reference.gguf_writer import write_gguf
 
+pytestmark = pytest.mark.impl_only(
+    "tests how the conform commands refuse damaged models; they run impl"
+)
+
 Damage = Callable[[bytearray, gguf.GGUFReader], None]
 COMMANDS = ["validate", "reference", "kld"]
 
@@ -218,7 +222,6 @@ def command(name: str, model: Path, out: Path) -> list[str]:
     goldens = str(out.parent / "no-goldens.npz")  # the model is refused before they are read
     args = ["--goldens", goldens, "--out-dir", str(out)]
     return ["kld", "--engine", "impl", "--model", str(model), *args]
-
 
 
 def assert_refused(name: str, argv: list[str], out: Path, capsys, *named: str) -> None:

@@ -31,6 +31,10 @@ from conform_mlx.models import open_model
 from conform_mlx.reference import gguf_writer
 from conform_mlx.reference.tokenizer import gguf_tokenizer
 
+pytestmark = pytest.mark.impl_only(
+    "tests how the conform commands refuse damaged input files; they run impl"
+)
+
 CTX, K, WINDOWS, VOCAB = 16, 8, 3, 512  # the good goldens: 3 windows of tiny-gqa's 16
 N = WINDOWS * (CTX - 1)  # scored positions
 DROP = object()  # a meta value: remove the key

@@ -42,8 +42,9 @@ from conform_mlx.impl.kernels.paged_attention import (
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
 
+pytestmark = pytest.mark.impl_only("tests impl's attention kernels (kernels/), not an engine")
+
 ON_GPU = BACKEND != "cpu"
-NO_GPU = "no GPU backend (needs Metal or CUDA)"
 
 HEAD_DIMS: list[int] = [64, 128]
 HEAD_COUNTS: list[tuple[int, int]] = [(32, 4), (32, 8), (8, 8), (32, 1)]  # (q heads, kv heads)
@@ -183,7 +184,7 @@ def test_ops_twin(
     assert_matches_reference(run_ops(case), case, dtype)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("length", SEQ_LENS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -197,7 +198,7 @@ def test_kernel(
     assert_matches_reference(run_kernel(case), case, dtype)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_parts", [1, 2, 3, 16, 200])
 def test_kernel_any_partition_count(n_parts: int) -> None:
     """Split-K gives the same answer however the context is cut, even into empty parts."""
@@ -205,7 +206,7 @@ def test_kernel_any_partition_count(n_parts: int) -> None:
     assert_matches_reference(run_kernel(case, n_parts), case, "float32")
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_warps", [1, 2, 3, 5, 8, 16])
 @pytest.mark.parametrize("n_parts", [1, 3])
 def test_kernel_any_warp_count(n_warps: int, n_parts: int) -> None:
@@ -248,7 +249,7 @@ def test_max_warps_fits_registers_and_shared_memory(
     assert launch_plan(32, 8, 256, 16, group_size, head_dim)[0] <= warps
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_kernel_refuses_more_warps_than_its_shape_fits() -> None:
     case = make_case([40], 32, 4, 128, 16, "float32")  # group of 8 x 128: 8 warps at most
     with pytest.raises(ValueError, match="n_warps must be in 1..8"):
@@ -281,7 +282,7 @@ def test_float_constants_are_template_arguments_not_inputs() -> None:
     assert not {"scale", "eps"} & set(inputs)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_kernel_large_batch_context_8192() -> None:
     case = make_case([8192, 5, 4097] + [33] * 61, 32, 4, 128, 16, "bfloat16", seed=4)
     assert_matches_reference(run_kernel(case), case, "bfloat16")
@@ -328,7 +329,7 @@ def test_dispatch_falls_back_for_unsupported_head_dim() -> None:
         assert mx.array_equal(got, run_ops(case)).item()
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_parts", [1, 3])
 def test_decode_kernel_out_shape_is_the_same_bytes(n_parts: int) -> None:
     """``out_shape`` reshapes the result in the launch (the model asks for the output
@@ -374,7 +375,7 @@ def test_supports_refuses_a_group_past_thread_group_memory() -> None:
     assert 4 * shared_floats(64, 128, 1) > 32 * 1024 >= 4 * shared_floats(32, 128, 1)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_parts", [1, 3])
 def test_kernel_stops_at_the_table_whatever_the_context_length(n_parts: int) -> None:
     """A context length past its table's width reads nothing outside the table's row:
@@ -387,7 +388,7 @@ def test_kernel_stops_at_the_table_whatever_the_context_length(n_parts: int) -> 
     assert mx.array_equal(got, want).item()
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_kernel_refuses_no_partitions() -> None:
     case = make_case([40], 32, 4, 64, 16, "float32")
     with pytest.raises(ValueError, match="n_parts must be at least 1"):

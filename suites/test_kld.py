@@ -35,6 +35,10 @@ from conform_mlx.kld_cli import kld_failures
 from conform_mlx.metrics import KLD_LIMIT
 from conform_mlx.models import open_model
 
+pytestmark = pytest.mark.impl_only(
+    "tests the corpus metrics and goldens files (the harness); runs impl"
+)
+
 # Two positions over a vocabulary of 4, as probabilities; the next tokens are 1 and 2.
 P_REF = np.array([[0.5, 0.25, 0.2, 0.05], [0.1, 0.6, 0.2, 0.1]])
 P_ENG = np.array([[0.4, 0.3, 0.2, 0.1], [0.5, 0.3, 0.1, 0.1]])

@@ -16,6 +16,11 @@ from safetensors.numpy import load_file, save_file
 from conform_mlx.impl.config import ConfigError, LlamaConfig
 from conform_mlx.impl.loader import CheckpointError, check_finite, load
 
+pytestmark = [
+    pytest.mark.impl_only("tests impl's checkpoint loader and its errors"),
+    pytest.mark.checkpoint_group("tiny-gqa4", param="shape"),
+]
+
 SHAPE = "tiny-gqa4"
 
 

@@ -24,6 +24,11 @@ from conform_mlx.metrics import compare_logits, top_k
 from suites.conftest import PARITY_ROWS, TINY_SHAPES, expect_known_issue
 from suites.tolerances import NMSE_LIMIT
 
+pytestmark = [
+    pytest.mark.engine_suite,
+    pytest.mark.checkpoint_group("tiny-gqa8", param="name"),  # tiny-gqa8: the fault cases
+]
+
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog .\nOne two three"
 PREFILL_LEN = 7
 TOTAL_LEN = 40  # crosses several 4-token blocks and two 16-token blocks

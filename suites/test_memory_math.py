@@ -24,6 +24,11 @@ from conform_mlx.impl.paged_cache import PagedKVCache
 from conform_mlx.reference.checkpoints import hf_config
 from conform_mlx.validate import kv_bytes
 
+pytestmark = [
+    pytest.mark.engine_suite,
+    pytest.mark.checkpoint_group("tiny-gqa8"),
+]
+
 MiB = 2**20
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 BLOCK_SIZES = [8, 16, 32]

@@ -14,6 +14,8 @@ from conform_mlx.impl.kernels.backend import compact
 from conform_mlx.impl.kernels.paged_attention import HEAD_DIMS as KERNEL_HEAD_DIMS
 from suites import metal_check
 
+pytestmark = pytest.mark.impl_only("checks impl's Metal kernel source, not an engine")
+
 CLANG = metal_check.clang_path()
 needs_clang = pytest.mark.skipif(
     CLANG is None,

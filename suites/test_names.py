@@ -14,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conform_mlx import REPO_ROOT
+
+pytestmark = pytest.mark.impl_only("checks this project's import names against installed packages")
 
 DIST = "conform-mlx"
 # What a fresh process started in a checkout does when transformers loads its kernel

@@ -41,8 +41,9 @@ from conform_mlx.impl.kernels.paged_prefill import (
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
 
+pytestmark = pytest.mark.impl_only("tests impl's paged prefill kernel (kernels/), not an engine")
+
 ON_GPU = BACKEND != "cpu"
-NO_GPU = "no GPU backend (needs Metal or CUDA)"
 
 HEAD_COUNTS: list[tuple[int, int]] = [(32, 4), (32, 8), (8, 8), (32, 1)]  # (q heads, kv heads)
 BLOCK_SIZES: list[int] = [8, 16, 32]
@@ -358,7 +359,7 @@ def test_kernel_needs_a_gpu() -> None:
         run_kernel(case)
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_kernel_refuses_unsupported_shapes() -> None:
     case = make_case([3], 2, 4, 2, 16, 8, "float32")
     with pytest.raises(ValueError):
@@ -371,7 +372,7 @@ def test_kernel_refuses_unsupported_shapes() -> None:
 # -- the kernel (GPU) ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("heads", HEAD_COUNTS, ids=lambda h: f"{h[0]}q{h[1]}kv")
@@ -383,7 +384,7 @@ def test_kernel(head_dim: int, heads: tuple[int, int], block_size: int, dtype: s
             assert_matches_reference(run_kernel(case), case, dtype, f"T={t} prefix={prefix}")
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(32, 4), (8, 8)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 def test_kernel_any_positions(heads: tuple[int, int]) -> None:
     """Per-row masks: positions out of order, repeated, and past the context (which
@@ -396,13 +397,13 @@ def test_kernel_any_positions(heads: tuple[int, int]) -> None:
     assert_matches_reference(run_kernel(case), case, "float32")
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_kernel_large_batch_long_context() -> None:
     case = make_case([4000, 5, 2048] + [33] * 29, 96, 32, 4, 128, 16, "bfloat16", seed=7)
     assert_matches_reference(run_kernel(case), case, "bfloat16")
 
 
-@pytest.mark.skipif(not ON_GPU, reason=NO_GPU)
+@pytest.mark.gpu
 def test_kernel_agrees_with_the_ops_twin() -> None:
     case = make_case([300, 17], 45, 32, 8, 128, 16, "float32", seed=8)
     np.testing.assert_allclose(

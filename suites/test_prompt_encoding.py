@@ -17,8 +17,9 @@ from conform_mlx.cli import main
 from conform_mlx.impl.loader import read_config
 from conform_mlx.models import load_tokenizer
 from conform_mlx.reference.tokenizer import auto_tokenizer_ids
-from conform_mlx.validate import Options
-from conform_mlx.validate_io import DEFAULT_PROMPT, encode_prompt
+from conform_mlx.validate_io import DEFAULT_PROMPT, Options, encode_prompt
+
+pytestmark = pytest.mark.impl_only("tests how the harness encodes prompts, not an engine")
 
 BOS = 1  # "<s>" in the committed tokenizer and bos_token_id in its config.json
 PROMPTS = [DEFAULT_PROMPT, "Hello", " leading space", "one\ntwo 3 four"]

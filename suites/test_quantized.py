@@ -39,6 +39,11 @@ from conform_mlx.reference.hf import affine_codes, unpack_affine
 from suites.test_logits_parity import engine_logits
 from suites.tolerances import NMSE_LIMIT
 
+pytestmark = [
+    pytest.mark.engine_suite,
+    pytest.mark.checkpoint_group("trained"),
+]
+
 TOKENS = np.random.default_rng(3).integers(0, 512, 40).tolist()
 PREFILL = 7
 # name -> (GGUF tensor type of the weights, of the token embedding, tied output)
@@ -219,6 +224,7 @@ def _mlx_codes(words: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     return np.array(out).astype(np.int64)
 
 
+@pytest.mark.impl_only("checks the reference's unpacker against MLX's (the harness), not an engine")
 @pytest.mark.parametrize("group_size", AFFINE_GROUPS)
 @pytest.mark.parametrize("bits", AFFINE_BITS)
 def test_reference_unpacks_like_mlx(bits, group_size):
@@ -261,6 +267,7 @@ REAL_AFFINE_CODES = affine_codes
 PLANTED_UNPACKERS = {"one bit late": _one_bit_late, "per-word": _per_word}
 
 
+@pytest.mark.impl_only("checks the reference's unpacker against MLX's (the harness), not an engine")
 @pytest.mark.parametrize("bits", AFFINE_BITS)
 @pytest.mark.parametrize("planted", PLANTED_UNPACKERS)
 def test_mlx_comparison_catches_a_wrong_unpacker(planted, bits):
@@ -471,7 +478,8 @@ def test_quantized_tensors_need_a_quantization_field(tmp_path, quantized):
 
 @pytest.mark.impl_only("runs the conform validate flow with impl")
 def test_validate_passes_on_a_gguf_file(quantized, tmp_path):
-    from conform_mlx.validate import Options, run
+    from conform_mlx.validate import run
+    from conform_mlx.validate_io import Options
 
     report = run(Options(model=quantized("Q4_1-tied-Q8_0"), tokens=[1, 5, 9, 30],
                          max_new_tokens=6, out_dir=tmp_path))  # fmt: skip
@@ -486,7 +494,8 @@ def test_smollm2_validates(tmp_path):
     """The real model end to end (35 s here): GGUF Q4_1 through the quantized path,
     the tokenizer from the GGUF metadata, parity on every fed position."""
     from conform_mlx.models import ModelNotFound, named_model_path
-    from conform_mlx.validate import Options, run
+    from conform_mlx.validate import run
+    from conform_mlx.validate_io import Options
 
     try:
         path = named_model_path("smollm2-135m")

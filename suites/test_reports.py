@@ -32,7 +32,10 @@ SUBSET = ["suites/test_logits_parity.py", "suites/test_cache_accounting.py"]
 KEYWORD = "tiny-mqa or fork_continues or blocks_used_after"
 FILES = {"parity.partial.json", "engines/impl.partial.json"}
 # One worker for the file under --dist loadgroup, so the serial run is made once.
-pytestmark = pytest.mark.xdist_group("test_reports")
+pytestmark = [
+    pytest.mark.xdist_group("test_reports"),
+    pytest.mark.impl_only("tests the run's reports (the harness), not an engine"),
+]
 XDIST = ["--dist", "loadgroup", "--tx", f"2*popen//python={sys.executable}"]
 
 

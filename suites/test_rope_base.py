@@ -26,6 +26,11 @@ from suites.conftest import expect_known_issue
 from suites.test_logits_parity import EngineRun, engine_logits
 from suites.tolerances import NMSE_LIMIT
 
+pytestmark = [
+    pytest.mark.engine_suite,
+    pytest.mark.checkpoint_group("tiny-rope-500k"),
+]
+
 SHAPE = "tiny-rope-500k"  # rope_theta 500000 under rope_parameters
 TOKENS = np.random.default_rng(2).integers(3, 512, 24).tolist()
 PREFILL_LEN = 7

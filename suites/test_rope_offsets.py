@@ -19,6 +19,8 @@ from conform_mlx.engines.impl_engine import DEFAULT_BLOCK_SIZE as BLOCK_SIZE
 from conform_mlx.impl.config import LlamaConfig
 from suites.tolerances import FP32_SAME_ENGINE_ATOL
 
+pytestmark = pytest.mark.engine_suite
+
 # Positions and chunks straddle impl's blocks; for an unpaged engine they are just
 # positions.
 POSITIONS = [1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 200, 511]  # 511: the last (max 512)

@@ -15,7 +15,10 @@ from conform_mlx.engines import NotApplicable
 from suites.conftest import PARITY_ROWS
 from suites.test_logits_parity import check_parity, engine_logits
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.engine_suite,
+]
 
 # TinyLlama ids for "<s> The quick brown fox" (the seed report's prompt), then four
 # more ids so four decode steps run through the paged cache.

@@ -10,10 +10,12 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 
-import conform_mlx.impl.engine
 from conform_mlx.engines import load_engine
+from conform_mlx.impl.kernels.policy import KernelPolicy, current_policy, use_policy, variant
 from conform_mlx.models import open_model
 from tools import gpu_bench, gpu_kernels_check, gpu_policy_ab, gpu_profile
+
+pytestmark = pytest.mark.impl_only("tests the GPU tools' own logic (tools/), not an engine")
 
 
 def test_graph_primitives_names_each_unevaluated_op() -> None:
@@ -120,23 +122,17 @@ def test_kernel_sweep_holds_the_policy(batch: int, context: int) -> None:
     assert all(parts <= n_blocks for _, parts in shapes)
 
 
-def test_policy_ab_sets_each_policy_and_puts_it_back() -> None:
-    """gpu_policy_ab's variants differ only while their policy is set."""
-    norm, attention = gpu_policy_ab.NORM, gpu_policy_ab.ATTENTION
-    before = (
-        norm.USE_KERNEL,
-        attention.MIN_PARTITION_TOKENS,
-        conform_mlx.impl.engine.commit_layers,
-    )
-    with gpu_policy_ab.policy(gpu_policy_ab.VARIANTS["no-early"]):
-        assert conform_mlx.impl.engine.commit_layers(22) == []
-    with gpu_policy_ab.policy({"fused_norm": True, "split": False}):
-        assert norm.USE_KERNEL and attention.MIN_PARTITION_TOKENS > 2**20
-    with pytest.raises(RuntimeError), gpu_policy_ab.policy({"fused_norm": True}):
+def test_policy_ab_runs_each_step_under_its_policy() -> None:
+    """gpu_policy_ab's variants differ only while their step runs, and not after."""
+    seen = []
+
+    def step() -> None:
+        seen.append(current_policy())
+
+    gpu_policy_ab.under(variant("no-early"), step)()
+    gpu_policy_ab.under(None, step)()  # a peer engine: the default
+    with pytest.raises(RuntimeError), use_policy(variant("fused-norm")):
         raise RuntimeError("a failing step")
-    assert (
-        norm.USE_KERNEL,
-        attention.MIN_PARTITION_TOKENS,
-        conform_mlx.impl.engine.commit_layers,
-    ) == before
-    assert conform_mlx.impl.engine.commit_layers(22) == [15, 17, 19]
+    assert seen[0].commits(22, False) == () and seen[0].split_tokens == 128
+    assert seen[1] == current_policy() == KernelPolicy.measured()
+    assert current_policy().commits(22, False) == (15, 17, 19)

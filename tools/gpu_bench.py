@@ -77,7 +77,7 @@ def rep_order(n: int, rep: int) -> tuple[int, ...]:
     reps each function runs right after each other one equally often; past 4, the
     order rotates by one each rep. On an H200 a compiled step timed right after
     mlx-lm's took 2-3% (batch 1) to 5% (batch 8) longer than the same engine's twin
-    timed after it in a fixed order (results/gpu/position-ab.txt)."""
+    timed after it in a fixed order (docs/gpu-history.md)."""
     if n <= 4:
         orders = list(itertools.permutations(range(n)))
         return orders[rep % len(orders)]

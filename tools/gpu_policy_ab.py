@@ -1,11 +1,11 @@
 """A/B of impl's step policies in one process, interleaved with mlx-lm.
 
-Each variant is its own ``impl-compiled`` engine whose module-level policy (which
-layers a compiled step queues early, whether the fused add + RMSNorm kernel runs,
-whether the decode kernel splits the context) is patched while the engine runs.
-A compiled graph keeps what it traced, so every variant keeps its own policy, and
-all of them and mlx-lm are timed turn by turn (``tools/gpu_bench.py``'s steps):
-on a shared host separate processes drifted by up to 30%, one run does not.
+Each variant is a named ``KernelPolicy`` (``impl.kernels.policy.VARIANTS``: which
+layers a compiled step queues early, whether the fused add + RMSNorm kernel or the row
+kernels run, whether the decode kernel splits the context) on its own ``impl-compiled``
+engine, run inside ``use_policy``. Compiled graphs are kept per policy, and all the
+variants and mlx-lm are timed turn by turn (``tools/gpu_bench.py``'s steps): on a
+shared host separate processes drifted by up to 30%, one run does not.
 
   python tools/gpu_policy_ab.py                      # TinyLlama shape, float16
   python tools/gpu_policy_ab.py --preset small --reps 2   # a CPU smoke run
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
@@ -27,45 +27,18 @@ from conform_mlx import blas  # noqa: E402
 
 blas.load()  # before MLX is imported: MLX binds its BLAS then (conform_mlx/blas.py)
 
-import conform_mlx.impl.engine  # noqa: E402
-import conform_mlx.impl.kernels  # noqa: E402, F401  (so its submodules are in sys.modules)
 from conform_bench import common  # noqa: E402
 from conform_mlx.engines import load_engine  # noqa: E402
+from conform_mlx.impl.kernels.policy import VARIANTS, KernelPolicy, use_policy, variant  # noqa: E402
 from conform_mlx.models import open_model  # noqa: E402
 from tools import gpu_bench  # noqa: E402
 
-NORM = sys.modules["conform_mlx.impl.kernels.add_rms_norm"]
-ATTENTION = sys.modules["conform_mlx.impl.kernels.paged_attention"]
-COMMIT_LAYERS = conform_mlx.impl.engine.commit_layers
-Policy = dict  # keys: "commit_layers" (n_layers -> layers), "fused_norm", "split"
-VARIANTS: dict[str, Policy] = {
-    "no-early": {"commit_layers": lambda n, rows=False: []},
-    "default": {},
-    "dense": {"commit_layers": lambda n, rows=False: list(range(max(n - 8, 0), n - 1))},
-    "fused-norm": {"fused_norm": True},
-    "no-split": {"split": False},
-}
 
+def under(policy: KernelPolicy | None, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run under ``policy`` (None: a peer engine, which has none)."""
 
-@contextlib.contextmanager
-def policy(p: Policy) -> Iterator[None]:
-    """impl's module-level policy set to ``p`` while inside, then put back."""
-    saved = NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, conform_mlx.impl.engine.commit_layers
-    NORM.USE_KERNEL = p.get("fused_norm", NORM.USE_KERNEL)
-    if not p.get("split", True):
-        ATTENTION.MIN_PARTITION_TOKENS = 1 << 30
-    conform_mlx.impl.engine.commit_layers = p.get("commit_layers", COMMIT_LAYERS)
-    try:
-        yield
-    finally:
-        NORM.USE_KERNEL, ATTENTION.MIN_PARTITION_TOKENS, conform_mlx.impl.engine.commit_layers = (
-            saved
-        )
-
-
-def under(p: Policy, step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
-        with policy(p):
+        with use_policy(policy) if policy else contextlib.nullcontext():
             step()
 
     return run
@@ -82,7 +55,7 @@ def main() -> int:
     checked = open_model(path)
     engines = {n: load_engine("impl-compiled", checked, "float16") for n in names}
     engines["mlx-lm"] = load_engine("mlx-lm", checked, "float16")
-    policies = {n: VARIANTS[n] for n in names} | {"mlx-lm": {}}
+    policies = {n: variant(n) for n in names} | {"mlx-lm": None}
     vocab = common.vocab_size(args.preset)
 
     def timed(make: Callable, reps: int, warmup: int = 3) -> list[float]:
@@ -107,7 +80,7 @@ def main() -> int:
     gpu_bench.print_table(list(engines), rows, floor_ms)
     print("\none decode step b=1 ctx=512, ms")
     for n, e in engines.items():
-        with policy(policies[n]):
+        with use_policy(policies[n]) if policies[n] else contextlib.nullcontext():
             a = gpu_bench.step_anatomy(gpu_bench.decode_step(e, [512]))
         print(
             f"{n:12s} launches {a['launches']:4d} wall {a['wall_ms']:.3f} python "

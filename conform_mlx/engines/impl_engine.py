@@ -1,12 +1,12 @@
 """This project's engine (``impl/``) behind the engine interface: a paged KV cache
 that stores only the K/V heads, with block accounting.
 
-``impl-compiled`` is the same engine with ``compiled=True`` on every step (each
-step one ``mx.compile``d graph; see ``impl.engine.decode``), and ``impl-dequantized``
-the same with quantized weights turned into floats at load, so the suites and
-benchmarks take them as more engine names. ``greedy`` is ``impl.engine.generate``,
-pipelined and compiled on every engine here (``greedy_compiled``); prefill and
-decode stay eager on ``impl``, so faults the suites patch into impl reach them.
+``impl-compiled`` is the same engine with every step one ``mx.compile``d graph (the
+engine's ``CompiledSteps``; see ``impl.engine.decode``), and ``impl-dequantized`` the
+same with quantized weights turned into floats at load, so the suites and benchmarks
+take them as more engine names. ``greedy`` is ``impl.engine.generate``, pipelined and
+compiled on every engine here; prefill and decode stay eager on ``impl``, so faults
+the suites patch into impl reach them.
 """
 
 from __future__ import annotations
@@ -64,15 +64,13 @@ class ImplCache(EngineCache):
 
 class ImplEngine(Engine):
     name = "impl"
-    compiled = False  # passed to every impl.engine prefill and decode step
-    # generate's ``compiled`` in ``greedy``. A compiled graph keeps the code it traced,
-    # so a test that patches a fault into impl and judges it through greedy sets this
-    # False (no suite does today: theirs go through prefill and decode).
-    greedy_compiled = True
+    compiled = False  # prefill and decode through the engine's compiled steps
     dequantize = False  # passed to impl.loader.load
 
     def __init__(self, model: Model) -> None:
         self.model = model
+        self.steps = impl_engine.CompiledSteps(model)  # compiled here, at the call site
+        self.step_graphs = self.steps if self.compiled else None  # prefill and decode
 
     @classmethod
     def load(cls, model_dir: Path, dtype: str) -> ImplEngine:
@@ -112,7 +110,7 @@ class ImplEngine(Engine):
     ) -> np.ndarray:
         step: dict[str, list[mx.array]] | None = {} if trace is not None else None
         out = impl_engine.prefill(
-            self.model, cache.paged, seq, tokens, chunk_size, step, compiled=self.compiled
+            self.model, cache.paged, seq, tokens, chunk_size, step, steps=self.step_graphs
         )
         _join(step, trace)
         return impl_engine.to_numpy(out)
@@ -122,7 +120,7 @@ class ImplEngine(Engine):
     ) -> np.ndarray:
         step: dict[str, list[mx.array]] | None = {} if trace is not None else None
         out = impl_engine.decode(
-            self.model, cache.paged, [seq], [token], step, compiled=self.compiled
+            self.model, cache.paged, [seq], [token], step, steps=self.step_graphs
         )
         _join(step, trace)
         return impl_engine.to_numpy(out)[0]
@@ -136,7 +134,7 @@ class ImplEngine(Engine):
         self._decode(cache, seqs, tokens)  # evaluated inside impl.engine.decode
 
     def run_prefill(self, cache: ImplCache, seq: Hashable, tokens: Sequence[int]) -> None:
-        impl_engine.prefill(self.model, cache.paged, seq, tokens, compiled=self.compiled)
+        impl_engine.prefill(self.model, cache.paged, seq, tokens, steps=self.step_graphs)
 
     def fill(self, cache: ImplCache, seq: Hashable, n: int) -> None:
         """Reserves the slots (``PagedKVCache.plan``) and leaves their K/V as they are."""
@@ -146,7 +144,7 @@ class ImplEngine(Engine):
     def _decode(
         self, cache: ImplCache, seqs: Sequence[Hashable], tokens: Sequence[int]
     ) -> mx.array:
-        return impl_engine.decode(self.model, cache.paged, seqs, tokens, compiled=self.compiled)
+        return impl_engine.decode(self.model, cache.paged, seqs, tokens, steps=self.step_graphs)
 
     def greedy(
         self,
@@ -167,7 +165,7 @@ class ImplEngine(Engine):
             seq=seq,
             eos_token_ids=list(eos_token_ids),
             keep_logits=True,
-            compiled=self.greedy_compiled,
+            steps=self.steps,
         )
         p = len(prompt)
         return Greedy(
@@ -179,7 +177,7 @@ class ImplEngine(Engine):
     ) -> list[int]:
         """impl.engine.generate as a user calls it: pipelined, compiled, no logits kept."""
         gen = impl_engine.generate(
-            self.model, prompt, max_new_tokens, eos_token_ids=list(eos_token_ids)
+            self.model, prompt, max_new_tokens, eos_token_ids=list(eos_token_ids), steps=self.steps
         )
         return gen.tokens
 

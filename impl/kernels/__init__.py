@@ -1,19 +1,9 @@
-"""The seam between the model and its attention/cache kernels.
+"""The seam between the model and its custom kernels: the model calls only these names.
 
-One module per operation: ``add_rms_norm``, ``norm_linear`` (a decode row's
-projections, the add and RMSNorm before them fused in), ``rope`` (RoPE of Q and K,
-then the paged cache write) and ``paged_attention`` (whose decode kernel's CUDA/Metal source
-is in ``paged_decode_source``, and which hands small chunks over a cache to
-``paged_prefill``). Each holds the custom kernel, built once at import, and an
-MLX-ops twin (the CPU path, and the oracle the kernel is checked against). A kernel
-is dispatched only where tools/gpu_kernels_check.py measured it faster than what it
-replaces.
-The model calls only the names exported here, so a Metal or CUDA kernel can replace
-an op without touching ``impl/``.
-
-The exported functions ``add_rms_norm`` and ``paged_attention`` shadow their modules
-as attributes of this package (``import impl.kernels.paged_attention as m`` gives the
-function): reach a module's other names with ``from impl.kernels.paged_attention import ...``.
+One module per op, each with a kernel (one body for CUDA and Metal, built on first use)
+and an MLX-ops twin (the CPU path and the kernel's oracle); ``policy`` picks the kernels.
+``add_rms_norm`` and ``paged_attention`` here are functions shadowing their modules:
+reach a module's other names with ``from impl.kernels.paged_attention import ...``.
 """
 
 from conform_mlx.impl.kernels.add_rms_norm import add_rms_norm

@@ -1,29 +1,8 @@
-"""Residual add fused with RMSNorm: ``h = x + residual``, ``normed = RMSNorm(h)``.
+"""Residual add fused with RMSNorm: ``h = x + residual``, ``normed = RMSNorm(h) * weight``.
 
-``add_rms_norm`` dispatches: where ``USE_KERNEL`` (off: measured slower than the
-two MLX kernels it would replace, see there) on a GPU backend (CUDA or Metal), the
-custom kernel (``add_rms_norm_kernel``) reads x and the residual once and writes
-both results in one launch; otherwise, or for inputs the kernel does not take, the
-ops twin (``add_rms_norm_ops``) runs. The twin is also the kernel's oracle, and the
-kernel keeps its grid (suites/test_fused_kernels.py) and its place in the kernel
-bench, so a faster MLX or kernel shows up there.
-
-Ops twin: an element-wise add in the activation dtype, then MLX's RMSNorm, which
-follows HF: the mean of squares in float32, ``h * rsqrt(mean + eps)`` rounded to
-the activation dtype, then multiplied by the weight.
-
-Kernel: one thread group per row, one body for CUDA (``mx.fast.cuda_kernel``) and
-Metal (``mx.fast.metal_kernel``); ``impl.kernels.backend`` supplies the per-backend lines.
-Shapes: x, residual (..., hidden) in one dtype T; weight (hidden,) in T; returns
-(h, normed), both shaped like x. Each thread holds a few elements of the row in
-registers (strided by the group size, so loads coalesce): it loads them and their
-weights at once, forms ``h = x + residual`` rounded to T, writes it and adds ``h * h``
-to a float32 sum. The sums meet through a warp reduction and shared memory; then each
-thread writes ``weight * round_T(h * rsqrt(mean + eps))`` from its registers, which
-is MLX's and HF's order of rounding.
-
-Whether the kernel beats the two MLX kernels it replaces (add, then rms_norm) is
-measured by ``tools/gpu_kernels_check.py`` at 1 and 32 rows and more.
+``add_rms_norm`` runs the kernel (a thread group a row, rounding as MLX's rms_norm) on a
+GPU where the policy's ``fused_norm`` is on (off by default: slower than MLX's two ops,
+docs/kernel-notes.md#add-and-rmsnorm), else the ops twin ``add_rms_norm_ops``, its oracle.
 """
 
 from __future__ import annotations
@@ -37,7 +16,9 @@ from conform_mlx.impl.kernels.backend import (
     float_bits,
     kernel_source,
     make_kernel,
+    on_first_use,
 )
+from conform_mlx.impl.kernels.policy import current_policy
 
 SOURCE = kernel_source("add_rms_norm")  # kernels/add_rms_norm.inc
 
@@ -48,12 +29,8 @@ PER_THREAD = 8  # elements of a row per thread, when the row is wide enough
 MAX_WARPS = 32  # 1024 threads, the most a CUDA thread group holds
 MAX_PER_THREAD = 32  # registers per thread stay bounded: hidden <= 32768
 
-# Template constants: T (dtype), N_WARPS, PER (elements per thread), EPS_BITS
-# (``float_bits``). Each thread owns
-# elements tid + i * threads of its row. All its loads are issued before any store:
-# MLX's kernel arguments are not ``restrict``, so a store to h between two loads
-# would make the compiler wait for each load in turn (the first version of this
-# kernel did that and was slower than MLX's add and rms_norm together).
+# Every load precedes any store: arguments are not ``restrict``, so a store between loads
+# would serialize them.
 _BODY = SOURCE["body"]
 
 
@@ -62,21 +39,8 @@ def build_kernel(backend: Backend) -> object:
     return make_kernel(backend, "add_rms_norm", INPUTS, ["h", "normed"], _BODY)
 
 
-# Whether the dispatcher runs the kernel on a GPU. Measured on H200s
-# (tools/gpu_kernels_check.py, hidden 2048, float16; results/gpu/kernel-bench.txt):
-# inside a compiled chain of calls the kernel took 0.012-0.019 ms a call at 1 to 32
-# rows against 0.010-0.015 ms for MLX's add then rms_norm in three runs, although
-# its GPU time was lower (ncu: 4.5 us against 2.3 + 3.2 us): MLX encodes a custom
-# kernel more slowly than its own two. With eps a template constant instead of an
-# input array, a whole batch-1 decode step with the kernel still took 1.05 / 1.06 /
-# 1.04 of the time without it at contexts 16 / 512 / 2048 (median step times,
-# results/gpu/consts-ab.txt). So
-# the ops run; Metal is unmeasured and runs them too.
-USE_KERNEL = False
-
 BACKEND: Backend = active_backend()
-# Built once at import, and only for the backend that can run it.
-_KERNEL = build_kernel(BACKEND) if BACKEND != "cpu" else None
+_kernel = on_first_use(build_kernel, "add_rms_norm_kernel")
 
 
 def supports(x: mx.array, residual: mx.array, weight: mx.array) -> bool:
@@ -92,8 +56,7 @@ def supports(x: mx.array, residual: mx.array, weight: mx.array) -> bool:
 
 
 def call_args(x: mx.array, eps: float) -> dict:
-    """Template, grid and thread group of one launch (also used by the Metal check);
-    eps is a template constant (``impl.kernels.backend.float_bits``)."""
+    """Template, grid and thread group of one launch (also used by the Metal check)."""
     rows = x.size // x.shape[-1]
     n_warps, per = shape_of_group(x.shape[-1])
     return {
@@ -109,9 +72,8 @@ def call_args(x: mx.array, eps: float) -> dict:
 
 
 def shape_of_group(hidden: int) -> tuple[int, int]:
-    """(warps per group, elements per thread) for rows of ``hidden``: about
-    ``PER_THREAD`` elements a thread, in as many warps as that takes (at most
-    ``MAX_WARPS``), so one template serves every row count of a model."""
+    """(warps per group, elements per thread) for rows of ``hidden``: about ``PER_THREAD``
+    a thread in up to ``MAX_WARPS`` warps; one template serves every row count."""
     n_warps = min(MAX_WARPS, max(1, -(-hidden // (PER_THREAD * WARP))))
     return n_warps, -(-hidden // (n_warps * WARP))
 
@@ -120,11 +82,9 @@ def add_rms_norm_kernel(
     x: mx.array, residual: mx.array, weight: mx.array, eps: float
 ) -> tuple[mx.array, mx.array]:
     """The custom kernel: (x + residual, RMSNorm(x + residual) * weight) in one launch."""
-    if _KERNEL is None:
-        raise RuntimeError("add_rms_norm_kernel needs a GPU backend (Metal or CUDA)")
     if not supports(x, residual, weight):
         raise ValueError(f"unsupported x {x.shape} {x.dtype} / weight {weight.shape}")
-    h, normed = _KERNEL(
+    h, normed = _kernel()(
         inputs=[x, residual, weight],
         output_shapes=[x.shape, x.shape],
         output_dtypes=[x.dtype, x.dtype],
@@ -137,7 +97,7 @@ def add_rms_norm(
     x: mx.array, residual: mx.array, weight: mx.array, eps: float
 ) -> tuple[mx.array, mx.array]:
     """x, residual: (..., hidden); weight: (hidden,). Returns (x + residual, RMSNorm of it)."""
-    if USE_KERNEL and BACKEND != "cpu" and supports(x, residual, weight):
+    if current_policy().fused_norm and BACKEND != "cpu" and supports(x, residual, weight):
         return add_rms_norm_kernel(x, residual, weight, eps)
     return add_rms_norm_ops(x, residual, weight, eps)
 

@@ -1,32 +1,27 @@
 """Paged prefill attention: T >= 1 new query tokens per sequence over a paged KV cache.
 
-``paged_prefill_attention`` launches the custom kernel (CUDA or Metal; its source
-and algorithm are in ``impl.kernels.paged_prefill_source``). Its contract is exactly
-``impl.kernels.paged_attention.paged_attention_ops``'s, the ops twin that is also its
-oracle. Nothing dispatches to it yet: ``paged_attention`` decides that.
+``paged_prefill_attention`` launches the kernel (``paged_prefill_source``) with exactly
+``paged_attention_ops``' contract, its twin and oracle; ``paged_attention`` dispatches
+short chunks over a cache to it.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from conform_mlx.impl.kernels.backend import WARP, Backend, active_backend, float_bits
+from conform_mlx.impl.kernels.backend import WARP, Backend, active_backend, float_bits, on_first_use
 from conform_mlx.impl.kernels.paged_prefill_source import build_kernels
 
 N_WARPS = 4  # 128 threads per group, as the decode kernel
 HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-# Query rows (GROUP_SIZE * Q_TILE) a group aims for: each row holds HEAD_DIM / 32
-# accumulators per lane, so head_dim 128 gets half the rows of head_dim 64.
+# Query rows (GROUP_SIZE * Q_TILE) a group aims for: a row costs HEAD_DIM / 32 registers a lane
 TARGET_ROWS = {64: 32, 128: 16}
-# The group's shared memory (queries, then the merged accumulator, and the warps'
-# (m, l)) must fit Metal's 32 KiB of threadgroup memory (CUDA's static limit is 48).
-SHARED_BYTES = 32 * 1024
+SHARED_BYTES = 32 * 1024  # Metal's thread-group memory (CUDA's static limit is 48 KiB)
 MAX_GROUPS_Z = 65535  # one group per (sequence, query tile) along z, which CUDA caps here
 
 BACKEND: Backend = active_backend()
-# Built once at import, and only for the backend that can run it.
-_KERNEL = build_kernels(BACKEND) if BACKEND != "cpu" else None
+_kernel = on_first_use(build_kernels, "paged_prefill_attention")
 
 
 def q_tile(group_size: int, head_dim: int) -> int:
@@ -43,8 +38,7 @@ def _tiling(q: mx.array, kv_pool: mx.array) -> tuple[int, int, int]:
 
 
 def supports(q: mx.array, kv_pool: mx.array) -> bool:
-    """Whether the kernel takes these shapes and dtype (``kv_pool`` as the cache's,
-    (num_blocks, block_size, 2, n_kv_heads, D))."""
+    """Whether the kernel takes these shapes and dtype."""
     if q.ndim != 4 or kv_pool.ndim != 5 or kv_pool.shape[2] != 2:
         return False
     batch, n_heads, t, head_dim = q.shape
@@ -63,8 +57,7 @@ def supports(q: mx.array, kv_pool: mx.array) -> bool:
 
 
 def call_args(q: mx.array, kv_pool: mx.array, scale: float) -> dict:
-    """Template, grid and thread group of one launch (also used by the Metal check);
-    the scale is a template constant (``impl.kernels.backend.float_bits``)."""
+    """Template, grid and thread group of one launch (also used by the Metal check)."""
     batch, head_dim = q.shape[0], q.shape[3]
     _, block_size, _, n_kv, _ = kv_pool.shape
     group, tile, n_tiles = _tiling(q, kv_pool)
@@ -92,14 +85,8 @@ def paged_prefill_attention(
     positions: mx.array,
     scale: float,
 ) -> mx.array:
-    """The custom kernel: causal attention of T query tokens per sequence over its cache.
-
-    Arguments and result as for ``paged_attention_ops``: q (B, n_heads, T, D) already
-    rotated, the pool already holding the new tokens, positions (B, T) the absolute
-    position of each query token; returns (B, n_heads, T, D) in q's dtype.
-    """
-    if _KERNEL is None:
-        raise RuntimeError("paged_prefill_attention needs a GPU backend (Metal or CUDA)")
+    """The kernel: ``paged_attention_ops``' attention, q (B, n_heads, T, D) rotated, over a
+    pool already holding the new tokens; returns (B, n_heads, T, D) in q's dtype."""
     if not supports(q, kv_pool) or positions.shape != (q.shape[0], q.shape[2]):
         raise ValueError(
             f"unsupported q {q.shape} {q.dtype} / pool {kv_pool.shape} / positions "
@@ -112,7 +99,7 @@ def paged_prefill_attention(
         context_lens.astype(mx.int32),
         positions.astype(mx.int32),
     ]
-    return _KERNEL(
+    return _kernel()(
         inputs=inputs,
         output_shapes=[q.shape],
         output_dtypes=[q.dtype],

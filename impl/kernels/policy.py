@@ -1,0 +1,82 @@
+"""Which custom kernels a step runs (``KernelPolicy``), set for a block with ``use_policy``.
+
+Defaults are what measured faster per backend (docs/kernel-notes.md#policy); Metal is
+unmeasured and runs MLX's ops. Kernels read ``current_policy()`` when a step is built,
+and compiled steps are cached per policy, so two policies never share a graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from conform_mlx.impl.kernels.backend import active_backend
+
+
+def early_commits(num_layers: int, row_kernels: bool) -> tuple[int, ...]:
+    """The layers after which a compiled step is queued before it is whole: MLX's CUDA
+    backend submits graphs of 100 launches, so a long first graph starts the GPU late
+    (measured: docs/kernel-notes.md#policy)."""
+    if row_kernels:
+        return tuple(range(3, num_layers - 2, 4))
+    return tuple(layer for layer in (num_layers - 7, num_layers - 5, num_layers - 3) if layer >= 0)
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    fused_norm: bool = False  # add_rms_norm's kernel: slower than MLX's two ops
+    norm_linear: bool = False  # batch-1 rows: residual add + RMSNorm fused into q/k/v, gate/up
+    linear_row: bool = False  # batch-1 rows: o, down and lm_head as a row kernel
+    split_tokens: int = 128  # decode attention splits a sequence every this many tokens
+    commits: Callable[[int, bool], tuple[int, ...]] = early_commits  # layers queued early
+
+    @classmethod
+    def measured(cls, backend: str | None = None) -> KernelPolicy:
+        """The default for ``backend`` (the active one): the row kernels on CUDA only."""
+        cuda = (backend or active_backend()) == "cuda"
+        return cls(norm_linear=cuda, linear_row=cuda)
+
+    def but(self, **changes) -> KernelPolicy:
+        return dataclasses.replace(self, **changes)
+
+
+_CURRENT: ContextVar[KernelPolicy | None] = ContextVar("kernel_policy", default=None)
+
+
+@functools.cache
+def _measured() -> KernelPolicy:
+    return KernelPolicy.measured()
+
+
+def current_policy() -> KernelPolicy:
+    """The policy ``use_policy`` set, else the measured default (made once: the model
+    asks at every layer of an eager step)."""
+    return _CURRENT.get() or _measured()
+
+
+@contextlib.contextmanager
+def use_policy(policy: KernelPolicy) -> Iterator[KernelPolicy]:
+    token = _CURRENT.set(policy)
+    try:
+        yield policy
+    finally:
+        _CURRENT.reset(token)
+
+
+# Named variants for A/B runs (tools/gpu_policy_ab.py): what was tried against the default.
+VARIANTS = {
+    "default": {},
+    "no-early": {"commits": lambda n, rows: ()},
+    "dense": {"commits": lambda n, rows: tuple(range(max(n - 8, 0), n - 1))},
+    "fused-norm": {"fused_norm": True},
+    "no-split": {"split_tokens": 1 << 30},
+    "no-row-kernels": {"norm_linear": False, "linear_row": False},
+}
+
+
+def variant(name: str) -> KernelPolicy:
+    return KernelPolicy.measured().but(**VARIANTS[name])
