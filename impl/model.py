@@ -21,6 +21,7 @@ step (graph replay and encoding), which bounds a batch-1 step on a GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
@@ -49,6 +50,26 @@ class KVPools(Protocol):
 
     def update_layer(self, layer: int, kv_pool: mx.array) -> None:
         """Install a layer's pool after the cache write (ops return new arrays)."""
+
+
+@dataclass
+class Step:
+    """What every layer of one forward step shares: the cache it reads and writes,
+    where its tokens go (``plan``: positions (B, T), slots, block tables), their RoPE
+    angles and pool rows (``rope``), a chunk's cached context (``context``, None
+    otherwise), and the per-layer trace when one is kept."""
+
+    cache: KVPools
+    plan: StepPlan
+    rope: kernels.RopeStep
+    context: kernels.ContextRows | None
+    trace: dict[str, mx.array] | None = None
+
+    def record(self, name: str, rows: mx.array) -> None:
+        """Keep ``rows`` (B * T, ...) in the trace as (B, T, ...) under ``name``."""
+        if self.trace is not None:
+            B, T = self.plan.positions.shape
+            self.trace[name] = rows.reshape(B, T, -1)
 
 
 # Key of a Linear's transposed weight: in the module's state, so a compiled step takes
@@ -97,22 +118,15 @@ class Attention(nn.Module):
             return self.qkv_proj(x)
         return mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
 
-    def __call__(
-        self,
-        qkv: mx.array,
-        layer: int,
-        cache: KVPools,
-        plan: StepPlan,
-        rope: kernels.RopeStep,
-        context: kernels.ContextRows | None,
-    ) -> mx.array:
-        """qkv: ``project_qkv`` of the step's tokens as rows, (B * T, ...) (see
-        ``Model.__call__``); ``context``: the step's context rows, for a chunk over a
-        cache."""
-        B, T = plan.positions.shape
+    def __call__(self, qkv: mx.array, layer: int, step: Step) -> mx.array:
+        """qkv: ``project_qkv`` of the step's tokens as rows, (B * T, ...); writes the
+        new tokens' K/V into ``layer``'s pool, then attends over the cache."""
+        plan, pools = step.plan, step.cache
         # q: (B, T, n_heads, head_dim), token-major; kv: (B * T, 2, n_kv_heads, head_dim).
-        q, kv, kv_pool = kernels.rope_and_cache_write(qkv, (B, T), rope, cache.kv[layer])
-        cache.update_layer(layer, kv_pool)
+        q, kv, kv_pool = kernels.rope_and_cache_write(
+            qkv, plan.positions.shape, step.rope, pools.kv[layer]
+        )
+        pools.update_layer(layer, kv_pool)
         out = kernels.paged_attention(
             q,
             kv_pool,
@@ -121,7 +135,7 @@ class Attention(nn.Module):
             plan.positions,
             self.scale,
             own_kv=kv if plan.fresh else None,  # the new tokens are the whole context
-            rows=context,
+            rows=step.context,
         )  # (B * T, n_heads * head_dim)
         return self.o_proj(out)
 
@@ -247,39 +261,31 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(
-        self,
-        h: mx.array,
-        pending: mx.array | None,
-        layer: int,
-        cache: KVPools,
-        plan: StepPlan,
-        rope: kernels.RopeStep,
-        context: kernels.ContextRows | None,
-        trace: dict[str, mx.array] | None = None,
+        self, h: mx.array, pending: mx.array | None, layer: int, step: Step
     ) -> tuple[mx.array, mx.array]:
         """h: the residual stream, (B * T, hidden); pending: the previous layer's MLP
-        output, not yet added to it (None for the first layer). Each residual add is
-        fused with the RMSNorm that follows it (``impl.kernels.add_rms_norm``), and for one
-        row also with the projection after that (``norm_then``). Returns (h, mlp):
-        this layer's output is h + mlp, left for the next norm to add.
-        """
-        attn, mlp, traced = self.self_attn, self.mlp, trace is not None
-        qkv_proj = attn.get("qkv_proj")
-        h, qkv, normed = norm_then(h, pending, self.input_layernorm, qkv_proj, False, traced)
+        output, not yet added to it (None for the first layer). Each residual add runs
+        fused with the RMSNorm after it, and for one row also with the projection after
+        that (``norm_then``). Returns (h, mlp): the layer's output is h + mlp, which the
+        next layer's first norm adds."""
+        traced, name = step.trace is not None, f"layers.{layer}"
+        # h += pending; x = input_layernorm(h); qkv = x @ W_qkv (one launch for one row)
+        h, qkv, x = norm_then(
+            h, pending, self.input_layernorm, self.self_attn.get("qkv_proj"), False, traced
+        )
         if qkv is None:
-            qkv = attn.project_qkv(normed)
-        attn = attn(qkv, layer, cache, plan, rope, context)
-        up_proj = mlp.get("gate_up_proj")
-        h, act, normed_h = norm_then(h, attn, self.post_attention_layernorm, up_proj, True, traced)
-        mlp = mlp(normed_h) if act is None else mlp.down_proj(act)
-        if trace is not None:
-            # Execution order, so the first entry off tolerance is where a fault begins.
-            B, T = plan.positions.shape
-            trace[f"layers.{layer}.input_layernorm"] = normed.reshape(B, T, -1)
-            trace[f"layers.{layer}.self_attn"] = attn.reshape(B, T, -1)
-            trace[f"layers.{layer}.post_attention_layernorm"] = normed_h.reshape(B, T, -1)
-            trace[f"layers.{layer}.mlp"] = mlp.reshape(B, T, -1)
-        return h, mlp
+            qkv = self.self_attn.project_qkv(x)
+        attn_out = self.self_attn(qkv, layer, step)
+        # h += attn_out; a = silu(gate) * up of post_attention_layernorm(h)
+        gate_up = self.mlp.get("gate_up_proj")
+        h, act, x2 = norm_then(h, attn_out, self.post_attention_layernorm, gate_up, True, traced)
+        mlp_out = self.mlp(x2) if act is None else self.mlp.down_proj(act)
+        # Execution order, so the first entry off tolerance is where a fault begins.
+        step.record(f"{name}.input_layernorm", x)
+        step.record(f"{name}.self_attn", attn_out)
+        step.record(f"{name}.post_attention_layernorm", x2)
+        step.record(f"{name}.mlp", mlp_out)
+        return h, mlp_out
 
 
 class LlamaModel(nn.Module):
@@ -429,17 +435,17 @@ class Model(nn.Module):
             context = kernels.context_rows(
                 plan.block_tables, plan.context_lens, plan.positions, block_size, h.dtype
             )
+        step = Step(cache, plan, rope, context, trace)
         mlp = None  # the latest MLP output, added to h by the next norm
         for i, layer in enumerate(self.model.layers):
-            h, mlp = layer(h, mlp, i, cache, plan, rope, context, trace)
+            h, mlp = layer(h, mlp, i, step)
             if marks is not None and i in marks:
                 marks[i] = mlp
             if trace is not None:
-                trace[f"layers.{i}"] = (h + mlp).reshape(B, T, -1)  # the fused add's rounding
+                step.record(f"layers.{i}", h + mlp)  # the fused add's rounding
         head = None if self.config.tie_word_embeddings else self.lm_head
         _, logits, x = norm_then(h, mlp, self.model.norm, head, False, trace is not None)
-        if trace is not None:
-            trace["norm"] = x.reshape(B, T, -1)
+        step.record("norm", x)
         if logits is None:
             logits = self.model.embed_tokens.as_linear(x) if head is None else head(x)
         return logits.reshape(B, T, -1)
