@@ -102,6 +102,11 @@ def asv_config(tmp: Path, results: Path | None = None, cpu_matrix: bool = True) 
     conf = json.loads((REPO_ROOT / "asv.conf.json").read_text())
     if not cpu_matrix:
         conf.pop("matrix", None)
+    # asv runs from the folder of the config it is given, where {conf_dir} would point:
+    # the commands name the repository's files (constraints.txt) by absolute path.
+    conf["install_command"] = [
+        c.replace("{conf_dir}", str(REPO_ROOT)) for c in conf["install_command"]
+    ]
     conf.update(
         repo=str(REPO_ROOT),
         benchmark_dir=str(REPO_ROOT / conf["benchmark_dir"]),

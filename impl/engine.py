@@ -21,7 +21,14 @@ import numpy as np
 
 from conform_mlx.impl.kernels.policy import KernelPolicy, current_policy
 from conform_mlx.impl.model import KVPools, Model
-from conform_mlx.impl.paged_cache import CacheFullError, PagedKVCache, StepPlan, check_id, check_int
+from conform_mlx.impl.paged_cache import (
+    CacheFullError,
+    PagedKVCache,
+    StepPlan,
+    check_id,
+    check_int,
+    check_seqs,
+)
 
 
 class InputError(ValueError):
@@ -106,8 +113,7 @@ def decode(
     the model reaches it (the suites inject faults that way).
     """
     ids = _check_tokens(model, tokens, "decode tokens")
-    if isinstance(seqs, str | bytes):  # else "ab" would be read as sequences "a" and "b"
-        raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
+    check_seqs(seqs)
     if ids.size != len(seqs):
         raise InputError(f"decode: {len(seqs)} sequences but {ids.size} tokens")
     plan = _plan_decode(model, cache, seqs, steps is not None)
@@ -137,8 +143,7 @@ def decode_lazy(
         raise InputError(
             f"decode_lazy: tokens must be a 1-D integer mx.array, got {tokens.shape} {tokens.dtype}"
         )
-    if isinstance(seqs, str | bytes):
-        raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
+    check_seqs(seqs)
     if tokens.size != len(seqs):
         raise InputError(f"decode_lazy: {len(seqs)} sequences but {tokens.size} tokens")
     plan = _plan_decode(model, cache, seqs, steps is not None)

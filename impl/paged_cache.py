@@ -60,6 +60,13 @@ def check_int(value: object, name: str) -> int:
     return int(value)
 
 
+def check_seqs(seqs: object) -> None:
+    """TypeError unless ``seqs`` is a sequence of ids and not a string (else "ab" would
+    be read as the sequences "a" and "b")."""
+    if isinstance(seqs, str | bytes) or not isinstance(seqs, Sequence):
+        raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
+
+
 def check_id(seq: object, name: str = "sequence id") -> Hashable:
     """``seq`` if it can key a block table, else TypeError naming ``name``."""
     try:
@@ -396,8 +403,7 @@ class PagedKVCache:
 
     def _check_step(self, seqs: Sequence[Hashable], num_new: int) -> list[Hashable]:
         """The step's arguments, checked: a non-empty list of distinct known ids."""
-        if isinstance(seqs, str | bytes) or not isinstance(seqs, Sequence):
-            raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
+        check_seqs(seqs)
         if check_int(num_new, "num_new") <= 0:
             raise ValueError(f"num_new must be positive, got {num_new}")
         if not seqs:

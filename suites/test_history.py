@@ -164,3 +164,38 @@ def test_a_missing_commit_is_caught():
     dropped = measured[-1]  # the newest commit that changes what asv runs
     del points[dropped]
     assert dropped[:8] in gaps(points)
+
+
+def test_asv_installs_the_committed_constraints(tmp_path):
+    """asv runs from the folder of a written config: every install command must name the
+    repository's constraints.txt by absolute path (the gate failed to install on
+    ``{conf_dir}/constraints.txt`` in its temporary folder)."""
+    plain = json.loads((REPO_ROOT / "asv.conf.json").read_text())["install_command"]
+    assert any("-c {conf_dir}/constraints.txt" in c for c in plain)
+    written = json.loads(asv_config(tmp_path).read_text())["install_command"]
+    assert written == [c.replace("{conf_dir}", str(REPO_ROOT)) for c in plain]
+    assert all("{conf_dir}" not in c for c in written)
+    assert (REPO_ROOT / "constraints.txt").is_file()
+
+
+def test_constraints_pin_every_release_reports_name():
+    """constraints.txt pins (==) each release a report names, within pyproject's ranges."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    from conform_mlx import VERSIONED
+
+    pins = {}
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pins[req.name.lower()] = req.specifier
+    assert set(VERSIONED) <= set(pins), set(VERSIONED) - set(pins)
+    for spec in pins.values():
+        assert str(spec).startswith("=="), spec
+    for text in distribution("conform-mlx").requires or []:
+        req = Requirement(text)
+        if req.name.lower() in pins and req.specifier:
+            version = str(pins[req.name.lower()]).removeprefix("==")
+            assert req.specifier.contains(version, prereleases=True), (req, version)
