@@ -21,6 +21,7 @@ step (graph replay and encoding), which bounds a batch-1 step on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -152,9 +153,6 @@ class MLP(nn.Module):
         """Replace gate_proj and up_proj by one ``gate_up_proj`` (see ``Attention.fuse``)."""
         return _fuse(self, "gate_up_proj", ["gate_proj", "up_proj"])
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.activate(x))
-
     def activate(self, x: mx.array) -> mx.array:
         """silu(gate_proj(x)) * up_proj(x), the down projection's input."""
         if "gate_up_proj" in self:
@@ -220,8 +218,8 @@ def _fuse(module: nn.Module, fused_name: str, names: list[str]) -> bool:
 
 
 def fuses_norm(x: mx.array, linear: nn.Module | None, gated: bool) -> bool:
-    """Whether ``norm_then`` runs ``impl.kernels.norm_linear`` for rows ``x`` into
-    ``linear``: a float ``Linear`` without a bias, which the kernel takes."""
+    """Whether ``impl.kernels.norm_linear`` takes rows ``x`` into ``linear`` (a float
+    ``Linear`` without a bias)."""
     return (
         type(linear) is Linear
         and "bias" not in linear
@@ -229,27 +227,28 @@ def fuses_norm(x: mx.array, linear: nn.Module | None, gated: bool) -> bool:
     )
 
 
-def norm_then(
+def add_norm_project(
     h: mx.array,
     pending: mx.array | None,
     norm: nn.RMSNorm,
-    linear: nn.Module | None,
-    gated: bool,
-    keep_normed: bool,
-) -> tuple[mx.array, mx.array | None, mx.array | None]:
-    """The residual add (of ``pending``, if any) and the RMSNorm after it, and where
-    ``impl.kernels.norm_linear`` takes them, the projection after that in the same launch.
-    Returns (h, y, normed): y = ``linear`` of the normed rows (``gated``: silu(gate) *
-    up of the gate/up projection), or None where the kernel did not run and the caller
-    projects ``normed``; normed is None where it did (``keep_normed``, for a trace,
-    keeps it from running)."""
-    if not keep_normed and fuses_norm(h, linear, gated):
-        h, y = kernels.norm_linear(h, pending, norm.weight, norm.eps, linear.weight, gated)
-        return h, y, None
+    project: Callable[[mx.array], mx.array],
+    fusable: tuple[nn.Module | None, bool],
+    step: Step,
+    name: str,
+) -> tuple[mx.array, mx.array]:
+    """(h + pending, project(norm(h + pending))): a residual add, the RMSNorm after it
+    and the projection after that. ``fusable`` is (the Linear ``project`` multiplies
+    by, whether it is gated silu(gate) * up); where ``impl.kernels.norm_linear`` takes
+    it, all three run in one launch (not while tracing, which keeps the normed rows)."""
+    linear, gated = fusable
+    if step.trace is None and fuses_norm(h, linear, gated):
+        return kernels.norm_linear(h, pending, norm.weight, norm.eps, linear.weight, gated)
     if pending is None:
-        return h, None, norm(h)
-    h, normed = kernels.add_rms_norm(h, pending, norm.weight, norm.eps)
-    return h, None, normed
+        normed = norm(h)
+    else:
+        h, normed = kernels.add_rms_norm(h, pending, norm.weight, norm.eps)
+    step.record(name, normed)
+    return h, project(normed)
 
 
 class DecoderLayer(nn.Module):
@@ -264,26 +263,30 @@ class DecoderLayer(nn.Module):
         self, h: mx.array, pending: mx.array | None, layer: int, step: Step
     ) -> tuple[mx.array, mx.array]:
         """h: the residual stream, (B * T, hidden); pending: the previous layer's MLP
-        output, not yet added to it (None for the first layer). Each residual add runs
-        fused with the RMSNorm after it, and for one row also with the projection after
-        that (``norm_then``). Returns (h, mlp): the layer's output is h + mlp, which the
-        next layer's first norm adds."""
-        traced, name = step.trace is not None, f"layers.{layer}"
-        # h += pending; x = input_layernorm(h); qkv = x @ W_qkv (one launch for one row)
-        h, qkv, x = norm_then(
-            h, pending, self.input_layernorm, self.self_attn.get("qkv_proj"), False, traced
+        output, not yet added (None at layer 0). Returns (h, mlp): the layer's output
+        is h + mlp, added by the next norm so the add shares its launch."""
+        name, attn, mlp = f"layers.{layer}", self.self_attn, self.mlp
+        h, qkv = add_norm_project(
+            h,
+            pending,
+            self.input_layernorm,
+            attn.project_qkv,
+            (attn.get("qkv_proj"), False),
+            step,
+            f"{name}.input_layernorm",
         )
-        if qkv is None:
-            qkv = self.self_attn.project_qkv(x)
-        attn_out = self.self_attn(qkv, layer, step)
-        # h += attn_out; a = silu(gate) * up of post_attention_layernorm(h)
-        gate_up = self.mlp.get("gate_up_proj")
-        h, act, x2 = norm_then(h, attn_out, self.post_attention_layernorm, gate_up, True, traced)
-        mlp_out = self.mlp(x2) if act is None else self.mlp.down_proj(act)
-        # Execution order, so the first entry off tolerance is where a fault begins.
-        step.record(f"{name}.input_layernorm", x)
+        attn_out = attn(qkv, layer, step)
         step.record(f"{name}.self_attn", attn_out)
-        step.record(f"{name}.post_attention_layernorm", x2)
+        h, act = add_norm_project(
+            h,
+            attn_out,
+            self.post_attention_layernorm,
+            mlp.activate,
+            (mlp.get("gate_up_proj"), True),
+            step,
+            f"{name}.post_attention_layernorm",
+        )
+        mlp_out = mlp.down_proj(act)
         step.record(f"{name}.mlp", mlp_out)
         return h, mlp_out
 
@@ -443,9 +446,9 @@ class Model(nn.Module):
                 marks[i] = mlp
             if trace is not None:
                 step.record(f"layers.{i}", h + mlp)  # the fused add's rounding
-        head = None if self.config.tie_word_embeddings else self.lm_head
-        _, logits, x = norm_then(h, mlp, self.model.norm, head, False, trace is not None)
-        step.record("norm", x)
-        if logits is None:
-            logits = self.model.embed_tokens.as_linear(x) if head is None else head(x)
+        if self.config.tie_word_embeddings:
+            head, project = None, self.model.embed_tokens.as_linear
+        else:
+            head = project = self.lm_head
+        _, logits = add_norm_project(h, mlp, self.model.norm, project, (head, False), step, "norm")
         return logits.reshape(B, T, -1)

@@ -172,9 +172,10 @@ def inject(monkeypatch):
 
             monkeypatch.setattr(conform_mlx.impl.kernels.rope, "rope_cos_sin", shifted)
         else:
-            real_mlp = conform_mlx.impl.model.MLP.__call__
+            # The down projection is linear: 5% more input, 5% more output.
+            real = conform_mlx.impl.model.MLP.activate
             monkeypatch.setattr(
-                conform_mlx.impl.model.MLP, "__call__", lambda self, x: real_mlp(self, x) * 1.05
+                conform_mlx.impl.model.MLP, "activate", lambda self, x: real(self, x) * 1.05
             )
 
     return apply
