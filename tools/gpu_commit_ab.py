@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = (16, 512, 2048)
 
 
-def worker(model: str, engine: str, dtype: str, reps: int) -> dict[str, float]:
+def worker(model: str, engine: str, dtype: str, reps: int, contexts: list[int]) -> dict[str, float]:
     """Median ms of one decode step at each context, in this process's tree."""
     # The package's import name in this process's tree: conform_mlx, or conform in a
     # tree from before it (named as a string: that tree is not this one).
@@ -41,7 +41,7 @@ def worker(model: str, engine: str, dtype: str, reps: int) -> dict[str, float]:
     engines = importlib.import_module(f"{package.__name__}.engines")
     eng = engines.resolve(engine).load(Path(model), dtype)
     out = {}
-    for ctx in CONTEXTS:
+    for ctx in contexts:
         # As tools/gpu_bench.decode_step: the step at context ctx, rolled back after each.
         cache = eng.new_cache(ctx)
         cache.add_sequence(0)
@@ -62,6 +62,9 @@ def run_worker(tree: Path | None, args: argparse.Namespace) -> dict[str, float]:
     this tree's import names exist only installed)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model]
     cmd += ["--engine", args.engine, "--dtype", args.dtype, "--reps", str(args.reps)]
+    cmd += ["--contexts", ",".join(map(str, args.contexts))]
+    if args.cpus:  # every worker on the same cores: a host's cores differ in speed
+        cmd = ["taskset", "-c", args.cpus, *cmd]
     path = os.environ.get("PYTHONPATH", "")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), path]) if tree else path)
     done = subprocess.run(cmd, cwd=tree or ROOT, env=env, capture_output=True, text=True)
@@ -83,11 +86,13 @@ def main() -> int:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--contexts", type=lambda v: [int(c) for c in v.split(",")], default=CONTEXTS)
+    p.add_argument("--cpus", help="pin every worker to these cores (taskset -c list)")
     p.add_argument("--out", type=Path, help="JSON of every round")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.model, args.engine, args.dtype, args.reps)))
+        print(json.dumps(worker(args.model, args.engine, args.dtype, args.reps, args.contexts)))
         return 0
     if args.base is None:
         p.error("--base is required")
@@ -103,7 +108,7 @@ def main() -> int:
         args.out.write_text(json.dumps(rounds, indent=1))
     print(f"{args.engine} {args.dtype} b=1 decode, {args.rounds} rounds x {args.reps} reps")
     print("ctx    before ms  after ms   after/before: q1 / median / q3")
-    for ctx in map(str, CONTEXTS):
+    for ctx in map(str, args.contexts):
         ratios = [r["after"][ctx] / r["before"][ctx] for r in rounds]
         before = statistics.median(r["before"][ctx] for r in rounds)
         after = statistics.median(r["after"][ctx] for r in rounds)
