@@ -1,8 +1,5 @@
-"""Llama-family model configuration, read from a HuggingFace ``config.json``.
-
-Field names are HF's own, so a value in the file and a value here are the same
-name. Derived values are properties; nothing is overwritten after parsing.
-"""
+"""Llama-family model configuration from a HuggingFace ``config.json``, in HF's field names;
+derived values are properties, nothing is overwritten after parsing."""
 
 from __future__ import annotations
 
@@ -18,8 +15,7 @@ import numpy as np
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 LLAMA3_FACTORS = ("factor", "low_freq_factor", "high_freq_factor")
-# impl's MLP runs SiLU whatever the file says; HF spells it either way.
-SUPPORTED_ACTIVATIONS = ("silu", "swish")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")  # HF's two names for the SiLU impl's MLP runs
 
 
 class ConfigError(ValueError):
@@ -37,8 +33,7 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
-        # A zero or negative factor divides by zero or flips frequencies in inv_freq:
-        # the model would run and produce NaN or nonsense rather than fail.
+        # A factor <= 0 would make inv_freq NaN or flipped: the model would run, wrongly.
         for name in LLAMA3_FACTORS:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
@@ -106,23 +101,16 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies, one per rotated pair, after any scaling.
-
-        Computed in float32 with MLX's CPU pow, which agrees bit for bit with torch's
-        on these inputs (numpy's does not): a 1-ulp difference in a frequency becomes an
-        angle error that grows with the position it multiplies.
-        """
+        """RoPE inverse frequencies, one per rotated pair, after any scaling: float32 from the
+        CPU stream's pow, bit for bit torch's (docs/kernel-notes.md#model)."""
         d = self.dim_per_head
-        # On the CPU stream whatever the default device: CUDA's powf differs from the
-        # CPU's by an ulp on some inputs (seen on an H100), and HF computes on the CPU.
         with mx.stream(mx.cpu):
             exponent = mx.arange(0, d, 2).astype(mx.float32) / d
             inv = np.array(1.0 / (mx.array(self.rope_theta, dtype=mx.float32) ** exponent))
         s = self.rope_scaling
         if s.rope_type == "default":
             return inv
-        # Llama 3: long wavelengths are slowed by `factor`, short ones kept, and the
-        # band between is interpolated.
+        # Llama 3: long wavelengths slowed by `factor`, short ones kept, the band interpolated.
         old_ctx = np.float32(s.original_max_position_embeddings)
         wavelen = np.float32(2 * math.pi) / inv
         smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
@@ -213,12 +201,8 @@ class LlamaConfig:
 
 
 def rope_fields(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
-    """RoPE base and scaling from either layout.
-
-    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``; older files
-    have a top-level ``rope_theta`` and an optional ``rope_scaling`` dict. Errors name
-    the field as written (``rope_parameters.factor``).
-    """
+    """RoPE base and scaling from ``rope_parameters`` (transformers 5) or top-level
+    ``rope_theta`` + ``rope_scaling``; errors name the field as written."""
     try:
         return _rope_fields(raw)
     except ConfigError as e:
@@ -265,8 +249,7 @@ def _where(params: dict[str, Any], key: str) -> str:
 
 
 def _number(raw: dict[str, Any], key: str, default: float | None = None, prefix: str = "") -> float:
-    """A JSON number (not null, a string or a bool): float() would take "1e-5" and
-    True, and null would surface later as a TypeError inside the model."""
+    """A JSON number as float; ConfigError for null, a string or a bool."""
     v = raw.get(key, default)
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise ConfigError(f"field {prefix}{key} must be a number, got {v!r}")

@@ -1,14 +1,5 @@
-"""Prefill, decode and generation over a paged KV cache.
-
-``prefill`` feeds one sequence's prompt (optionally in chunks); ``decode`` feeds one
-token to each of several sequences at once, whatever their lengths. Both check
-their input completely before the cache is touched, so a rejected call changes
-nothing; ``generate`` checks the whole run (context and blocks) before its first
-step. ``prefill`` and ``decode`` end in ``mx.eval``: MLX is lazy, and a timing that
-does not force the work measures nothing. ``generate`` instead pipelines its decode
-steps (``decode_lazy``): each step is queued with ``mx.async_eval`` before the host
-waits for the token before it, so building one graph overlaps running the last.
-"""
+"""Prefill, decode and generation over a paged KV cache (docs/api.md#generate). Every call
+checks all its input before the cache changes: a rejected call changes nothing."""
 
 from __future__ import annotations
 
@@ -72,14 +63,8 @@ def prefill(
     trace: dict[str, list[mx.array]] | None = None,
     steps: CompiledSteps | None = None,
 ) -> mx.array:
-    """Feed ``tokens`` to ``seq`` (after whatever it has cached); logits (T, vocab).
-
-    With ``chunk_size``, the prompt goes through the model ``chunk_size`` tokens at a
-    time, each chunk attending to the cached chunks before it. ``trace``, when given,
-    collects each chunk's per-layer activations (see ``Model.__call__``) by name.
-    ``steps`` is as for ``decode``; MLX traces once per chunk length, so it pays off
-    for prompts of repeating lengths (fixed-size chunks), not one-off prompts.
-    """
+    """Feed ``tokens`` to ``seq`` after what it has cached; logits (T, vocab); ``chunk_size``
+    tokens per step; ``trace`` collects each chunk's activations by name; ``steps`` as decode."""
     ids = _check_tokens(model, tokens, f"prompt for sequence {seq!r}")
     model.check_cache(cache)
     _check_room(model, cache, seq, ids.size)
@@ -87,8 +72,7 @@ def prefill(
         raise InputError(f"chunk_size must be positive, got {chunk_size}")
     step = chunk_size or ids.size
     chunks = [ids[i : i + step] for i in range(0, ids.size, step)]
-    # Chunks after the first would otherwise meet a full pool with earlier ones cached.
-    cache.ensure_room([seq], ids.size)
+    cache.ensure_room([seq], ids.size)  # for every chunk, before the first is cached
     logits = []
     for chunk in chunks:
         plan = cache.plan([seq], chunk.size)
@@ -105,13 +89,8 @@ def decode(
     trace: dict[str, list[mx.array]] | None = None,
     steps: CompiledSteps | None = None,
 ) -> mx.array:
-    """Feed one token to each sequence in ``seqs`` in one batch; logits (B, vocab).
-
-    ``steps`` (the caller's ``CompiledSteps(model)``, made once and reused) runs the
-    step as an ``mx.compile``d graph: the same ops, without rebuilding the graph in
-    Python every step. Without it the step is built op by op, so code patched into
-    the model reaches it (the suites inject faults that way).
-    """
+    """Feed one token to each of ``seqs`` in one batch; logits (B, vocab). ``steps`` (a kept
+    ``CompiledSteps(model)``) runs it compiled; without it, patched model code reaches it."""
     ids = _check_tokens(model, tokens, "decode tokens")
     check_seqs(seqs)
     if ids.size != len(seqs):
@@ -127,16 +106,8 @@ def decode_lazy(
     tokens: mx.array,
     steps: CompiledSteps | None = None,
 ) -> mx.array:
-    """``decode`` without the ``mx.eval``: logits (B, vocab), unevaluated.
-
-    ``tokens`` is a (B,) integer mx.array, typically a sampler's output not yet
-    computed, so the next step's graph can be built (and queued with
-    ``mx.async_eval``) while the previous one still runs. Its values are not
-    checked, since reading them would wait for that step: ids made by a sampler
-    over the vocabulary are in range by construction. Everything the host knows
-    without them is checked as in ``decode`` (the cache's shape, context room,
-    free blocks) before the cache changes; the new pools are installed lazily.
-    """
+    """``decode`` without the ``mx.eval`` (logits (B, vocab), pools unevaluated). ``tokens``: a
+    (B,) integer mx.array, its values unchecked (that would wait); all else as ``decode``."""
     if not isinstance(tokens, mx.array):
         raise TypeError(f"decode_lazy: tokens must be an mx.array, got {type(tokens).__name__}")
     if tokens.ndim != 1 or not mx.issubdtype(tokens.dtype, mx.integer):
@@ -147,21 +118,15 @@ def decode_lazy(
     if tokens.size != len(seqs):
         raise InputError(f"decode_lazy: {len(seqs)} sequences but {tokens.size} tokens")
     plan = _plan_decode(model, cache, seqs, steps is not None)
-    # int32 like decode's ids, so both share one compiled trace per shape.
-    tok = tokens.astype(mx.int32)[:, None]
+    tok = tokens.astype(mx.int32)[:, None]  # int32 as decode's: one trace per shape
     return _step(model, tok, cache, plan, None, steps, lazy=True)[:, 0]
 
 
 def _plan_decode(
     model: Model, cache: PagedKVCache, seqs: Sequence[Hashable], compiled: bool = False
 ) -> StepPlan:
-    """The host-side checks of a decode step, then its plan (which reserves the room).
-
-    For a compiled step the block tables are padded on the host to the width the
-    step is traced for (``bucket_width``); an eager step gets them unpadded, since
-    the CPU's ops path gathers every block the table lists (13% slower a batch-4
-    CPU step, padded).
-    """
+    """The host-side checks of a decode step, then its plan (which reserves the room); tables
+    padded to ``bucket_width`` only when compiled (docs/kernel-notes.md#engine)."""
     model.check_cache(cache)
     for s in seqs:
         _check_room(model, cache, s, 1)
@@ -177,11 +142,8 @@ def _step(
     steps: CompiledSteps | None,
     lazy: bool = False,
 ) -> mx.array:
-    """One forward step, logits (B, T, vocab); the cache's new pools installed.
-
-    Evaluated unless ``lazy``. A ``trace`` needs the Python forward, so it runs
-    eagerly even when ``steps`` are given.
-    """
+    """One step: logits (B, T, vocab), pools installed; evaluated unless ``lazy``; a ``trace``
+    runs it eagerly."""
     model.keep_transposes()  # outside any trace: weights replaced since get new views
     if steps is not None and trace is None:
         if steps.model is not model:
@@ -199,8 +161,7 @@ def _step(
 
 @dataclass
 class StepPools:
-    """The pools a compiled step reads and rewrites: a ``KVPools`` over the traced
-    function's own lists, so the cache itself is not touched inside the trace."""
+    """A ``KVPools`` over a compiled step's own list: the trace never touches the cache."""
 
     kv: list[mx.array]
 
@@ -208,37 +169,25 @@ class StepPools:
         self.kv[layer] = kv_pool
 
 
-# forward(tokens, positions, slots, blocks, offsets, block_tables, context_lens, kv_pools)
-#   -> (logits, kv_pools, marks)
+# (tokens, *step_arrays(plan), kv_pools) -> (logits, kv_pools, marks)
 StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
 
 
 def step_arrays(plan: StepPlan) -> list[mx.array]:
-    """The plan's arrays in ``StepPlan`` field order, block tables padded to their
-    width bucket: what a compiled step takes besides the tokens and pools."""
+    """A compiled step's plan inputs, in ``StepPlan`` field order, tables padded."""
     p = plan
     tables = pad_block_tables(p.block_tables)
     return [p.positions, p.slots, p.blocks, p.offsets, tables, p.context_lens]
 
 
 def bucket_width(width: int) -> int:
-    """The block-table width a compiled step is traced for: the next power of two.
-
-    MLX traces a compiled graph again for every new input shape, and a sequence's
-    table grows by one block every ``block_size`` tokens; padding to powers of two
-    makes a run of n blocks trace about log2(n) graphs instead of n.
-    """
+    """The table width a compiled step is traced for: the next power of two (log2(n) traces)."""
     return 1 << max(width - 1, 0).bit_length()
 
 
 def pad_block_tables(block_tables: mx.array) -> mx.array:
-    """``block_tables`` (B, W) widened to ``bucket_width(W)`` with block 0.
-
-    The pad must name a real block, so a gather through it stays inside the pool;
-    it is never read as context: the decode kernel stops at ``context_lens`` and the
-    ops twin zeroes and masks every slot at or past it, so whatever block 0 holds
-    (another sequence's keys, a NaN) cannot reach the output.
-    """
+    """``block_tables`` (B, W) widened to ``bucket_width(W)`` with block 0: a real block, so
+    a gather stays in the pool; nothing past ``context_lens`` reaches the output."""
     batch, width = block_tables.shape
     pad = bucket_width(width) - width
     if pad == 0:
@@ -247,19 +196,9 @@ def pad_block_tables(block_tables: mx.array) -> mx.array:
 
 
 class CompiledSteps:
-    """A model's forward over explicit arrays, ``mx.compile``d once per
-    ``StepPlan.fresh`` (a Python flag, so it selects a graph rather than feeding one).
-
-    MLX traces a graph again for each new set of input shapes (a batch size, a chunk
-    length, a block table width), keeps every trace, and replays them without
-    running Python. Block tables are padded to width buckets (``pad_block_tables``)
-    so a growing context retraces only at powers of two. ``traces`` counts the
-    traces: it is incremented inside the traced function, which runs only when MLX
-    traces. The model's arrays (weights, RoPE frequencies) are implicit inputs, so
-    loading new weights reaches the compiled graph. Made by the caller once per model,
-    after the model is built (fusing projections changes its graph), and kept as long
-    as it steps that model: the engine, or whoever calls ``generate`` repeatedly.
-    """
+    """A model's forward over explicit arrays, ``mx.compile``d per ``StepPlan.fresh`` and
+    kernel policy; ``traces`` counts MLX's traces (one per input shape). Weights are implicit
+    inputs, so new weights reach it. Make one per model, after it is built, and keep it."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -267,8 +206,7 @@ class CompiledSteps:
         self.traces = 0
 
     def graph(self, fresh: bool) -> StepGraph:
-        """The compiled forward for steps with this ``StepPlan.fresh`` under the
-        current kernel policy (a graph bakes in the kernels it was traced with)."""
+        """The compiled forward for this ``fresh`` under the current kernel policy."""
         policy = current_policy()
         if (fresh, policy) not in self.graphs:
             model = self.model
@@ -294,15 +232,10 @@ class CompiledSteps:
         return out
 
     def lazy(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
-        """``__call__`` without the final ``mx.eval``: the logits and the pools it
-        installs are for the caller to queue (``mx.async_eval``) or chain. The step up
-        to each layer of the policy's ``commits`` is queued here already, so the GPU
-        starts on it while the host encodes the rest."""
+        """``__call__`` without the ``mx.eval``; the step up to the ``commits`` layers is queued."""
         step = self.graph(plan.fresh)
         out, kv_pools, marks = step(tokens, *step_arrays(plan), cache.kv)
-        # The traced graph returns pools of the shapes and dtype it took: installed
-        # without update_layer's checks, whose Python cost a step is 22 calls.
-        cache.kv[:] = kv_pools
+        cache.kv[:] = kv_pools  # traced from the cache's own: update_layer's checks skipped
         for mark in marks:
             mx.async_eval(mark)
         return out
@@ -315,14 +248,8 @@ def to_numpy(logits: mx.array) -> np.ndarray:
 
 @dataclass
 class Sampler:
-    """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p)
-    sampling. It runs on the device: logits in, token ids out as an mx.array, so
-    ``generate`` can feed a token to the next step before the host has read it.
-
-    Randomness is MLX's, from a key made of ``seed`` and split once per call, so a
-    seed fixes the whole run; a pipelined run asks for its keys in the same order
-    as an unpipelined one, so both draw the same tokens.
-    """
+    """Greedy at ``temperature == 0``, else temperature + nucleus (top-p), on the device; the key
+    from ``seed`` is split once per call, so a seed fixes the run, pipelined or not."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -341,10 +268,8 @@ class Sampler:
         return self.sample(logits)
 
     def sample(self, logits: mx.array, num_samples: int | None = None) -> mx.array:
-        """Token ids from ``logits`` (..., vocab), int32: shape (...), or with
-        ``num_samples`` (..., num_samples) independent draws from one distribution
-        in one call (the suites check nucleus frequencies this way). Uses one key.
-        """
+        """int32 ids (...) from ``logits`` (..., vocab); with ``num_samples``, (..., num_samples)
+        independent draws from one distribution. Uses one key."""
         if self.temperature == 0:
             best = mx.argmax(logits, axis=-1).astype(mx.int32)
             if num_samples is None:
@@ -355,10 +280,7 @@ class Sampler:
         if self.top_p >= 1:
             picks = mx.random.categorical(z, num_samples=num_samples, key=key)
             return picks.astype(mx.int32)
-        # Nucleus, in most-likely-first order: a token is kept while the mass of the
-        # tokens before it is still short of top_p, which keeps the smallest prefix
-        # whose mass reaches top_p (the first token always). categorical normalises
-        # what is left, which is the renormalisation.
+        # Nucleus: most likely first, keep a token while the mass before it is < top_p.
         order = mx.argsort(-z, axis=-1)
         z_sorted = mx.take_along_axis(z, order, axis=-1)
         before = mx.cumsum(mx.softmax(z_sorted, axis=-1), axis=-1, inclusive=False)
@@ -377,13 +299,9 @@ class Generation:
     prompt: list[int]
     tokens: list[int]  # generated, EOS included when it stopped the run
     prefill_ms: float
-    # One entry per decode step, len(tokens) - 1 of them: host time from one token
-    # being available to the next (pipelined, so not the step's own run time).
-    decode_ms: list[float]
+    decode_ms: list[float]  # len(tokens) - 1: host ms from one token readable to the next
     stop_reason: str  # "eos" or "max_new_tokens"
-    # (len(prompt) + len(tokens) - 1, vocab) float32: the logits after every fed token
-    # (all prompt positions, then each decode step); only with keep_logits=True.
-    logits: np.ndarray | None = None
+    logits: np.ndarray | None = None  # keep_logits: (P + G - 1, vocab) float32, each fed token
 
 
 def generate(
@@ -399,30 +317,12 @@ def generate(
     keep_logits: bool = False,
     steps: CompiledSteps | None = None,
 ) -> Generation:
-    """Generate up to ``max_new_tokens`` tokens after ``prompt``.
-
-    The last generated token is returned but never fed back, so the cache ends
-    with ``len(prompt) + len(tokens) - 1`` tokens (see ``impl.paged_cache``).
-    Without a ``cache``, one sized for prompt + max_new_tokens is made.
-
-    Pipelined: the sampler runs on the device (``Sampler``), and each decode step
-    is built from the previous step's token before the host has read it, then
-    queued with ``mx.async_eval`` (``decode_lazy``); only then does the host wait
-    for that previous token. So the host sees EOS one step late, after the step
-    that feeds it is queued: that step is rolled back (``cache.trim``), keeping
-    the rule above exact. No step is queued past ``max_new_tokens``. ``steps`` (a
-    ``CompiledSteps(model)`` the caller keeps across calls) runs each decode step as
-    a compiled graph; without it the steps are built op by op, so code patched into
-    the model reaches them. The prefill is never compiled: a prompt's length rarely
-    repeats.
-
-    All-or-nothing: before the first step, the whole run must fit what ``seq``
-    already holds, both in the context and in the pool,
-      tokens(seq) + len(prompt) + max_new_tokens - 1 <= max_position_embeddings
-      blocks for those tokens (copy-on-write included) <= free blocks
-    else InputError or CacheFullError with the cache as it was. A run that stops
-    early at EOS needed less, but is held to its longest.
-    """
+    """Up to ``max_new_tokens`` tokens after ``prompt`` (docs/api.md#generate). The last token is
+    never fed back: the cache ends with ``len(prompt) + len(tokens) - 1``. Decode steps are
+    pipelined (``decode_lazy``), the one queued after EOS trimmed; ``steps`` compiles them, not
+    the prefill; without ``cache`` one is made. All-or-nothing: the run at its longest must fit
+    the context and the free blocks (copy-on-write included) after what ``seq`` holds, else
+    InputError or CacheFullError with the cache as it was."""
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens")
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")

@@ -1,10 +1,5 @@
-"""Write a checkpoint in mlx-lm's format: ``config.json`` (with ``quantization``) and
-``model.safetensors`` holding HF-named tensors, quantized ones as MLX stores them.
-
-This is how a GGUF file reaches an engine that cannot read GGUF (mlx-lm): the same
-arrays impl runs, un-permuted and still quantized, so both engines run the same
-numbers. The reference reads the GGUF file itself, through transformers.
-"""
+"""Write a checkpoint in mlx-lm's format (``config.json`` with ``quantization``, HF-named
+``model.safetensors``): a GGUF file reaches mlx-lm as the arrays impl runs, still quantized."""
 
 from __future__ import annotations
 

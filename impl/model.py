@@ -1,23 +1,6 @@
-"""Llama-family decoder in MLX, reading and writing a paged GQA KV cache.
-
-Follows HF transformers' ``modeling_llama.py`` (the reference in ``reference/``):
-parameter names are HF's, so a checkpoint loads without renaming and a parity
-failure names the same tensor on both sides. Attention, the cache write and each
-residual add with the RMSNorm after it go through ``kernels``, so custom kernels
-replace them without touching this file.
-
-After the weights are loaded, ``Model.fuse_projections`` (called by
-``impl.loader.build``) joins each layer's q/k/v projections into one ``qkv_proj`` and
-gate/up into one ``gate_up_proj``: one matmul where there were three or two, fewer
-launches per layer in a launch-bound batch-1 decode step. The trace names and the
-checkpoint's names are unchanged.
-
-Every float projection is a ``Linear``, which multiplies by a transposed view of its
-weight made once and kept beside it (``Model.keep_transposes``) rather than by
-``weight.T`` made anew in each step's graph: MLX's ``nn.Linear`` costs a Transpose
-node per matmul, 89 of a TinyLlama decode step's 563 nodes, each a host cost on every
-step (graph replay and encoding), which bounds a batch-1 step on a GPU.
-"""
+"""Llama-family decoder in MLX over a paged GQA KV cache, after HF's ``modeling_llama.py``, in
+HF's parameter names (a parity failure names one tensor on both sides). Attention, the cache
+write and add + RMSNorm go through ``kernels``; design notes: docs/kernel-notes.md#model."""
 
 from __future__ import annotations
 
@@ -39,13 +22,8 @@ class CacheMismatchError(ValueError):
 
 @runtime_checkable
 class KVPools(Protocol):
-    """What the model reads and writes of a KV cache: one pool per layer, (num_blocks,
-    block_size, 2, num_key_value_heads, head_dim), keys at [:, :, 0], values at [:, :, 1].
-
-    ``impl.paged_cache.PagedKVCache`` is one; inside a compiled step the model gets
-    the step's own lists of pools (``impl.engine.StepPools``), and the step's new
-    pools, traced from these, are assigned into ``kv`` at once.
-    """
+    """A KV cache as the model sees it: one pool a layer, (num_blocks, block_size, 2,
+    num_key_value_heads, head_dim), keys at [:, :, 0], values at [:, :, 1]."""
 
     kv: list[mx.array]
 
@@ -55,10 +33,7 @@ class KVPools(Protocol):
 
 @dataclass
 class Step:
-    """What every layer of one forward step shares: the cache it reads and writes,
-    where its tokens go (``plan``: positions (B, T), slots, block tables), their RoPE
-    angles and pool rows (``rope``), a chunk's cached context (``context``, None
-    otherwise), and the per-layer trace when one is kept."""
+    """What every layer of a step shares, made once: cache, plan, RoPE, chunk context, trace."""
 
     cache: KVPools
     plan: StepPlan
@@ -73,17 +48,12 @@ class Step:
             self.trace[name] = rows.reshape(B, T, -1)
 
 
-# Key of a Linear's transposed weight: in the module's state, so a compiled step takes
-# it as an input like the weight, but not a parameter (leading underscore), so it is
-# never loaded, saved or counted.
+# A Linear's transposed weight: state (a compiled step's input), not a parameter (underscore).
 WEIGHT_T = "_weight_t"
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` multiplying by ``WEIGHT_T``, the transposed view of its weight
-    that ``Model.keep_transposes`` made, when it has one: the same matmul (MLX reads
-    the view's strides as a transposed operand, as it reads ``weight.T``), without a
-    Transpose node in the step's graph. Without the view it is ``nn.Linear``."""
+    """``nn.Linear`` by its kept transposed view ``WEIGHT_T`` if any, or the row kernel."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if "bias" not in self and kernels.linear_row_applies(x, self.weight):
@@ -108,20 +78,17 @@ class Attention(nn.Module):
         self.o_proj = Linear(q_out, cfg.hidden_size, bias=cfg.attention_bias)
 
     def fuse(self) -> bool:
-        """Replace q_proj, k_proj, v_proj by one ``qkv_proj``; False (and nothing
-        changed) where they cannot share a matmul (``fuse_linears``)."""
+        """q_proj, k_proj, v_proj -> ``qkv_proj``; False, nothing changed, where they can't."""
         return _fuse(self, "qkv_proj", ["q_proj", "k_proj", "v_proj"])
 
     def project_qkv(self, x: mx.array) -> mx.array:
-        """One q | k | v row per row of ``x``: (rows, (n_heads + 2 * n_kv_heads) *
-        head_dim), one matmul when fused (else the three joined)."""
+        """q | k | v rows of ``x``: (rows, (n_heads + 2 * n_kv_heads) * head_dim)."""
         if "qkv_proj" in self:
             return self.qkv_proj(x)
         return mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
 
     def __call__(self, qkv: mx.array, layer: int, step: Step) -> mx.array:
-        """qkv: ``project_qkv`` of the step's tokens as rows, (B * T, ...); writes the
-        new tokens' K/V into ``layer``'s pool, then attends over the cache."""
+        """qkv: ``project_qkv`` rows (B * T, ...); writes K/V into ``layer``'s pool, attends."""
         plan, pools = step.plan, step.cache
         # q: (B, T, n_heads, head_dim), token-major; kv: (B * T, 2, n_kv_heads, head_dim).
         q, kv, kv_pool = kernels.rope_and_cache_write(
@@ -158,11 +125,7 @@ class MLP(nn.Module):
         if "gate_up_proj" in self:
             gate_up = self.gate_up_proj(x)
             f = gate_up.shape[-1] // 2
-            # One Split node for both halves, not two Slices. At one row (a batch-1
-            # decode step) the halves are those of a (2, f) view: split along the row
-            # instead, they keep its stride of 2f; MLX's fused silu(gate) * up gives
-            # its result its first input's strides, and the down projection's matmul
-            # then copies that row: one more launch a layer (ncu, H200).
+            # One Split; one row as a (2, f) view, not strided (docs/kernel-notes.md#model).
             if gate_up.shape[0] == 1:
                 gate, up = mx.split(gate_up.reshape(2, f), 2, axis=0)
             else:
@@ -173,16 +136,8 @@ class MLP(nn.Module):
 
 
 def fuse_linears(parts: list[nn.Module]) -> Linear | nn.QuantizedLinear | None:
-    """One layer computing ``parts`` (Linear layers reading the same input) at once:
-    its output is theirs concatenated along the last axis, in order.
-
-    Every parameter (``weight``, ``bias``; for ``QuantizedLinear`` also ``scales`` and
-    ``biases``) holds one row per output feature, so the fused parameters are the
-    parts' rows stacked. For quantized layers that is exact only when they share
-    bits, group_size and mode (a packed row is quantized along the input alone).
-    None where the parts differ in type, quantization or having a bias: they stay
-    separate matmuls.
-    """
+    """One layer for ``parts`` (Linears on one input), outputs concatenated in order (rows
+    stacked); None where they differ in type, bias or quantization."""
     first = parts[0]
     kind = type(first)
     if kind not in (Linear, nn.QuantizedLinear) or any(type(p) is not kind for p in parts):
@@ -200,7 +155,6 @@ def fuse_linears(parts: list[nn.Module]) -> Linear | nn.QuantizedLinear | None:
         fused = nn.QuantizedLinear(in_dims, out_dims, "bias" in first, **quant)
     else:
         fused = Linear(in_dims, out_dims, bias="bias" in first)
-    # The constructor's random placeholders are lazy: replaced here, never computed.
     fused.update({n: mx.concatenate([p[n] for p in parts], axis=0) for n in names})
     return fused
 
@@ -218,8 +172,7 @@ def _fuse(module: nn.Module, fused_name: str, names: list[str]) -> bool:
 
 
 def fuses_norm(x: mx.array, linear: nn.Module | None, gated: bool) -> bool:
-    """Whether ``impl.kernels.norm_linear`` takes rows ``x`` into ``linear`` (a float
-    ``Linear`` without a bias)."""
+    """Whether ``kernels.norm_linear`` takes rows ``x`` into ``linear`` (float, no bias)."""
     return (
         type(linear) is Linear
         and "bias" not in linear
@@ -236,10 +189,8 @@ def add_norm_project(
     step: Step,
     name: str,
 ) -> tuple[mx.array, mx.array]:
-    """(h + pending, project(norm(h + pending))): a residual add, the RMSNorm after it
-    and the projection after that. ``fusable`` is (the Linear ``project`` multiplies
-    by, whether it is gated silu(gate) * up); where ``impl.kernels.norm_linear`` takes
-    it, all three run in one launch (not while tracing, which keeps the normed rows)."""
+    """(h + pending, project(norm(h + pending))). ``fusable``: (the Linear ``project`` uses,
+    gated silu(gate) * up); one ``norm_linear`` launch where it applies, unless tracing."""
     linear, gated = fusable
     if step.trace is None and fuses_norm(h, linear, gated):
         return kernels.norm_linear(h, pending, norm.weight, norm.eps, linear.weight, gated)
@@ -262,9 +213,8 @@ class DecoderLayer(nn.Module):
     def __call__(
         self, h: mx.array, pending: mx.array | None, layer: int, step: Step
     ) -> tuple[mx.array, mx.array]:
-        """h: the residual stream, (B * T, hidden); pending: the previous layer's MLP
-        output, not yet added (None at layer 0). Returns (h, mlp): the layer's output
-        is h + mlp, added by the next norm so the add shares its launch."""
+        """h: residual stream (B * T, hidden); pending: the last MLP output, not yet added (None
+        at layer 0). Returns (h, mlp): the output is h + mlp, added by the next norm."""
         name, attn, mlp = f"layers.{layer}", self.self_attn, self.mlp
         h, qkv = add_norm_project(
             h,
@@ -305,27 +255,20 @@ class Model(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        # How the weights are stored, for reports (impl.loader.build sets it).
-        self.weights_format = "unloaded"
+        self.weights_format = "unloaded"  # for reports; impl.loader.build sets it
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # A plain attribute (leading underscore) so it is not a loadable parameter.
-        self._inv_freq = mx.array(cfg.inv_freq())
+        self._inv_freq = mx.array(cfg.inv_freq())  # underscore: not a loadable parameter
         self._forget_transposes()
 
     def _forget_transposes(self) -> None:
-        # (Linear, the weight its view was made of) for every float Linear, listed on
-        # first use (keep_transposes). object.__setattr__: nn.Module would file a
-        # list among its children.
+        # [Linear, weight its view came from] pairs, listed at first use; not a child.
         object.__setattr__(self, "_transposed", None)
 
     def keep_transposes(self) -> None:
-        """Give every float ``Linear`` a current transposed view of its weight
-        (``WEIGHT_T``), made again for any whose weight was replaced since. The engine
-        calls this before every step (``impl.engine``), outside any compiled trace; it
-        costs one identity test per Linear. Code that replaces weights and then calls
-        the model directly calls it too."""
+        """Give every float ``Linear`` a view of its current weight, transposed (``WEIGHT_T``).
+        The engine calls it before each step; callers that replace weights call it too."""
         if self._transposed is None:
             linears = [m for _, m in self.named_modules() if type(m) is Linear]
             object.__setattr__(self, "_transposed", [[m, None] for m in linears])
@@ -340,12 +283,8 @@ class Model(nn.Module):
             mx.eval(made)  # views: no copy
 
     def fuse_projections(self) -> list[str]:
-        """Fuse every layer's q/k/v and gate/up projections (``Attention.fuse``,
-        ``MLP.fuse``) after the weights are loaded; returns the modules left unfused
-        (e.g. ``model.layers.0.self_attn`` when its projections are quantized to
-        different bits). Idempotent. Compiled steps traced before the fusion are stale:
-        make ``CompiledSteps`` after it (``impl.loader.build`` fuses).
-        """
+        """Fuse each layer's q/k/v and gate/up (idempotent); returns the modules left unfused
+        (e.g. quantized to different bits). Make ``CompiledSteps`` after it."""
         unfused = []
         for i, layer in enumerate(self.model.layers):
             for name in ("self_attn", "mlp"):
@@ -355,10 +294,7 @@ class Model(nn.Module):
         return unfused
 
     def runs_row_kernels(self, rows: int) -> bool:
-        """Whether a step of ``rows`` token rows runs the fused row kernels
-        (``impl.kernels.norm_linear``: one row, a float model on a backend that uses them),
-        judged by the first layer's q/k/v and gate/up projections;
-        the kernel policy's ``commits`` queue such a step at other layers."""
+        """Whether a step of ``rows`` token rows runs the row kernels (judged by layer 0)."""
         if not self.model.layers:
             return False
         layer = self.model.layers[0]
@@ -372,21 +308,15 @@ class Model(nn.Module):
         return self.model.norm.weight.dtype
 
     def check_cache(self, cache: KVPools) -> None:
-        """CacheMismatchError unless ``cache`` has one pool per layer, all (num_blocks,
-        block_size, 2, num_key_value_heads, head_dim) of one float dtype.
-
-        The engine calls this before it reserves anything: a cache made for another
-        config would otherwise fail only at the first cache write, after its blocks
-        were taken. The pools' dtype may differ from the weights' (writes cast to it).
-        """
+        """CacheMismatchError unless ``cache`` has one pool per layer, all (num_blocks, block_size,
+        2, num_key_value_heads, head_dim) of one float dtype; run before anything is reserved."""
         cfg = self.config
         layers, want = cfg.num_hidden_layers, (cfg.num_key_value_heads, cfg.dim_per_head)
         if len(cache.kv) != layers:
             raise CacheMismatchError(
                 f"cache has {len(cache.kv)} KV pools, the model num_hidden_layers={layers}"
             )
-        # One set over all pools: this runs before every step, so it stays cheap.
-        kinds = {(p.shape, p.dtype) for p in cache.kv}
+        kinds = {(p.shape, p.dtype) for p in cache.kv}  # one set: runs before every step
         if len(kinds) > 1:
             seen = ", ".join(f"{s} {d}" for s, d in kinds)
             raise CacheMismatchError(f"cache pools differ in shape or dtype: {seen}")
@@ -411,28 +341,18 @@ class Model(nn.Module):
         trace: dict[str, mx.array] | None = None,
         marks: dict[int, mx.array] | None = None,
     ) -> mx.array:
-        """tokens: (B, T) int32. ``trace``, when given, receives every layer's output
-        and its attention/MLP branches under HF-style names, for localizing a
-        parity failure. ``marks``, when given, maps layer indices to None; each is
-        replaced by that layer's MLP output, the last array the layer computes, so a
-        caller can queue the step up to there (``impl.engine.CompiledSteps``).
-        """
+        """tokens: (B, T) int32. ``trace`` gets each layer's output and branches by HF-style name;
+        ``marks`` ({layer: None}) gets those layers' MLP outputs, to queue the step up to there."""
         B, T = tokens.shape
-        # The hidden states are (B * T, hidden) rows from here to the logits: a matmul
-        # of 2-D rows needs no flatten and unflatten around it, which in a batch-1
-        # decode step are 178 of the graph's nodes, each a host cost on every step.
+        # (B * T, hidden) rows up to the logits: no flatten nodes (docs/kernel-notes.md#model)
         h = self.model.embed_tokens(tokens.reshape(-1))
         if trace is not None:
             trace["embed_tokens"] = h.reshape(B, T, -1)
-        # RoPE angles and pool rows of the new tokens: the same for every layer, so
-        # computed once here. block_size from the pools: (num_blocks, block_size, ...).
-        block_size = cache.kv[0].shape[1]
+        # RoPE angles, pool rows and a chunk's context: the same for every layer.
+        block_size = cache.kv[0].shape[1]  # (num_blocks, block_size, ...)
         rope = kernels.rope_step(
             plan.positions, self._inv_freq, plan.blocks, plan.offsets, block_size
         )
-        # Where a chunk's cached context lies and what each token sees, for attention
-        # over the pools: also the same for every layer. Unused arrays cost nothing:
-        # MLX computes only what the logits need.
         context = None
         if T > 1 and not plan.fresh:
             context = kernels.context_rows(

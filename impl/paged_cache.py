@@ -1,35 +1,21 @@
-"""Paged KV cache that stores only the K/V heads (grouped-query attention, no repeats).
+"""Paged KV cache of the K/V heads only (GQA): per layer a pool of blocks, a row holding one
+token's K heads then its V heads; per sequence a block table; a fork shares its parent's
+blocks until it writes into a shared one (copy on write).
 
-One pool of fixed-size blocks per layer, holding K and V together: a pool row is
-one token's K heads then its V heads, so a step writes both with one scatter. Each
-sequence owns a block table listing the pool blocks that hold its tokens in order. Blocks are
-handed out by a free-list allocator with reference counts, so a forked sequence
-shares its parent's blocks until it writes into a shared one (copy on write).
-
-Token accounting (the rule the suites test exactly):
-  tokens(seq) == the number of tokens fed through the model for ``seq``.
-  ``generate`` feeds the P prompt tokens and then every generated token except the
-  last (the last one is returned, never fed back), so after P prompt tokens and G
-  generated tokens: tokens == P + G - 1. The seed's "9 cached after 5 generated"
-  is this rule with P = 5.
+Token accounting (the rule the suites test exactly): tokens(seq) == tokens fed through
+the model for ``seq``. ``generate`` never feeds back its last token, so after P prompt
+and G generated tokens, tokens == P + G - 1 (the seed's "9 cached after 5 generated").
 
 Invariants (asserted in suites/):
   blocks_used(seq) == ceil(tokens(seq) / block_size)
-  num_free + num_used == num_blocks        (a block is used when its refcount > 0)
+  num_free + num_used == num_blocks        (used: refcount > 0)
   refcount(b) == number of block tables that list b
   nbytes == 2 * layers * kv_heads * head_dim * itemsize * num_blocks * block_size
+  copies(b) == w if r > w else w - 1   (w of a step's sequences write into shared block b
+  of refcount r: as one at a time would); a step needs sum(copies) + new blocks free.
 
-A step that appends to a batch of sequences copies a shared partial last block b
-only as often as appending one sequence at a time would: of w sequences in the
-batch that write into b (refcount r >= w),
-  copies(b) == w      if r > w   (a holder outside the writers keeps the original)
-  copies(b) == w - 1  if r == w  (the last writer is left owning b and writes in place)
-and the step needs sum(copies) + sum(new blocks) free blocks.
-
-All-or-nothing: every public method checks its arguments (types included: counts
-are ints, numpy ints too, never bool or float) and the room it needs before it
-changes anything, so a call that raises leaves tables, counts, refcounts and the
-free list as they were.
+All-or-nothing: every public method checks its arguments (counts are ints, never bool or
+float) and the room it needs before it changes anything.
 """
 
 from __future__ import annotations
@@ -49,20 +35,14 @@ class CacheFullError(RuntimeError):
 
 
 def check_int(value: object, name: str) -> int:
-    """``value`` as an int, or TypeError naming ``name``.
-
-    Python and numpy integers count; bool does not (``trim(s, True)`` is a bug, not
-    one token), and neither does a float, even a whole one: a count of 4.5 tokens
-    would be kept and break every later step.
-    """
+    """``value`` as an int (Python or numpy, not bool or float), else TypeError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     return int(value)
 
 
 def check_seqs(seqs: object) -> None:
-    """TypeError unless ``seqs`` is a sequence of ids and not a string (else "ab" would
-    be read as the sequences "a" and "b")."""
+    """TypeError unless ``seqs`` is a sequence of ids, not a string ("ab" is not two ids)."""
     if isinstance(seqs, str | bytes) or not isinstance(seqs, Sequence):
         raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
 
@@ -84,8 +64,7 @@ class BlockAllocator:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        # Popped from the end, so block 0 is handed out first (easier to read in tests).
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free = list(range(num_blocks - 1, -1, -1))  # popped: block 0 first
         self._refcount = [0] * num_blocks
 
     @property
@@ -132,27 +111,19 @@ class BlockAllocator:
             self._free.append(block)
 
     def _check(self, block: int) -> int:
-        # A negative index would silently read another block's count.
         block = check_int(block, "block")
-        if not 0 <= block < self.num_blocks:
+        if not 0 <= block < self.num_blocks:  # a negative index reads another's count
             raise IndexError(f"block {block} is outside the pool [0, {self.num_blocks})")
         return block
 
 
-# MLX's CUDA allocator gives an array made on the host managed memory. One of at most
-# this many bytes comes from a small pool the GPU maps where it lies; a larger one
-# moves to the GPU on the GPU's first read of it, a page fault.
+# Host-made arrays up to this size sit in MLX CUDA's GPU-mapped pool; larger ones migrate.
 SMALL_POOL_BYTES = 8
 
 
 def step_fields(fields: list[list[int]]) -> list[mx.array]:
-    """A step's int32 fields as MLX arrays, made so that the GPU reads them cheaply.
-
-    Fields of at most two ints (a batch-1 decode step's) become one array each, all
-    in MLX's small pool (``SMALL_POOL_BYTES``): no page migrates. Larger fields
-    share one array, views of it, so a step costs one migration rather than one a
-    field (measured: docs/kernel-notes.md#step-fields).
-    """
+    """A step's int32 fields as MLX arrays: one array each while all fit the small pool, else
+    views of one packed array (measured: docs/kernel-notes.md#step-fields)."""
     if all(len(f) * 4 <= SMALL_POOL_BYTES for f in fields):
         return [mx.array(f, mx.int32) for f in fields]
     packed = mx.array([v for f in fields for v in f], mx.int32)
@@ -164,10 +135,7 @@ def step_fields(fields: list[list[int]]) -> list[mx.array]:
 
 
 class TableArrays:
-    """A step's block tables as an MLX array, the same array as the last step's while
-    they have not changed. In decode they change once every ``block_size`` tokens; an
-    array the GPU has read stays in its memory, and a new one is a page migration
-    (``step_fields``)."""
+    """A step's block tables as an array, reused while unchanged (a new one migrates a page)."""
 
     def __init__(self) -> None:
         self.key: tuple[int, tuple[int, ...]] | None = None  # (width, flat tables)
@@ -183,10 +151,7 @@ class TableArrays:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Where one forward step's new tokens go; built by ``PagedKVCache.plan``.
-
-    B sequences each append T tokens (prefill: B == 1; decode: T == 1).
-    """
+    """Where a step's new tokens go (``PagedKVCache.plan``): B sequences append T each."""
 
     positions: mx.array  # (B, T) int32, absolute position of each new token
     slots: mx.array  # (B * T,) int32, pool row = block * block_size + offset
@@ -194,9 +159,7 @@ class StepPlan:
     offsets: mx.array  # (B * T,) int32, slots % block_size
     block_tables: mx.array  # (B, max_blocks) int32, padded with 0 past each table
     context_lens: mx.array  # (B,) int32, tokens cached after this step
-    # Every sequence was empty before this step, so its new tokens are its whole
-    # context (a prompt's first chunk): attention needs no cached prefix.
-    fresh: bool = False
+    fresh: bool = False  # every sequence was empty: the new tokens are the whole context
 
 
 class PagedKVCache:
@@ -218,9 +181,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.allocator = BlockAllocator(num_blocks)
-        # One pool per layer: (num_blocks, block_size, 2, num_key_value_heads, head_dim),
-        # [:, :, 0] the keys and [:, :, 1] the values. Only the KV heads are stored;
-        # query heads of a group read the same rows at attention time.
+        # One pool a layer, keys at [:, :, 0], values at [:, :, 1]; KV heads only.
         shape = (self.num_blocks, block_size, 2, config.num_key_value_heads, config.dim_per_head)
         self.kv = [mx.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         mx.eval(self.kv)
@@ -243,7 +204,6 @@ class PagedKVCache:
             raise ValueError(f"need max_tokens, block_size > 0, got {max_tokens}, {block_size}")
         return cls(config, math.ceil(max_tokens / block_size), block_size, dtype)
 
-    # -- accounting -------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
@@ -265,7 +225,6 @@ class PagedKVCache:
     def blocks_used(self, seq: Hashable) -> int:
         return len(self._tables[self._check(seq)])
 
-    # -- sequence lifecycle -------------------------------------------------------
     def add_sequence(self, seq: Hashable) -> None:
         if check_id(seq) in self._tables:
             raise KeyError(f"sequence {seq!r} already exists")
@@ -279,13 +238,8 @@ class PagedKVCache:
         del self._tokens[seq]
 
     def trim(self, seq: Hashable, n: int) -> int:
-        """Forget the last ``n`` tokens of ``seq`` (all of them if it holds fewer), as
-        after rejected speculative tokens; returns how many were dropped.
-
-        Blocks past ``ceil(tokens / block_size)`` go back to the allocator (or lose a
-        reference, if shared); the rows left behind in a kept block are overwritten
-        by the next tokens, and no reader looks past ``tokens(seq)``.
-        """
+        """Forget the last ``n`` tokens of ``seq`` (all if fewer); returns how many. Blocks past
+        ``ceil(tokens / block_size)`` lose this sequence's reference."""
         n = check_int(n, "n")
         if n < 0:
             raise ValueError(f"cannot trim a negative number of tokens ({n})")
@@ -299,11 +253,7 @@ class PagedKVCache:
         return n
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
-        """``child`` starts as a copy of ``parent`` sharing all its blocks.
-
-        Full blocks stay shared for good; a shared partial last block is copied by
-        whichever sequence appends to it first (see ``plan``).
-        """
+        """``child`` starts as ``parent``, sharing its blocks (copy on write, see ``plan``)."""
         table = self._tables[self._check(parent, "parent")]
         if check_id(child, "child") in self._tables:
             raise KeyError(f"sequence {child!r} already exists")
@@ -312,23 +262,15 @@ class PagedKVCache:
         self._tables[child] = list(table)
         self._tokens[child] = self._tokens[parent]
 
-    # -- one forward step --------------------------------------------------------
     def plan(
         self,
         seqs: Sequence[Hashable],
         num_new: int,
         table_width: Callable[[int], int] | None = None,
     ) -> StepPlan:
-        """Reserve room for ``num_new`` tokens in each of ``seqs`` and count them cached.
-
-        The block tables are as wide as the longest table, or ``table_width`` of that
-        (a compiled step's width bucket), padded with block 0: the pad is never read
-        as context (see ``impl.engine.pad_block_tables``).
-
-        All-or-nothing: the arguments, then the room (``block_needs``), are checked
-        before any table, count or refcount changes; the blocks taken are exactly
-        the ones counted, so no allocation after the check can fail.
-        """
+        """Reserve room for ``num_new`` tokens in each of ``seqs`` and count them cached. Tables
+        are as wide as the longest, or ``table_width`` of that, padded with block 0. Arguments
+        and room (``block_needs``) are checked first; exactly the blocks counted are taken."""
         seqs = self._check_step(seqs, num_new)
         num_new = int(num_new)
         needs = self.block_needs(seqs, num_new)
@@ -376,18 +318,11 @@ class PagedKVCache:
     def block_needs(
         self, seqs: Sequence[Hashable], num_new: int
     ) -> list[tuple[Hashable, bool, int]]:
-        """Per sequence: (seq, copies its shared partial last block first, new blocks).
-
-        What ``plan`` allocates for ``num_new`` more tokens in each of ``seqs``, in
-        order: new == ceil((tokens + num_new) / block_size) - blocks_used, and a
-        sequence whose next row lands in a block someone else still holds copies it,
-        counted per block as in the module docstring. Public so the suites can plant
-        a wrong count here.
-        """
+        """What ``plan`` allocates, per sequence: (seq, copies its shared partial last block,
+        new blocks), counted as in the module docstring. Public: the suites plant bad counts."""
         seqs = self._check_step(seqs, num_new)
         bs = self.block_size
-        # Holders left of each block written this step: a writer that copies lets go
-        # of it, so the last writer may find itself the only holder.
+        # Holders left of each written block: a writer that copies lets go of it.
         holders: dict[int, int] = {}
         needs = []
         for s in seqs:

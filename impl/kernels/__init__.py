@@ -1,10 +1,6 @@
-"""The seam between the model and its custom kernels: the model calls only these names.
-
-One module per op, each with a kernel (one body for CUDA and Metal, built on first use)
-and an MLX-ops twin (the CPU path and the kernel's oracle); ``policy`` picks the kernels.
-``add_rms_norm`` and ``paged_attention`` here are functions shadowing their modules:
-reach a module's other names with ``from impl.kernels.paged_attention import ...``.
-"""
+"""The seam between the model and its custom kernels: the model calls only these names. One
+module per op: a kernel and its MLX-ops twin. ``add_rms_norm`` and ``paged_attention`` here
+are functions shadowing their modules (import a module's other names from the module)."""
 
 from conform_mlx.impl.kernels.add_rms_norm import add_rms_norm
 from conform_mlx.impl.kernels.norm_linear import (

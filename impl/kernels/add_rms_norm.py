@@ -1,9 +1,6 @@
-"""Residual add fused with RMSNorm: ``h = x + residual``, ``normed = RMSNorm(h) * weight``.
-
-``add_rms_norm`` runs the kernel (a thread group a row, rounding as MLX's rms_norm) on a
-GPU where the policy's ``fused_norm`` is on (off by default: slower than MLX's two ops,
-docs/kernel-notes.md#add-and-rmsnorm), else the ops twin ``add_rms_norm_ops``, its oracle.
-"""
+"""Residual add fused with RMSNorm: ``h = x + residual``, ``normed = RMSNorm(h) * weight``. The
+kernel runs where the policy's ``fused_norm`` is on (off by default, measured slower:
+docs/kernel-notes.md#add-and-rmsnorm), else the ops twin ``add_rms_norm_ops``, its oracle."""
 
 from __future__ import annotations
 
@@ -29,8 +26,6 @@ PER_THREAD = 8  # elements of a row per thread, when the row is wide enough
 MAX_WARPS = 32  # 1024 threads, the most a CUDA thread group holds
 MAX_PER_THREAD = 32  # registers per thread stay bounded: hidden <= 32768
 
-# Every load precedes any store: arguments are not ``restrict``, so a store between loads
-# would serialize them.
 _BODY = SOURCE["body"]
 
 
@@ -72,8 +67,7 @@ def call_args(x: mx.array, eps: float) -> dict:
 
 
 def shape_of_group(hidden: int) -> tuple[int, int]:
-    """(warps per group, elements per thread) for rows of ``hidden``: about ``PER_THREAD``
-    a thread in up to ``MAX_WARPS`` warps; one template serves every row count."""
+    """(warps per group, elements per thread) for rows of ``hidden``; any row count."""
     n_warps = min(MAX_WARPS, max(1, -(-hidden // (PER_THREAD * WARP))))
     return n_warps, -(-hidden // (n_warps * WARP))
 

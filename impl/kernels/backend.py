@@ -1,8 +1,5 @@
-"""Which GPU backend MLX runs on, and the per-backend lines (``kernels/backend.inc``: index
-names, KSHARED, ksync, warp reductions, kload/kstore) that let one kernel body serve CUDA
-and Metal. Index names sit in the prologue, not the header: MLX's Metal wrapper adds e.g.
-``thread_index_in_simdgroup`` as a kernel parameter only when ``source`` names it.
-"""
+"""Which GPU backend MLX runs on, and the per-backend lines (``kernels/backend.inc``) that
+let one kernel body serve CUDA and Metal (docs/kernel-notes.md#backend)."""
 
 from __future__ import annotations
 
@@ -23,8 +20,7 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
 
 def kernel_source(op: str) -> dict[str, str]:
-    """The fragments of ``kernels/<op>.inc`` (each from a line ``//! name``) by name, each
-    with a newline at both ends, so they concatenate safely."""
+    """``kernels/<op>.inc``'s fragments (each from a ``//! name`` line) by name, newline-wrapped."""
     fragments: dict[str, list[str]] = {}
     lines: list[str] = []
     for line in (SOURCE_DIR / f"{op}.inc").read_text().splitlines():
@@ -39,9 +35,8 @@ SOURCE = kernel_source("backend")  # kernels/backend.inc
 
 
 def float_bits(x: float) -> int:
-    """``x`` as float32 bits in an int: a float template argument (MLX takes int, bool or
-    dtype; ``kfloat_bits`` inverts it). A one-element input array would be read across the
-    bus every launch (measured: docs/kernel-notes.md#backend)."""
+    """``x`` as float32 bits in an int, a template argument (``kfloat_bits`` inverts it), not an
+    input array read over the bus (measured: docs/kernel-notes.md#backend)."""
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
@@ -54,8 +49,7 @@ def active_backend() -> Backend:
     return "cpu"
 
 
-# MLX puts the CUDA header before its own namespace and defines a macro ``inf``:
-# no identifier in a header may be called that.
+# MLX puts this before its namespace and defines a macro ``inf``: no identifier may be so named.
 CUDA_HEADER = SOURCE["cuda_header"]
 
 CUDA_PROLOGUE = SOURCE["cuda_prologue"]
@@ -76,10 +70,8 @@ def prologue(backend: Backend) -> str:
 
 
 def compact(source: str) -> str:
-    """``source`` without ``//`` comments, indentation or blank lines (line breaks stay for the
-    preprocessor): MLX hashes the text at every launch (docs/kernel-notes.md#backend) and
-    passes ``<input>_shape`` for any input a comment names. Kernels hold no string literals,
-    so every ``//`` starts a comment."""
+    """``source`` without ``//`` comments, indentation or blank lines (MLX hashes it at every
+    launch: docs/kernel-notes.md#backend); ValueError if it holds a string literal."""
     lines = [line.split("//", 1)[0].strip() for line in source.splitlines()]
     if any('"' in line for line in lines):
         raise ValueError("kernel source holds a string literal: compact() could cut it")
@@ -103,8 +95,7 @@ def on_first_use(build: Callable[[Backend], T], what: str) -> Callable[[], T]:
 def make_kernel(
     backend: Backend, name: str, inputs: list[str], outputs: list[str], body: str
 ) -> object:
-    """An MLX custom kernel: ``backend``'s prologue + ``body``, its helpers as header. It
-    compiles nothing until called, so Metal ones build anywhere (``suites.metal_check``)."""
+    """An MLX custom kernel: ``backend``'s prologue + ``body``, helpers as header (lazy build)."""
     make = {"cuda": mx.fast.cuda_kernel, "metal": mx.fast.metal_kernel}[backend]
     return make(
         name=name,

@@ -1,9 +1,6 @@
-"""Batch-1 projections of one row x (1, hidden) by W (n, hidden): ``linear_row`` is
-``x @ W.T``; ``norm_linear`` fuses the add and RMSNorm before it (``RMSNorm(x + residual)
-@ W.T``, and with ``gated``, W = [gate; up], ``silu(gate) * up``): one launch for three.
-The model asks ``*_applies`` (policy and ``supports``), else runs its own ops; ``*_ops`` are
-the twins. Sums run in another order than MLX's gemv: a column may differ in its last bit.
-"""
+"""One row x (1, hidden) times W (n, hidden): ``linear_row`` is ``x @ W.T``; ``norm_linear``
+is ``RMSNorm(x + residual) @ W.T`` (``gated``: W = [gate; up], then ``silu(gate) * up``) in
+one launch. ``*_ops`` are the twins; a column may differ from MLX's gemv in its last bit."""
 
 from __future__ import annotations
 
@@ -27,8 +24,7 @@ DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 N_WARPS = 8  # warps (output columns at a time) per thread group
 LANE_ELEMS = 8  # elements of a weight row one lane loads at once: 16 bytes in half
 CHUNK = LANE_ELEMS * WARP  # elements of a row one warp covers per load
-# chunks of a weight row a lane loads before using the first; gated, half as many of each
-UNROLL = 8  # measured: docs/kernel-notes.md#norm-and-linear
+UNROLL = 8  # chunks loaded before the first is used; measured: docs/kernel-notes.md#norm-and-linear
 MAX_GROUPS = 1024  # above this many groups a warp takes more than one column
 SHARED_BYTES = 32 * 1024  # Metal's thread-group memory, the smaller of the two
 
@@ -60,8 +56,8 @@ def shared_bytes(hidden: int, dtype: mx.Dtype) -> int:
 
 
 def supports(x: mx.array, weight: mx.array, gated: bool = False) -> bool:
-    """Whether the kernels take these inputs. They load 16 bytes at a time: x and the weight
-    must start 16-byte aligned, as MLX's arrays do (a view into a row may not: copy it)."""
+    """Whether the kernels take these inputs; x and the weight must start 16-byte aligned, as
+    MLX's arrays do (a view into a row may not)."""
     if x.ndim != 2 or weight.ndim != 2 or x.dtype not in DTYPES or weight.dtype != x.dtype:
         return False
     rows, hidden = x.shape
@@ -77,8 +73,7 @@ def supports(x: mx.array, weight: mx.array, gated: bool = False) -> bool:
 
 
 def groups(n_out: int) -> tuple[int, int]:
-    """(thread groups, output columns per warp) for ``n_out`` columns: one a warp up to
-    ``MAX_GROUPS`` groups, more past it, so each group's row setup stays small beside its work."""
+    """(thread groups, output columns per warp): a column a warp up to ``MAX_GROUPS`` groups."""
     per_warp = max(1, -(-n_out // (N_WARPS * MAX_GROUPS)))
     return -(-n_out // (N_WARPS * per_warp)), per_warp
 

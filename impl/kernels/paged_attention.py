@@ -1,11 +1,6 @@
-"""Attention of a step's new query tokens over a paged KV cache, grouped-query aware.
-
-``paged_attention`` picks a path: on a GPU, decode (T == 1) runs the decode kernel, a chunk
-over a cache the prefill kernel (``paged_prefill``) or, past ``PREFILL_KERNEL_MAX_CHUNK``,
-``gathered_attention``; a prompt's first chunk (``own_kv``) MLX's causal attention; the
-rest the ops twin ``paged_attention_ops``, every path's oracle. K and V are split with
-slices, never ``kv[0]``: an integer index is a gather, a copy of the context.
-"""
+"""Attention of a step's new query tokens over a paged KV cache, GQA-aware. ``paged_attention``
+dispatches to the decode kernel, the prefill kernel, ``gathered_attention``, MLX's causal
+attention (a first chunk) or the ops twin ``paged_attention_ops``, every path's oracle."""
 
 from __future__ import annotations
 
@@ -19,8 +14,7 @@ from conform_mlx.impl.kernels.backend import WARP, Backend, active_backend, floa
 from conform_mlx.impl.kernels.paged_decode_source import build_kernels
 from conform_mlx.impl.kernels.policy import current_policy
 
-# Launch shape (launch_plan: a warp per 32 tokens, split-K only while B * n_kv_heads groups
-# leave the GPU idle) and prefill cut-off, measured: docs/kernel-notes.md#paged-attention
+# Launch shape and prefill cut-off, measured: docs/kernel-notes.md#paged-attention
 MIN_WARPS = 4
 MAX_WARPS = 16  # 32 warps (1024 threads) ran out of registers
 TARGET_GROUPS = 128  # about an H100's 132 SMs; an M-series GPU has up to 80 cores
@@ -46,14 +40,12 @@ def supports(q: mx.array, kv_pool: mx.array, token_major: bool = False) -> bool:
         and kv_pool.shape[2] == 2
         and kv_pool.shape[4] == head_dim
         and n_heads % kv_pool.shape[3] == 0
-        # one warp's thread group must fit in Metal's thread-group memory
         and 4 * shared_floats(n_heads // kv_pool.shape[3], head_dim, 1) <= SHARED_BYTES
     )
 
 
 def max_warps(group_size: int, head_dim: int) -> int:
-    """The most warps (a power of two) a group of this shape may have, within registers
-    (``thread_floats``) and shared memory (``shared_floats``)."""
+    """The most warps (a power of two) a group may have within registers and shared memory."""
     floats = thread_floats(group_size, head_dim)
     warps = MAX_WARPS
     while warps > 1 and (
@@ -65,14 +57,12 @@ def max_warps(group_size: int, head_dim: int) -> int:
 
 
 def thread_floats(group_size: int, head_dim: int) -> int:
-    """Float32 values a thread keeps live: accumulators (group_size x head_dim / 32), the 8
-    V rows loaded ahead (8 x head_dim / 32), and a score, max and denominator a head."""
+    """Live float32s a thread keeps: accumulators, 8 V rows loaded ahead, 3 scalars a head."""
     return (group_size + 8) * head_dim // WARP + 3 * group_size
 
 
 def shared_floats(group_size: int, head_dim: int, n_warps: int) -> int:
-    """Thread-group floats: max(1, n_warps // 2) merge slots of a warp's (acc, l), the
-    first holding the queries during the walk, and each warp's running max."""
+    """Thread-group floats: the merge slots (the first holds the queries) and warp maxima."""
     return max(1, n_warps // 2) * (group_size * head_dim + group_size) + n_warps * group_size
 
 
@@ -93,8 +83,7 @@ def launch_plan(
 def kernel_call_args(
     q: mx.array, kv_pool: mx.array, scale: float, n_parts: int, n_warps: int = MIN_WARPS
 ) -> dict:
-    """Template, grid and thread group of one launch (also used by the Metal check). q:
-    (B, n_heads, 1, D) or (B, 1, n_heads, D), the same bytes; the scale a template constant."""
+    """Template, grid and thread group of one launch; q (B, n_heads, 1, D) or (B, 1, n_heads, D)."""
     batch, n_heads, head_dim = q.shape[0], q.shape[1] * q.shape[2], q.shape[3]
     _, block_size, _, n_kv, _ = kv_pool.shape
     return {
@@ -133,9 +122,8 @@ def paged_decode_attention(
     token_major: bool = False,
     out_shape: tuple[int, ...] | None = None,
 ) -> mx.array:
-    """The decode kernel. q: (B, n_heads, 1, D), or (B, 1, n_heads, D) with ``token_major``
-    (the same bytes: no transpose node); ``out_shape`` any shape of the result's bytes.
-    ``n_parts`` and ``n_warps`` default to ``launch_plan``'s; any give the same answer."""
+    """The decode kernel. q: (B, n_heads, 1, D), or (B, 1, n_heads, D) with ``token_major``;
+    ``out_shape``: any shape of the result; ``n_parts``, ``n_warps``: ``launch_plan``'s."""
     batch, n_heads, t, head_dim = q.shape
     if token_major:
         n_heads, t = t, n_heads
@@ -181,12 +169,9 @@ def paged_decode_attention(
 
 @dataclass(frozen=True)
 class ContextRows:
-    """Where a step's context lies in the pool and what each new token may see (L: the
-    tables' width times block_size); built once a step."""
+    """Where a step's context lies in the pool and what each new token may see, once a step."""
 
-    # (B, L) int32 pool rows; past a sequence's length its token 0's (a written row, so
-    # no unwritten or NaN row is gathered; the mask hides it)
-    slots: mx.array
+    slots: mx.array  # (B, L = width * block_size) int32; past the length token 0's (masked)
     mask: mx.array  # (B, 1, T, L): 0 where new token t may see context token j, else -inf
 
 
@@ -229,9 +214,8 @@ def paged_attention(
     own_kv: mx.array | None = None,
     rows: ContextRows | None = None,
 ) -> mx.array:
-    """``paged_attention_ops``'s attention, q (B, T, n_heads, D) in, (B * T, n_heads * D)
-    rows out. ``own_kv`` (B * T, 2, n_kv, D), the step's new pool rows, promises each
-    sequence holds just those T tokens; ``rows`` is the step's ``context_rows``."""
+    """``paged_attention_ops``'s attention, q (B, T, n_heads, D) in, (B * T, n_heads * D) out.
+    ``own_kv``: the new pool rows, promised to be the whole context; ``rows``: ``context_rows``."""
     batch, t, n_heads, head_dim = q.shape
     out_rows = (batch * t, n_heads * head_dim)
     if BACKEND != "cpu" and t == 1 and supports(q, kv_pool, token_major=True):
@@ -282,10 +266,9 @@ def paged_attention_ops(
     positions: mx.array,
     scale: float,
 ) -> mx.array:
-    """Causal attention of q (B, n_heads, T, D), rotated, over each sequence's cache; returns
-    (B, n_heads, T, D). kv_pool (num_blocks, block_size, 2, n_kv, D); block_tables (B,
-    max_blocks), context_lens (B,) (new tokens included) and positions (B, T) int32. Slots
-    past a sequence's length are zeroed, so garbage or NaN there cannot reach the output."""
+    """Causal attention of rotated q (B, n_heads, T, D) over each sequence's cache, same shape
+    out; int32 block_tables (B, W), context_lens (B,) (new tokens in), positions (B, T). Slots
+    past a length are zeroed: garbage or NaN there cannot reach the output."""
     batch, max_blocks = block_tables.shape
     _, block_size, _, n_kv_heads, head_dim = kv_pool.shape
     length = max_blocks * block_size

@@ -1,8 +1,5 @@
-"""Builder of the paged decode attention kernels (kernels/paged_decode.inc describes them).
-
-``paged_attention_ops``' contract at T == 1: the query sits at ``context_len - 1``, so no
-mask; block table entries past the context are never read.
-"""
+"""Builder of the paged decode attention kernels (kernels/paged_decode.inc describes them):
+``paged_attention_ops``' contract at T == 1; table entries past the context are never read."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Paged prefill attention: T >= 1 new query tokens per sequence over a paged KV cache.
-
-``paged_prefill_attention`` launches the kernel (``paged_prefill_source``) with exactly
-``paged_attention_ops``' contract, its twin and oracle; ``paged_attention`` dispatches
-short chunks over a cache to it.
-"""
+"""Paged prefill attention, T >= 1 new tokens a sequence over a paged KV cache, with exactly
+``paged_attention_ops``' contract (its twin and oracle); for short chunks over a cache."""
 
 from __future__ import annotations
 

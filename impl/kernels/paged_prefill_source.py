@@ -1,8 +1,5 @@
-"""Builder of the paged prefill attention kernel (kernels/paged_prefill.inc describes it).
-
-``paged_attention_ops``' contract: T new tokens a sequence (a chunk after earlier chunks or
-a shared prefix), already in the cache; the query at position p sees keys 0..p.
-"""
+"""Builder of the paged prefill attention kernel (kernels/paged_prefill.inc describes it):
+``paged_attention_ops``' contract, T new tokens a sequence already in the cache."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Which custom kernels a step runs (``KernelPolicy``), set for a block with ``use_policy``.
-
-Defaults are what measured faster per backend (docs/kernel-notes.md#policy); Metal is
-unmeasured and runs MLX's ops. Kernels read ``current_policy()`` when a step is built,
-and compiled steps are cached per policy, so two policies never share a graph.
-"""
+"""Which custom kernels a step runs (``KernelPolicy``), set for a block with ``use_policy``;
+defaults measured per backend (docs/kernel-notes.md#policy). Read when a step is built."""
 
 from __future__ import annotations
 
@@ -18,9 +14,8 @@ from conform_mlx.impl.kernels.backend import active_backend
 
 
 def early_commits(num_layers: int, row_kernels: bool) -> tuple[int, ...]:
-    """The layers after which a compiled step is queued before it is whole: MLX's CUDA
-    backend submits graphs of 100 launches, so a long first graph starts the GPU late
-    (measured: docs/kernel-notes.md#policy)."""
+    """The layers after which a compiled step is queued before it is whole, so the GPU starts
+    early (measured: docs/kernel-notes.md#policy)."""
     if row_kernels:
         return tuple(range(3, num_layers - 2, 4))
     return tuple(layer for layer in (num_layers - 7, num_layers - 5, num_layers - 3) if layer >= 0)
@@ -53,8 +48,7 @@ def _measured() -> KernelPolicy:
 
 
 def current_policy() -> KernelPolicy:
-    """The policy ``use_policy`` set, else the measured default (made once: the model
-    asks at every layer of an eager step)."""
+    """The policy ``use_policy`` set, else the measured default (made once)."""
     return _CURRENT.get() or _measured()
 
 

@@ -1,11 +1,6 @@
-"""RoPE (HF's rotate-half, rounded as HF rounds) of a step's new Q and K, then the K/V write.
-
-qkv: (B * T, (n_heads + 2 * n_kv) * D) rows q | k | v; a layer's pool: (num_blocks,
-block_size, 2, n_kv, D), a token's K heads then its V heads. On a GPU the kernel
-``rope_qkv`` writes rotated Q and the new pool rows, and one MLX scatter (``write_rows``)
-puts them into the pool in place (kernels have no in-place outputs:
-docs/kernel-notes.md#rope); elsewhere the ops twin ``rope_and_cache_write_ops``, the oracle.
-"""
+"""RoPE (HF's rotate-half, rounded as HF rounds) of a step's new Q and K, then the K/V write:
+on a GPU the kernel ``rope_qkv`` makes rotated Q and the pool rows and one scatter writes them
+(docs/kernel-notes.md#rope); elsewhere the ops twin ``rope_and_cache_write_ops``, the oracle."""
 
 from __future__ import annotations
 
@@ -98,10 +93,9 @@ def split_qkv(
 
 
 def rope_cos_sin(positions: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
-    """cos and sin of ``positions * inv_freq``, float32 (B, T, D/2): the one place angles are
-    made, so a fault the suites inject here reaches kernel and twin alike."""
-    # Broadcast before the cast: a (B, T) float32 array is 4 bytes at batch 1, which MLX
-    # keeps in host memory that each reading kernel waits on (impl.paged_cache.step_fields).
+    """cos and sin of ``positions * inv_freq``, float32 (B, T, D/2); the one place angles are
+    made, so a fault injected here reaches kernel and twin alike."""
+    # Broadcast before the cast: a 4-byte array stays in host memory (paged_cache.step_fields).
     wide = mx.broadcast_to(positions[:, :, None], (*positions.shape, inv_freq.shape[0]))
     angles = wide.astype(mx.float32) * inv_freq  # (B, T, D/2)
     return mx.cos(angles), mx.sin(angles)
