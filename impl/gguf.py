@@ -1,11 +1,12 @@
 """Read a Llama-architecture GGUF file (llama.cpp's format) into HF names.
 
-The config comes from the file's ``llama.*`` metadata. Tensor data comes from
-``mx.load``, which keeps Q4_0, Q4_1 and Q8_0 tensors quantized in MLX's own affine
-layout (uint32-packed weights, float16 scales and biases, groups of 32 along the
-input dimension), so ``mx.quantized_matmul`` runs them as stored. The tensor types
-are read first with gguf-py's reader: ``mx.load`` would cast other types to float16
-without a word (or fail on some), so any type outside ``TYPES`` is refused by name.
+The config comes from the file's ``llama.*`` metadata, the tensors from gguf-py's
+reader. A block type whose weights are ``scale * q + bias`` over groups of 32 (Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0, and the K-quants Q4_K, Q5_K and Q8_K, whose 32-wide sub-blocks
+carry their own scale and min) is repacked into MLX's affine layout, bit for bit, and
+runs through ``mx.quantized_matmul``. Q2_K, Q3_K and Q6_K scale 16-wide sub-blocks,
+narrower than any MLX group: gguf-py de-quantizes them to float32 at load, and the
+summary says so. Any other type is refused by name (``TYPES``).
 
 llama.cpp's converter reorders the rows of each head of the Q and K projections
 (its RoPE rotates adjacent pairs, HF's rotates the two halves); ``unpermute_heads``
@@ -19,10 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
-GROUP_SIZE = 32  # every GGUF block type kept quantized here has 32 weights per block
-# GGUF tensor type -> bits when kept quantized (None: a float type, loaded as floats).
-TYPES: dict[str, int | None] = {"F32": None, "F16": None, "Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+GROUP_SIZE = 32  # the MLX group of every type kept quantized
+# Block types kept quantized -> bits of a weight in MLX's affine layout.
+AFFINE_BITS = {
+    "Q4_0": 4,
+    "Q4_1": 4,
+    "Q5_0": 5,
+    "Q5_1": 5,
+    "Q8_0": 8,
+    "Q4_K": 4,
+    "Q5_K": 5,
+    "Q8_K": 8,
+}
+FLOATS = ("F32", "F16", "BF16")
+DEQUANTIZED = ("Q2_K", "Q3_K", "Q6_K")  # de-quantized to float32 at load
+TYPES = (*FLOATS, *AFFINE_BITS, *DEQUANTIZED)
 
 _GLOBAL = {
     "token_embd": "model.embed_tokens",
@@ -40,7 +54,6 @@ _PER_LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_SUFFIXES = (".weight", ".scales", ".biases")
 
 
 class GGUFError(ValueError):
@@ -197,32 +210,131 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, mx.array], dict[str, dic
             f"{path}: {len(bad)} tensor(s) of a type impl does not run, e.g. {shown}; "
             f"supported: {', '.join(TYPES)} (re-quantize the file to one of them)"
         )
-    quant: dict[str, dict] = {}
-    for name, t in types.items():
-        module = hf_module(name.removesuffix(".weight"))
-        if module is None:
-            raise GGUFError(f"{path}: tensor {name} is not part of a Llama model")
-        if TYPES[t] is not None:
-            quant[module] = {"group_size": GROUP_SIZE, "bits": TYPES[t]}
-    try:
-        arrays = mx.load(str(path))
-    except Exception as e:  # MLX raises a bare RuntimeError on a damaged file
-        raise GGUFError(f"{path}: cannot read tensor data ({e})") from None
     heads = {"attn_q": raw["num_attention_heads"], "attn_k": raw["num_key_value_heads"]}
+    quant: dict[str, dict] = {}
     weights: dict[str, mx.array] = {}
-    for name, arr in arrays.items():
-        stem, suffix = next((name.removesuffix(s), s) for s in _SUFFIXES if name.endswith(s))
-        kind = stem.rsplit(".", 1)[-1]
-        if kind in heads and arr.ndim == 2:
-            if arr.shape[0] % (2 * heads[kind]):
-                raise GGUFError(
-                    f"{path}: tensor {stem}.weight has {arr.shape[0]} rows, not a whole "
-                    f"number of {heads[kind]} heads"
-                )
-            arr = unpermute_heads(arr, heads[kind])
-        weights[f"{hf_module(stem)}{suffix}"] = arr
+    for tensor in reader.tensors:
+        stem = tensor.name.removesuffix(".weight")
+        module = hf_module(stem)
+        if module is None:
+            raise GGUFError(f"{path}: tensor {tensor.name} is not part of a Llama model")
+        kind = types[tensor.name]
+        try:
+            arrays = tensor_arrays(tensor.data, kind)
+        except ValueError as e:  # a shape the block type cannot hold
+            raise GGUFError(f"{path}: tensor {tensor.name} ({kind}): {e}") from None
+        if kind in AFFINE_BITS:
+            quant[module] = {"group_size": GROUP_SIZE, "bits": AFFINE_BITS[kind]}
+        part = stem.rsplit(".", 1)[-1]
+        for suffix, arr in arrays.items():
+            if part in heads and arr.ndim == 2:
+                if arr.shape[0] % (2 * heads[part]):
+                    raise GGUFError(
+                        f"{path}: tensor {tensor.name} has {arr.shape[0]} rows, not a whole "
+                        f"number of {heads[part]} heads"
+                    )
+                arr = unpermute_heads(arr, heads[part])
+            weights[f"{module}.{suffix}"] = arr
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
-    summary = "GGUF " + ", ".join(f"{t} x{n}" for t, n in sorted(counts.items()))
+    summary = "GGUF " + ", ".join(
+        f"{t} x{n}" + (" (de-quantized to float32 at load)" if t in DEQUANTIZED else "")
+        for t, n in sorted(counts.items())
+    )
     return raw, weights, quant, summary
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte ``at`` of every block, as float32 (..., 1)."""
+    return blocks[..., at : at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins. Bytes 0-7 hold
+    scales and mins 0-3 in their low 6 bits; bytes 8-11 the low nibbles of 4-7, whose
+    top 2 bits sit in the top bits of bytes 0-7."""
+    b = packed.astype(np.int32)
+    top = b[..., 0:8] >> 6
+    sc = np.concatenate([b[..., 0:4] & 63, (b[..., 8:12] & 0xF) | top[..., 0:4] << 4], -1)
+    m = np.concatenate([b[..., 4:8] & 63, (b[..., 8:12] >> 4) | top[..., 4:8] << 4], -1)
+    return sc, m
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., n) bytes -> (..., 2n): the low nibbles, then the high ones."""
+    return np.concatenate([qs & 0xF, qs >> 4], -1)
+
+
+def affine_blocks(blocks: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blocks (rows, n_blocks, block bytes) of an ``AFFINE_BITS`` type -> (q, scale,
+    bias): q (rows, n) unsigned, scale and bias float32 (rows, n // 32), so that weight
+    i is scale[i // 32] * q[i] + bias[i // 32] exactly as llama.cpp de-quantizes it."""
+    rows = blocks.shape[0]
+    if kind in ("Q8_0", "Q8_K"):  # int8 q, one scale: q + 128 unsigned, bias -128 scale
+        d, q = (
+            (_f16(blocks, 0), blocks[..., 2:])
+            if kind == "Q8_0"
+            else (blocks[..., 0:4].copy().view(np.float32), blocks[..., 4:260])
+        )
+        q = q.view(np.int8).astype(np.int16) + 128
+        groups = q.shape[-1] // GROUP_SIZE
+        scale = np.repeat(d, groups, -1)
+        return q.reshape(rows, -1), scale.reshape(rows, -1), (-128 * scale).reshape(rows, -1)
+    if kind in ("Q4_K", "Q5_K"):  # 256 weights: d, dmin, 12 scale bytes, [qh 32], qs 128
+        sc, m = k_scales(blocks[..., 4:16])
+        qs = blocks[..., -128:].reshape(rows, -1, 4, 32)  # each 64 weights in 32 bytes
+        q = np.stack([qs & 0xF, qs >> 4], -2).reshape(rows, -1, 8, 32)
+        if kind == "Q5_K":  # the fifth bit of sub-block j's weight l: bit j of qh[l]
+            qh = blocks[..., 16:48]
+            q = q | ((qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
+        scale = _f16(blocks, 0) * sc
+        bias = -_f16(blocks, 2) * m
+        return q.reshape(rows, -1), scale.reshape(rows, -1), bias.reshape(rows, -1)
+    # Q4_0, Q4_1, Q5_0, Q5_1: 32 weights, d, [m], [qh: 32 fifth bits], 16 bytes of nibbles
+    d = _f16(blocks, 0)
+    has_min = kind in ("Q4_1", "Q5_1")
+    at = 4 if has_min else 2
+    q = _nibbles(blocks[..., at + 4 * (kind[1] == "5") :])
+    if kind[1] == "5":
+        q = q | np.unpackbits(blocks[..., at : at + 4], axis=-1, bitorder="little") << 4
+    bias = _f16(blocks, 2) if has_min else -(8 if kind == "Q4_0" else 16) * d
+    return q.reshape(rows, -1), d.reshape(rows, -1), bias.reshape(rows, -1)
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit values (rows, n) -> MLX's packing: (rows, n * bits // 32)
+    uint32, value i at bit offset i * bits of the row's little-endian bit stream.
+    Eight values fill ``bits`` bytes exactly, so each eight are joined in a uint64
+    whose low ``bits`` bytes are theirs (4 and 8 bits: whole bytes, joined directly)."""
+    q = q.astype(np.uint8)
+    if bits == 8:
+        return np.ascontiguousarray(q).view(np.uint32)
+    if bits == 4:
+        return np.ascontiguousarray(q[:, 0::2] | q[:, 1::2] << 4).view(np.uint32)
+    eight = q.reshape(q.shape[0], -1, 8).astype(np.uint64)
+    joined = (eight << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(-1, dtype=np.uint64)
+    as_bytes = joined[..., None].view(np.uint8)[..., :bits]  # little-endian
+    return np.ascontiguousarray(as_bytes).reshape(q.shape[0], -1).view(np.uint32)
+
+
+def tensor_arrays(data: np.ndarray, kind: str) -> dict[str, mx.array]:
+    """A tensor's data as gguf-py reads it (floats, or rows of block bytes) -> the
+    arrays impl loads: {"weight"} of floats, or {"weight", "scales", "biases"} packed."""
+    import gguf
+
+    if kind in ("F32", "F16"):
+        return {"weight": mx.array(np.ascontiguousarray(data))}
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind not in AFFINE_BITS:  # BF16 and the 16-wide K-quants
+        return {"weight": mx.array(gguf.quants.dequantize(data, qtype))}
+    if data.ndim != 2:
+        raise ValueError(f"a {kind} tensor must be 2-D rows of blocks, got shape {data.shape}")
+    _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    with np.errstate(invalid="ignore", over="ignore"):  # a damaged scale: check_finite names it
+        q, scale, bias = affine_blocks(data.reshape(data.shape[0], -1, block_bytes), kind)
+    return {
+        "weight": mx.array(pack(q.astype(np.uint8), AFFINE_BITS[kind])),
+        "scales": mx.array(scale),
+        "biases": mx.array(bias),
+    }

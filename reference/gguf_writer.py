@@ -4,7 +4,9 @@ gguf-py (not by MLX, so the engine's reader is tested against another writer).
 
 For the suites: small GGUF files of the committed checkpoints in Q4_0, Q4_1 and Q8_0,
 with the output projection tied to a quantized token embedding or not, plus damaged
-variants for the bad-input tests. Real GGUF models come from elsewhere (``conform
+variants for the bad-input tests; K-quant files through our own encoder
+(``reference/kquants.py``), falling back as llama.cpp's quantizer does for rows that
+are not a multiple of 256 wide. Real GGUF models come from elsewhere (``conform
 validate --model smollm2-135m``).
 """
 
@@ -16,6 +18,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 from safetensors.numpy import load_file
+
+from conform_mlx.reference import kquants
 
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -33,6 +37,29 @@ _PER_LAYER = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+
+
+# The type llama.cpp's quantizer writes instead of a K-quant for a row whose width is
+# not a multiple of 256 (its IQ4_NL for Q2_K and Q3_K, which no reader here takes, is
+# Q5_0 here).
+K_FALLBACK = {
+    "Q2_K": "Q5_0",
+    "Q3_K": "Q5_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+    "Q8_K": "Q8_0",
+}
+
+
+def encode(arr: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """Rows ``arr`` as a GGUF tensor of ``qtype`` (or its fallback): (data, type)."""
+    if qtype in kquants.BLOCK_BYTES:
+        if arr.shape[1] % kquants.QK == 0:
+            return kquants.quantize(arr, qtype)[0], gguf.GGMLQuantizationType[qtype]
+        qtype = K_FALLBACK[qtype]
+    t = gguf.GGMLQuantizationType[qtype]
+    return gguf.quants.quantize(arr, t), t
 
 
 def gguf_name(hf_name: str) -> str:
@@ -55,6 +82,7 @@ def write_gguf(
     qtype: str = "Q4_0",
     *,
     embed_qtype: str | None = None,
+    qtypes: dict[str, str] | None = None,
     tied: bool = False,
     architecture: str = "llama",
     permute: bool = True,
@@ -62,7 +90,9 @@ def write_gguf(
     """Write ``hf_dir`` (config.json + model.safetensors, float) to the GGUF file ``out``.
 
     Every 2-D weight is stored as ``qtype`` (the token embedding as ``embed_qtype``,
-    default the same); norms stay F32. ``tied`` drops ``output.weight``, so the model
+    default the same; ``qtypes`` maps a GGUF name part such as ``attn_v`` or ``output``
+    to another type, as llama.cpp's mixed files do); norms stay F32. K-quant rows that
+    are not 256 wide fall back (``K_FALLBACK``). ``tied`` drops ``output.weight``, so the model
     reads its logits off the (quantized) token embedding. ``architecture`` and
     ``permute=False`` exist to make files a correct reader must refuse or misread.
     """
@@ -96,8 +126,10 @@ def write_gguf(
             w.add_tensor(gguf_name(name), arr)
             continue
         kind = embed_qtype if name == "model.embed_tokens.weight" and embed_qtype else qtype
-        t = gguf.GGMLQuantizationType[kind]
-        w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, t), raw_dtype=t)
+        part = gguf_name(name).removesuffix(".weight").rsplit(".", 1)[-1]
+        kind = (qtypes or {}).get(part, kind)
+        data, t = encode(arr, kind)
+        w.add_tensor(gguf_name(name), data, raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -307,8 +307,8 @@ def test_weights_stay_quantized(kind, quantized):
     assert attn.qkv_proj.weight.dtype == mx.uint32
     if kind in GGUF_KINDS:
         qtype, embed, tied = GGUF_KINDS[kind]
-        assert attn.qkv_proj.bits == conform_mlx.impl.gguf.TYPES[qtype]
-        assert model.model.embed_tokens.bits == conform_mlx.impl.gguf.TYPES[embed or qtype]
+        assert attn.qkv_proj.bits == conform_mlx.impl.gguf.AFFINE_BITS[qtype]
+        assert model.model.embed_tokens.bits == conform_mlx.impl.gguf.AFFINE_BITS[embed or qtype]
         assert model.config.tie_word_embeddings is tied
         assert ("lm_head" in model) is not tied
         assert model.weights_format.startswith("GGUF")
@@ -369,9 +369,9 @@ def test_bad_gguf_files_are_refused(tmp_path, trained_dir, quantized):
     other = write_gguf(trained_dir, tmp_path / "gpt2.gguf", architecture="gpt2")
     cases["architecture"] = (other, r"architecture 'gpt2'; only 'llama'")
 
-    q5 = write_gguf(trained_dir, tmp_path / "q5.gguf", "Q5_0")
-    cases["type"] = (q5, r"q5\.gguf: 30 tensor\(s\) of a type impl does not run, e\.g\. "
-                         r"output\.weight \(Q5_0\)")  # fmt: skip
+    mxfp4 = write_gguf(trained_dir, tmp_path / "mxfp4.gguf", "MXFP4")
+    cases["type"] = (mxfp4, r"mxfp4\.gguf: 30 tensor\(s\) of a type impl does not run, "
+                            r"e\.g\. output\.weight \(MXFP4\)")  # fmt: skip
 
     wide = _edited_copy(trained_dir, tmp_path / "wide", intermediate_size=384)
     shape = write_gguf(wide, tmp_path / "shape.gguf")
