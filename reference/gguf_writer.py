@@ -84,6 +84,7 @@ def write_gguf(
     embed_qtype: str | None = None,
     qtypes: dict[str, str] | None = None,
     tied: bool = False,
+    vocab: bool = False,
     architecture: str = "llama",
     permute: bool = True,
 ) -> Path:
@@ -93,7 +94,9 @@ def write_gguf(
     default the same; ``qtypes`` maps a GGUF name part such as ``attn_v`` or ``output``
     to another type, as llama.cpp's mixed files do); norms stay F32. K-quant rows that
     are not 256 wide fall back (``K_FALLBACK``). ``tied`` drops ``output.weight``, so the model
-    reads its logits off the (quantized) token embedding. ``architecture`` and
+    reads its logits off the (quantized) token embedding. ``vocab`` adds a byte-level
+    SentencePiece vocabulary (ids below 256 are bytes), which llama.cpp needs to load a
+    file at all. ``architecture`` and
     ``permute=False`` exist to make files a correct reader must refuse or misread.
     """
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -114,6 +117,14 @@ def write_gguf(
     w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
+    if vocab:
+        n = cfg["vocab_size"]
+        w.add_tokenizer_model("llama")
+        w.add_token_list([f"<0x{i:02X}>" if i < 256 else f"t{i}" for i in range(n)])
+        w.add_token_scores([0.0] * n)
+        w.add_token_types([6 if i < 256 else 1 for i in range(n)])  # 6: byte, 1: normal
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
     for name, arr in tensors.items():
         if tied and name == "lm_head.weight":
             continue

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from conform_mlx import DEFAULT_MODEL
-from conform_mlx.engines import Engine, EngineError, load_engine, resolve
+from conform_mlx.engines import Engine, EngineError, NotApplicable, load_engine, resolve
 from conform_mlx.impl.kernels.backend import active_backend
 from conform_mlx.impl.loader import load
 from conform_mlx.impl.model import Model
@@ -222,8 +222,13 @@ def engine_factory(engine_cls) -> Callable[[Path, str], Engine]:
     loaded: dict[tuple[Path, str], Engine] = {}
 
     def get(path: Path, dtype: str = "float32") -> Engine:
+        """The engine, or a skip with its reason where it cannot load this model or dtype
+        (``NotApplicable``: llama.cpp reads GGUF only, the HF reference float32 only)."""
         if (path, dtype) not in loaded:
-            loaded[path, dtype] = load_engine(engine_cls, open_model(path), dtype)
+            try:
+                loaded[path, dtype] = load_engine(engine_cls, open_model(path), dtype)
+            except NotApplicable as e:
+                pytest.skip(f"engine: {e}")
         return loaded[path, dtype]
 
     return get

@@ -8,8 +8,9 @@ the suites show that reason as a skip.
 
 Built in: ``impl`` (this project's paged engine), ``impl-compiled`` (the same with
 each step one ``mx.compile``d graph), ``impl-dequantized`` (quantized weights turned
-into floats at load: the CPU's fast path for corpus runs), ``mlx-lm``, and ``hf``
-(the HF transformers reference on torch CPU, float32). Any other engine is named by
+into floats at load: the CPU's fast path for corpus runs), ``mlx-lm``, ``hf``
+(the HF transformers reference on torch CPU, float32) and ``llama.cpp`` (GGUF files,
+through llama-cpp-python). Any other engine is named by
 an entry point in the group ``conform_mlx.engines`` or by ``module:Class``; see the
 README's "Engines" section for a complete example. This module is the one door: the
 suites, ``conform validate``, the asv benchmarks and tools/gpu_bench.py reach every engine through
@@ -50,6 +51,7 @@ BUILTIN = {
     "impl-dequantized": "conform_mlx.engines.impl_engine:ImplDequantizedEngine",
     "mlx-lm": "conform_mlx.engines.mlx_lm_engine:MlxLmEngine",
     "hf": "conform_mlx.engines.hf_engine:HfEngine",
+    "llama.cpp": "conform_mlx.engines.llama_cpp_engine:LlamaCppEngine",
 }
 
 Trace = dict[str, list[np.ndarray]]
