@@ -44,13 +44,14 @@ def _check_tokens(model: Model, tokens: Sequence[int] | np.ndarray, what: str) -
     return ids.astype(np.int32)
 
 
-def _check_room(model: Model, cache: PagedKVCache, seq: Hashable, extra: int) -> None:
+def _check_room(model: Model, seq: Hashable, have: int, extra: int, what: str = "") -> None:
+    """InputError unless ``extra`` more tokens after ``have`` fit the context; ``what``
+    spells out ``extra`` in the message (default "N new tokens")."""
     limit = model.config.max_position_embeddings
-    have = cache.tokens(seq)
     if have + extra > limit:
         raise InputError(
-            f"sequence {seq!r}: {have} cached + {extra} new tokens exceeds the context "
-            f"length max_position_embeddings={limit}"
+            f"sequence {seq!r}: {have} cached + {what or f'{extra} new tokens'} exceeds the "
+            f"context length max_position_embeddings={limit}"
         )
 
 
@@ -67,7 +68,7 @@ def prefill(
     tokens per step; ``trace`` collects each chunk's activations by name; ``steps`` as decode."""
     ids = _check_tokens(model, tokens, f"prompt for sequence {seq!r}")
     model.check_cache(cache)
-    _check_room(model, cache, seq, ids.size)
+    _check_room(model, seq, cache.tokens(seq), ids.size)
     if chunk_size is not None and check_int(chunk_size, "chunk_size") <= 0:
         raise InputError(f"chunk_size must be positive, got {chunk_size}")
     step = chunk_size or ids.size
@@ -129,7 +130,7 @@ def _plan_decode(
     padded to ``bucket_width`` only when compiled (docs/kernel-notes.md#engine)."""
     model.check_cache(cache)
     for s in seqs:
-        _check_room(model, cache, s, 1)
+        _check_room(model, s, cache.tokens(s), 1)
     return cache.plan(list(seqs), 1, table_width=bucket_width if compiled else None)
 
 
@@ -330,13 +331,8 @@ def generate(
     check_id(seq, "seq")
     have = cache.tokens(seq) if cache is not None and seq in cache.sequences else 0
     fed = ids.size + max_new_tokens - 1  # the last generated token is never fed
-    limit = model.config.max_position_embeddings
-    if have + fed > limit:
-        raise InputError(
-            f"sequence {seq!r}: {have} cached + {ids.size} prompt + {max_new_tokens - 1} "
-            f"fed-back tokens = {have + fed} exceeds the context length "
-            f"max_position_embeddings={limit}"
-        )
+    spelled = f"{ids.size} prompt + {max_new_tokens - 1} fed-back tokens = {have + fed}"
+    _check_room(model, seq, have, fed, spelled)
     sampler = sampler or Sampler()
     eos = set(model.config.eos_token_id if eos_token_ids is None else eos_token_ids)
     if cache is None:

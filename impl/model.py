@@ -123,16 +123,8 @@ class MLP(nn.Module):
     def activate(self, x: mx.array) -> mx.array:
         """silu(gate_proj(x)) * up_proj(x), the down projection's input."""
         if "gate_up_proj" in self:
-            gate_up = self.gate_up_proj(x)
-            f = gate_up.shape[-1] // 2
-            # One Split; one row as a (2, f) view, not strided (docs/kernel-notes.md#model).
-            if gate_up.shape[0] == 1:
-                gate, up = mx.split(gate_up.reshape(2, f), 2, axis=0)
-            else:
-                gate, up = mx.split(gate_up, 2, axis=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return nn.silu(gate) * up
+            return kernels.silu_mul(self.gate_up_proj(x))
+        return nn.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 def fuse_linears(parts: list[nn.Module]) -> Linear | nn.QuantizedLinear | None:

@@ -8,6 +8,7 @@ from conform_mlx.impl.kernels.norm_linear import (
     linear_row_applies,
     norm_linear,
     norm_linear_applies,
+    silu_mul,
 )
 from conform_mlx.impl.kernels.paged_attention import ContextRows, context_rows, paged_attention
 from conform_mlx.impl.kernels.rope import RopeStep, rope_and_cache_write, rope_step
@@ -24,4 +25,5 @@ __all__ = [
     "paged_attention",
     "rope_and_cache_write",
     "rope_step",
+    "silu_mul",
 ]

@@ -150,8 +150,13 @@ def linear_row(x: mx.array, weight: mx.array) -> mx.array:
 
 
 def silu_mul(gate_up: mx.array) -> mx.array:
-    """``silu(gate) * up`` of a fused gate/up projection's output, (rows, 2f) -> (rows, f)."""
-    gate, up = mx.split(gate_up, 2, axis=-1)
+    """``silu(gate) * up`` of a fused gate/up projection's output, (rows, 2f) -> (rows, f).
+    One Split; one row as a (2, f) view, not strided (docs/kernel-notes.md#model)."""
+    f = gate_up.shape[-1] // 2
+    if gate_up.shape[0] == 1:
+        gate, up = mx.split(gate_up.reshape(2, f), 2, axis=0)
+    else:
+        gate, up = mx.split(gate_up, 2, axis=-1)
     return nn.silu(gate) * up
 
 
