@@ -12,6 +12,7 @@ Random weights give near-flat logits; parity here means numerics, not behaviour.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -89,17 +90,32 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors for ``shape``; returns ``out_dir``.
+    """Write config.json + model.safetensors for ``shape``; returns ``out_dir``."""
+    show = shape in _SLOW if progress is None else progress
+    return write_random_weights(
+        hf_config(shape), out_dir, seed, dtype, desc=shape if show else None
+    )
 
-    Linear and embedding weights ~ N(0, 0.02) (HF's initializer_range), norm weights 1.
-    """
-    config = hf_config(shape)
+
+def write_random_weights(
+    config: LlamaConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shards: int = 1,
+    desc: str | None = None,
+) -> Path:
+    """Write ``config`` with random weights: Linear and embedding weights ~ N(0, 0.02)
+    (HF's initializer_range), norm weights 1, biases ~ N(0, 0.02), stored in ``dtype``;
+    ``shards`` > 1 splits them over that many files with HF's index. ``desc``: show a
+    progress bar under that name."""
     config.dtype = dtype
     with torch.device("meta"):
         names = {n: p.shape for n, p in LlamaForCausalLM(config).state_dict().items()}
-    show = shape in _SLOW if progress is None else progress
+    if config.tie_word_embeddings:  # the output reads the embedding; HF saves no copy
+        del names["lm_head.weight"]
     tensors = {}
-    for i, (name, shp) in enumerate(tqdm(names.items(), desc=shape, disable=not show)):
+    for i, (name, shp) in enumerate(tqdm(names.items(), desc=desc, disable=desc is None)):
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shp, dtype=dtype)
             continue
@@ -108,7 +124,18 @@ def write_random_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    if shards == 1:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        return out
+    files = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    where = {name: files[i * shards // len(tensors)] for i, name in enumerate(tensors)}
+    for f in files:
+        save_file(
+            {n: t for n, t in tensors.items() if where[n] == f}, out / f, metadata={"format": "pt"}
+        )
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": size}, "weight_map": where}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
 
 
