@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from conform_mlx.impl import kernels
 from conform_mlx.impl.config import LlamaConfig
+from conform_mlx.impl.kernels.policy import current_policy
 from conform_mlx.impl.paged_cache import StepPlan
 
 
@@ -56,6 +57,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` by its kept transposed view ``WEIGHT_T`` if any, or the row kernel."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        if x.shape[0] > 1 and current_policy().batch_invariant:
+            return mx.concatenate([self(x[i : i + 1]) for i in range(x.shape[0])], axis=0)
         if "bias" not in self and kernels.linear_row_applies(x, self.weight):
             return kernels.linear_row(x, self.weight)
         wt = self.get(WEIGHT_T)

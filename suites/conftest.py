@@ -82,8 +82,9 @@ def pytest_addoption(parser) -> None:
     parser.addoption(
         "--engine",
         default="impl",
-        help="engine under test: impl, impl-compiled, impl-dequantized, mlx-lm, hf, an entry "
-        "point of group conform_mlx.engines, or module:Class (default: impl)",
+        help="engine under test: impl, impl-compiled, impl-dequantized, impl-batch-invariant, "
+        "mlx-lm, hf, llama.cpp, an entry point of group conform_mlx.engines, or module:Class "
+        "(default: impl)",
     )
     parser.addoption(
         "--report",

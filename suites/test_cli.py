@@ -24,7 +24,7 @@ from conform_mlx.validate_io import write_json
 
 pytestmark = pytest.mark.impl_only("tests the conform command, which runs impl")
 
-KNOWN = "impl, impl-compiled, impl-dequantized, mlx-lm, hf"
+KNOWN = "impl, impl-compiled, impl-dequantized, impl-batch-invariant, mlx-lm, hf, llama.cpp"
 
 
 def test_validate_on_the_default_model_passes_and_writes_json(tmp_path, capsys):

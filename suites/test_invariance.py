@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conform_mlx.engines import Engine, NotApplicable
+from conform_mlx.engines import Engine, NotApplicable, load_engine
 from conform_mlx.metrics import KLD_LIMIT, compare_logits
+from conform_mlx.models import open_model
 
 pytestmark = [pytest.mark.engine_suite, pytest.mark.checkpoint_group("trained")]
 
@@ -137,3 +138,24 @@ def test_batch_check_catches_rows_from_another_sequence(trained_dir, engine_fact
         test_a_row_does_not_depend_on_its_batch(
             trained_dir, engine_factory, tokens, "float32", 2, lambda *a, **k: None
         )
+
+
+@pytest.mark.impl_only("checks impl's batch-invariant mode, whatever engine the run judges")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_impl_batch_invariant_mode_is_bitwise(trained_dir, tokens, dtype):
+    """``impl-batch-invariant``: every row bitwise the same alone and at every place in a
+    batch of 8, and every prompt path bitwise one prefill. (The default impl in float32
+    reads 0 identical rows here: OpenBLAS multiplies one row and many by other kernels.)"""
+    engine = load_engine("impl-batch-invariant", open_model(trained_dir), dtype)
+    cache, others, nxt = co_tenants(engine, tokens, 8)
+    alone = engine.decode_batch(cache, ["target"], [tokens[-1]])[0]
+    cache.trim("target", 1)
+    for place in range(8):
+        seqs = others[:place] + ["target"] + others[place:]
+        row = engine.decode_batch(cache, seqs, nxt[:place] + [tokens[-1]] + nxt[place:])[place]
+        assert np.array_equal(row, alone), f"{dtype}: place {place} of 8"
+        for s in seqs:
+            cache.trim(s, 1)
+    want = fed(engine, tokens, "one prefill")
+    for path in PATHS:
+        assert bitwise_rows(fed(engine, tokens, path), want) == 1.0, f"{dtype}: {path}"

@@ -8,7 +8,8 @@ the suites show that reason as a skip.
 
 Built in: ``impl`` (this project's paged engine), ``impl-compiled`` (the same with
 each step one ``mx.compile``d graph), ``impl-dequantized`` (quantized weights turned
-into floats at load: the CPU's fast path for corpus runs), ``mlx-lm``, ``hf``
+into floats at load: the CPU's fast path for corpus runs), ``impl-batch-invariant``
+(every projection row by row: batch-invariant logits), ``mlx-lm``, ``hf``
 (the HF transformers reference on torch CPU, float32) and ``llama.cpp`` (GGUF files,
 through llama-cpp-python). Any other engine is named by
 an entry point in the group ``conform_mlx.engines`` or by ``module:Class``; see the
@@ -49,6 +50,7 @@ BUILTIN = {
     "impl": "conform_mlx.engines.impl_engine:ImplEngine",
     "impl-compiled": "conform_mlx.engines.impl_engine:ImplCompiledEngine",
     "impl-dequantized": "conform_mlx.engines.impl_engine:ImplDequantizedEngine",
+    "impl-batch-invariant": "conform_mlx.engines.impl_engine:ImplBatchInvariantEngine",
     "mlx-lm": "conform_mlx.engines.mlx_lm_engine:MlxLmEngine",
     "hf": "conform_mlx.engines.hf_engine:HfEngine",
     "llama.cpp": "conform_mlx.engines.llama_cpp_engine:LlamaCppEngine",

@@ -20,6 +20,7 @@ import numpy as np
 
 from conform_mlx.engines import BlockFacts, Engine, EngineCache, Greedy, Trace, check_dtype
 from conform_mlx.impl import engine as impl_engine
+from conform_mlx.impl.kernels.policy import current_policy, use_policy
 from conform_mlx.impl.loader import load
 from conform_mlx.impl.model import Model
 from conform_mlx.impl.paged_cache import PagedKVCache
@@ -66,6 +67,7 @@ class ImplEngine(Engine):
     name = "impl"
     compiled = False  # prefill and decode through the engine's compiled steps
     dequantize = False  # passed to impl.loader.load
+    policy_changes: dict = {}  # to the kernel policy, for every step this engine runs
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -109,9 +111,10 @@ class ImplEngine(Engine):
         trace: Trace | None = None,
     ) -> np.ndarray:
         step: dict[str, list[mx.array]] | None = {} if trace is not None else None
-        out = impl_engine.prefill(
-            self.model, cache.paged, seq, tokens, chunk_size, step, steps=self.step_graphs
-        )
+        with self._policy():
+            out = impl_engine.prefill(
+                self.model, cache.paged, seq, tokens, chunk_size, step, steps=self.step_graphs
+            )
         _join(step, trace)
         return impl_engine.to_numpy(out)
 
@@ -119,9 +122,10 @@ class ImplEngine(Engine):
         self, cache: ImplCache, seq: Hashable, token: int, *, trace: Trace | None = None
     ) -> np.ndarray:
         step: dict[str, list[mx.array]] | None = {} if trace is not None else None
-        out = impl_engine.decode(
-            self.model, cache.paged, [seq], [token], step, steps=self.step_graphs
-        )
+        with self._policy():
+            out = impl_engine.decode(
+                self.model, cache.paged, [seq], [token], step, steps=self.step_graphs
+            )
         _join(step, trace)
         return impl_engine.to_numpy(out)[0]
 
@@ -134,7 +138,8 @@ class ImplEngine(Engine):
         self._decode(cache, seqs, tokens)  # evaluated inside impl.engine.decode
 
     def run_prefill(self, cache: ImplCache, seq: Hashable, tokens: Sequence[int]) -> None:
-        impl_engine.prefill(self.model, cache.paged, seq, tokens, steps=self.step_graphs)
+        with self._policy():
+            impl_engine.prefill(self.model, cache.paged, seq, tokens, steps=self.step_graphs)
 
     def fill(self, cache: ImplCache, seq: Hashable, n: int) -> None:
         """Reserves the slots (``PagedKVCache.plan``) and leaves their K/V as they are."""
@@ -144,7 +149,12 @@ class ImplEngine(Engine):
     def _decode(
         self, cache: ImplCache, seqs: Sequence[Hashable], tokens: Sequence[int]
     ) -> mx.array:
-        return impl_engine.decode(self.model, cache.paged, seqs, tokens, steps=self.step_graphs)
+        with self._policy():
+            return impl_engine.decode(self.model, cache.paged, seqs, tokens, steps=self.step_graphs)
+
+    def _policy(self):
+        """The kernel policy this engine's steps run under (``policy_changes``)."""
+        return use_policy(current_policy().but(**self.policy_changes))
 
     def greedy(
         self,
@@ -157,16 +167,17 @@ class ImplEngine(Engine):
     ) -> Greedy:
         """Through impl.engine.generate (pipelined, on-device greedy), so its loop and
         timing are what gets checked."""
-        gen = impl_engine.generate(
-            self.model,
-            prompt,
-            max_new_tokens,
-            cache=cache.paged if cache is not None else None,
-            seq=seq,
-            eos_token_ids=list(eos_token_ids),
-            keep_logits=True,
-            steps=self.steps,
-        )
+        with self._policy():
+            gen = impl_engine.generate(
+                self.model,
+                prompt,
+                max_new_tokens,
+                cache=cache.paged if cache is not None else None,
+                seq=seq,
+                eos_token_ids=list(eos_token_ids),
+                keep_logits=True,
+                steps=self.steps,
+            )
         p = len(prompt)
         return Greedy(
             gen.tokens, gen.logits[p - 1 :], gen.prefill_ms, gen.decode_ms, gen.logits[:p]
@@ -176,9 +187,11 @@ class ImplEngine(Engine):
         self, prompt: Sequence[int], max_new_tokens: int, *, eos_token_ids: Collection[int] = ()
     ) -> list[int]:
         """impl.engine.generate as a user calls it: pipelined, compiled, no logits kept."""
-        gen = impl_engine.generate(
-            self.model, prompt, max_new_tokens, eos_token_ids=list(eos_token_ids), steps=self.steps
-        )
+        with self._policy():
+            gen = impl_engine.generate(
+                self.model, prompt, max_new_tokens, eos_token_ids=list(eos_token_ids),
+                steps=self.steps,
+            )  # fmt: skip
         return gen.tokens
 
 
@@ -188,6 +201,15 @@ class ImplCompiledEngine(ImplEngine):
 
     name = "impl-compiled"
     compiled = True
+
+
+class ImplBatchInvariantEngine(ImplEngine):
+    """impl with every projection multiplying each row alone (``KernelPolicy.batch_invariant``):
+    a sequence's logits are bitwise the same whatever else is in its batch, and a prompt's
+    rows the same through prefill or decode, at the cost of one matmul a row."""
+
+    name = "impl-batch-invariant"
+    policy_changes = {"batch_invariant": True}
 
 
 class ImplDequantizedEngine(ImplEngine):

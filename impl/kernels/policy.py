@@ -28,6 +28,9 @@ class KernelPolicy:
     linear_row: bool = False  # batch-1 rows: o, down and lm_head as a row kernel
     split_tokens: int = 128  # decode attention splits a sequence every this many tokens
     commits: Callable[[int, bool], tuple[int, ...]] = early_commits  # layers queued early
+    # Every projection multiplies each row alone, so a row's numbers do not depend on the
+    # rows beside it (batch invariance); one matmul a row.
+    batch_invariant: bool = False
 
     @classmethod
     def measured(cls, backend: str | None = None) -> KernelPolicy:
@@ -69,6 +72,7 @@ VARIANTS = {
     "fused-norm": {"fused_norm": True},
     "no-split": {"split_tokens": 1 << 30},
     "no-row-kernels": {"norm_linear": False, "linear_row": False},
+    "batch-invariant": {"batch_invariant": True},
 }
 
 
