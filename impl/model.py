@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
@@ -53,12 +54,17 @@ class Step:
 WEIGHT_T = "_weight_t"
 
 
+def row_by_row(project: Callable[[mx.array], mx.array], x: mx.array) -> mx.array:
+    """``project`` of each row of ``x`` alone, joined: the batch-invariant policy's matmul."""
+    return mx.concatenate([project(x[i : i + 1]) for i in range(x.shape[0])], axis=0)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` by its kept transposed view ``WEIGHT_T`` if any, or the row kernel."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.shape[0] > 1 and current_policy().batch_invariant:
-            return mx.concatenate([self(x[i : i + 1]) for i in range(x.shape[0])], axis=0)
+            return row_by_row(self, x)
         if "bias" not in self and kernels.linear_row_applies(x, self.weight):
             return kernels.linear_row(x, self.weight)
         wt = self.get(WEIGHT_T)
@@ -363,6 +369,8 @@ class Model(nn.Module):
                 step.record(f"layers.{i}", h + mlp)  # the fused add's rounding
         if self.config.tie_word_embeddings:
             head, project = None, self.model.embed_tokens.as_linear
+            if current_policy().batch_invariant:
+                project = partial(row_by_row, project)
         else:
             head = project = self.lm_head
         _, logits = add_norm_project(h, mlp, self.model.norm, project, (head, False), step, "norm")

@@ -203,13 +203,16 @@ class ImplCompiledEngine(ImplEngine):
     compiled = True
 
 
-class ImplBatchInvariantEngine(ImplEngine):
+class ImplBatchInvariantEngine(ImplCompiledEngine):
     """impl with every projection multiplying each row alone (``KernelPolicy.batch_invariant``):
     a sequence's logits are bitwise the same whatever else is in its batch, and a prompt's
-    rows the same through prefill or decode, at the cost of one matmul a row."""
+    rows the same through prefill or decode, at the cost of one matmul a row. Compiled, as
+    served; decode attention splits no sequence (``launch_plan``)."""
 
     name = "impl-batch-invariant"
-    policy_changes = {"batch_invariant": True}
+    compiled = True
+    # norm_linear off: one row would take the fused kernel and a batch's rows would not.
+    policy_changes = {"batch_invariant": True, "norm_linear": False}
 
 
 class ImplDequantizedEngine(ImplEngine):

@@ -71,6 +71,8 @@ def launch_plan(
 ) -> tuple[int, int]:
     """(warps per group, context partitions) of a decode launch over tables ``max_blocks``
     wide; the kernel splits each sequence's own blocks, so table padding adds no work."""
+    if current_policy().batch_invariant:  # a sequence's sums split alike in any batch
+        return max_warps(group_size, head_dim), 1
     tokens = max_blocks * block_size
     by_occupancy = math.ceil(TARGET_GROUPS / (batch * n_kv_heads))
     by_length = math.ceil(tokens / current_policy().split_tokens)
