@@ -159,3 +159,13 @@ def test_impl_batch_invariant_mode_is_bitwise(trained_dir, tokens, dtype):
     want = fed(engine, tokens, "one prefill")
     for path in PATHS:
         assert bitwise_rows(fed(engine, tokens, path), want) == 1.0, f"{dtype}: {path}"
+
+
+@pytest.mark.impl_only("checks impl's batch-invariant mode, whatever engine the run judges")
+def test_impl_batch_invariant_mode_refuses_quantized_weights(trained_dir, tmp_path):
+    """MLX's quantized matmul takes a batch's rows together, so the mode would not hold."""
+    from conform_mlx.reference.gguf_writer import write_gguf
+
+    path = write_gguf(trained_dir, tmp_path / "q8.gguf", "Q8_0")
+    with pytest.raises(NotApplicable, match="float weights only"):
+        load_engine("impl-batch-invariant", open_model(path), "float32")

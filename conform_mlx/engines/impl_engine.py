@@ -16,9 +16,18 @@ from collections.abc import Collection, Hashable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
-from conform_mlx.engines import BlockFacts, Engine, EngineCache, Greedy, Trace, check_dtype
+from conform_mlx.engines import (
+    BlockFacts,
+    Engine,
+    EngineCache,
+    Greedy,
+    NotApplicable,
+    Trace,
+    check_dtype,
+)
 from conform_mlx.impl import engine as impl_engine
 from conform_mlx.impl.kernels.policy import current_policy, use_policy
 from conform_mlx.impl.loader import load
@@ -211,6 +220,17 @@ class ImplBatchInvariantEngine(ImplCompiledEngine):
 
     name = "impl-batch-invariant"
     compiled = True
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: str) -> ImplEngine:
+        engine = super().load(model_dir, dtype)
+        if any(isinstance(m, nn.QuantizedLinear) for _, m in engine.model.named_modules()):
+            raise NotApplicable(
+                "the batch-invariant mode runs float weights only: MLX's quantized matmul "
+                "takes a batch's rows together"
+            )
+        return engine
+
     # norm_linear off: one row would take the fused kernel and a batch's rows would not.
     policy_changes = {"batch_invariant": True, "norm_linear": False}
 

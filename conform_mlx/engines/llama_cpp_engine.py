@@ -35,6 +35,8 @@ from conform_mlx.engines import (
 # The context llama.cpp is given: with every position's logits kept, it holds an
 # (n_ctx, vocab) float32 array (SmolLM2: 400 MB at 2048).
 N_CTX = 2048
+# general.file_type of all-float files: ALL_F32, MOSTLY_F16, MOSTLY_BF16 (llama.cpp's enum).
+FLOAT_FILE_TYPES = (0, 1, 32)
 
 
 class LlamaCppCache(EngineCache):
@@ -125,16 +127,23 @@ class LlamaCppEngine(Engine):
     def weights(self) -> str:
         import llama_cpp
 
-        ftype = int(self.llm.metadata.get("general.file_type", -1))
+        ftype = self._file_type()
         names = [n for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_")]
-        name = next((n for n in names if getattr(llama_cpp, n) == ftype), str(ftype))
+        name = next((n for n in names if getattr(llama_cpp, n) == ftype), "of unnamed type")
         return f"GGUF {name.removeprefix('LLAMA_FTYPE_')}, llama.cpp's own kernels"
 
     def known_issue(self, model_dir: Path) -> str | None:
+        if self._file_type() in FLOAT_FILE_TYPES:
+            return None
         return (
             "llama.cpp rounds activations to 8 bits for its quantized dot products, so its "
-            "logits are not float32-exact (mean KL about 7e-3 on SmolLM2-135M Q4_0, FACTS.md)"
+            "logits are not float32-exact (KL mean 4.5e-3 to 5.8e-3 on SmolLM2-135M K-quants, "
+            "results/quantized/README.md)"
         )
+
+    def _file_type(self) -> int:
+        """GGUF's general.file_type (llama.cpp's LLAMA_FTYPE_*); -1 where the file has none."""
+        return int(self.llm.metadata.get("general.file_type", -1))
 
     def new_cache(
         self, max_tokens: int, max_sequences: int = 1, block_size: int | None = None
@@ -156,6 +165,12 @@ class LlamaCppEngine(Engine):
         chunk_size: int | None = None,
         trace: Trace | None = None,
     ) -> np.ndarray:
+        held, n_ctx = cache.history[cache._check(seq)], self.llm.n_ctx()
+        if len(held) + len(tokens) > n_ctx:  # checked whole, so no chunk is fed first
+            raise ValueError(
+                f"sequence {seq!r}: {len(held)} cached + {len(tokens)} new tokens exceed "
+                f"llama.cpp's context n_ctx={n_ctx}"
+            )
         return np.concatenate([self._forward(cache, seq, c) for c in chunks(tokens, chunk_size)])
 
     def decode(
@@ -184,6 +199,7 @@ class LlamaCppEngine(Engine):
         if start == 0:
             self.llm.reset()
         self.llm.n_tokens = start  # eval drops the KV past n_tokens, then appends
+        self.held = held[:start]  # what the context holds should eval fail part way
         self.llm.eval(held[start:] + ids)
         held.extend(ids)
         self.held = list(held)
