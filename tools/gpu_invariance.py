@@ -46,7 +46,7 @@ def step(engine, cache, seqs, ids) -> np.ndarray:
     return out
 
 
-def measure(engine, batch: int, ctx: int, repeats: int, reps: int) -> dict:
+def measure(engine, batch: int, ctx: int, repeats: int) -> dict:
     cache, seqs, ids = setup(engine, batch, ctx)
     alone = step(engine, cache, [0], ids[:1])[0]
     rows, worst = [], 0.0
@@ -90,10 +90,7 @@ def main() -> int:
     blas.load()
     model = open_model(args.model)
     engines = {name: load_engine(name, model, args.dtype) for name in ENGINES}
-    found = {
-        name: measure(e, args.batch, args.ctx, args.repeats, args.reps)
-        for name, e in engines.items()
-    }
+    found = {name: measure(e, args.batch, args.ctx, args.repeats) for name, e in engines.items()}
     times: dict[str, list[float]] = {name: [] for name in ENGINES}
     for rep in range(args.reps + 3):  # interleaved; 3 warm-up rounds
         for name in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
