@@ -59,8 +59,34 @@ def row_by_row(project: Callable[[mx.array], mx.array], x: mx.array) -> mx.array
     return mx.concatenate([project(x[i : i + 1]) for i in range(x.shape[0])], axis=0)
 
 
+def row_weight(module: nn.Module | None) -> mx.array | kernels.Quantized | None:
+    """What the row kernels would take as ``module``'s weight: a bias-free ``Linear`` or
+    ``Embedding`` (a tied head), float or affine-quantized; None for anything else."""
+    if module is None or "bias" in module:
+        return None
+    if type(module) in (Linear, nn.Embedding):
+        return module.weight
+    return kernels.Quantized.of(module)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear``, or the row kernel for one row where it applies."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = row_weight(self)
+        if weight is not None and kernels.linear_row_applies(x, weight):
+            return kernels.linear_row(x, weight)
+        return super().__call__(x)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` by its kept transposed view ``WEIGHT_T`` if any, or the row kernel."""
+
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        """Our ``QuantizedLinear`` where ``nn.quantize`` would make MLX's."""
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.shape[0] > 1 and current_policy().batch_invariant:
@@ -136,24 +162,24 @@ class MLP(nn.Module):
         return nn.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
-def fuse_linears(parts: list[nn.Module]) -> Linear | nn.QuantizedLinear | None:
+def fuse_linears(parts: list[nn.Module]) -> Linear | QuantizedLinear | None:
     """One layer for ``parts`` (Linears on one input), outputs concatenated in order (rows
     stacked); None where they differ in type, bias or quantization."""
     first = parts[0]
     kind = type(first)
-    if kind not in (Linear, nn.QuantizedLinear) or any(type(p) is not kind for p in parts):
+    if kind not in (Linear, QuantizedLinear) or any(type(p) is not kind for p in parts):
         return None
     names = sorted(first.parameters())
     if any(sorted(p.parameters()) != names for p in parts):  # a bias on some only
         return None
     out_dims = sum(p.weight.shape[0] for p in parts)
     in_dims = first.weight.shape[1]
-    if kind is nn.QuantizedLinear:
+    if kind is QuantizedLinear:
         quant = {k: getattr(first, k) for k in ("group_size", "bits", "mode")}
         if any({k: getattr(p, k) for k in quant} != quant for p in parts):
             return None
         in_dims = in_dims * 32 // first.bits
-        fused = nn.QuantizedLinear(in_dims, out_dims, "bias" in first, **quant)
+        fused = QuantizedLinear(in_dims, out_dims, "bias" in first, **quant)
     else:
         fused = Linear(in_dims, out_dims, bias="bias" in first)
     fused.update({n: mx.concatenate([p[n] for p in parts], axis=0) for n in names})
@@ -173,12 +199,9 @@ def _fuse(module: nn.Module, fused_name: str, names: list[str]) -> bool:
 
 
 def fuses_norm(x: mx.array, linear: nn.Module | None, gated: bool) -> bool:
-    """Whether ``kernels.norm_linear`` takes rows ``x`` into ``linear`` (float, no bias)."""
-    return (
-        type(linear) is Linear
-        and "bias" not in linear
-        and kernels.norm_linear_applies(x, linear.weight, gated)
-    )
+    """Whether ``kernels.norm_linear`` takes rows ``x`` into ``linear`` (``row_weight``)."""
+    weight = row_weight(linear)
+    return weight is not None and kernels.norm_linear_applies(x, weight, gated)
 
 
 def add_norm_project(
@@ -194,7 +217,7 @@ def add_norm_project(
     gated silu(gate) * up); one ``norm_linear`` launch where it applies, unless tracing."""
     linear, gated = fusable
     if step.trace is None and fuses_norm(h, linear, gated):
-        return kernels.norm_linear(h, pending, norm.weight, norm.eps, linear.weight, gated)
+        return kernels.norm_linear(h, pending, norm.weight, norm.eps, row_weight(linear), gated)
     if pending is None:
         normed = norm(h)
     else:
@@ -368,7 +391,8 @@ class Model(nn.Module):
             if trace is not None:
                 step.record(f"layers.{i}", h + mlp)  # the fused add's rounding
         if self.config.tie_word_embeddings:
-            head, project = None, self.model.embed_tokens.as_linear
+            head = self.model.embed_tokens
+            project = head.as_linear
             if current_policy().batch_invariant:
                 project = partial(row_by_row, project)
         else:

@@ -36,6 +36,18 @@ SHAPES: dict[str, dict] = {
         vocab_size=32000,
         max_position_embeddings=2048,
     ),
+    # SmolLM2-135M's shape: 30 thin layers, 9 heads of 64 over 3 KV heads, a tied head.
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+        tie_word_embeddings=True,
+    ),
     "tiny-mha": dict(_TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=8),
     "tiny-gqa4": dict(_TINY, hidden_size=128, num_attention_heads=8, num_key_value_heads=2),
     "tiny-gqa8": dict(_TINY, hidden_size=256, num_attention_heads=16, num_key_value_heads=2),

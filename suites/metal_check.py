@@ -44,6 +44,7 @@ import mlx.core as mx
 from conform_mlx.impl.kernels import paged_decode_source, paged_prefill_source, rope
 from conform_mlx.impl.kernels.add_rms_norm import build_kernel as build_norm_kernel
 from conform_mlx.impl.kernels.add_rms_norm import call_args as norm_call_args
+from conform_mlx.impl.kernels.norm_linear import Quantized, weight_inputs
 from conform_mlx.impl.kernels.norm_linear import build_kernels as build_linear_kernels
 from conform_mlx.impl.kernels.norm_linear import call_args as linear_call_args
 from conform_mlx.impl.kernels.paged_attention import (
@@ -167,11 +168,21 @@ def prefill_metal_sources(q: mx.array, kv_pool: mx.array, block_tables: mx.array
 def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int) -> list[str]:
     """The Metal text of the Q/K RoPE and the add + RMSNorm kernels, and of the
     norm + projection kernels (``impl.kernels.norm_linear``): gated after a residual add,
-    plain without one, and the plain row kernel."""
+    plain without one, and the plain row kernel, for a float weight and for 4-bit and
+    8-bit quantized ones."""
     rope_kernel, norm_kernel = rope.build_kernel("metal"), build_norm_kernel("metal")
-    fused_linear, row_linear = build_linear_kernels("metal")
+    linear_kernels = build_linear_kernels("metal")
     hidden = n_heads * head_dim
     matrix = mx.zeros((2 * hidden + 8, hidden), dtype=dtype)
+    # 4-bit in groups of 32 and 8-bit in groups of 128: both ends of each range
+    packed = [
+        Quantized(*mx.quantize(matrix, 32, 4), 32, 4),
+        Quantized(*mx.quantize(matrix, 128, 8), 128, 8),
+    ]
+    packed = [
+        Quantized(q.words, q.scales.astype(dtype), q.biases.astype(dtype), q.group_size, q.bits)
+        for q in packed
+    ]
     qkv = mx.zeros((6, (n_heads + 2 * n_kv) * head_dim), dtype=dtype)
     cos = mx.zeros((2, 3, head_dim // 2), dtype=mx.float32)
     x = mx.zeros((6, n_heads * head_dim), dtype=dtype)
@@ -193,23 +204,25 @@ def fused_metal_sources(dtype: mx.Dtype, head_dim: int, n_heads: int, n_kv: int)
         )
         row = x[:1]
         three = []
-        for gated, residual in ((True, True), (False, False)):
-            n_out = matrix.shape[0] // 2 if gated else matrix.shape[0]
-            three += fused_linear(
-                inputs=[row, row, weight, matrix],
-                output_shapes=[row.shape, (1, n_out)],
-                output_dtypes=[dtype, dtype],
-                **linear_call_args(row, n_out, 1e-5, residual, gated),
+        for w in [matrix, *packed]:
+            quant = isinstance(w, Quantized)
+            for gated, residual in ((True, True), (False, False)):
+                n_out = w.shape[0] // 2 if gated else w.shape[0]
+                three += linear_kernels[True, quant](
+                    inputs=[row, row, weight, *weight_inputs(w)],
+                    output_shapes=[row.shape, (1, n_out)],
+                    output_dtypes=[dtype, dtype],
+                    **linear_call_args(row, w, 1e-5, residual, gated),
+                )
+            three += linear_kernels[False, quant](
+                inputs=[row, *weight_inputs(w)],
+                output_shapes=[(1, w.shape[0])],
+                output_dtypes=[dtype],
+                **linear_call_args(row, w),
             )
-        three += row_linear(
-            inputs=[row, matrix],
-            output_shapes=[(1, matrix.shape[0])],
-            output_dtypes=[dtype],
-            **linear_call_args(row, matrix.shape[0]),
-        )
         return one + two + three
 
-    return _exported_sources(run, inputs, 5)
+    return _exported_sources(run, inputs, 11)
 
 
 def _exported_sources(fn, inputs: list[mx.array], expected: int) -> list[str]:

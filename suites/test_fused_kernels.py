@@ -34,6 +34,7 @@ from conform_mlx.impl.kernels.norm_linear import (
     MAX_GROUPS,
     N_WARPS,
     SHARED_BYTES,
+    Quantized,
     groups,
     linear_row,
     linear_row_ops,
@@ -424,6 +425,74 @@ def test_linear_row_kernel(dtype: str, hidden: int, n_out: int) -> None:
     assert_rows_match((linear_row(x, w),), (linear_row_ops(x, w),), dtype)
 
 
+# -- quantized weights: affine 4 and 8 bits, de-quantized as the kernel reads them --------------
+# (bits, group size): MLX's 4-bit default (64), GGUF Q4_0/Q4_1 repacked (32), 8-bit at 128
+QUANT_KINDS: list[tuple[int, int]] = [(4, 32), (4, 64), (8, 32), (8, 128)]
+# 576: SmolLM2's width, not a multiple of 256 (a warp's partial last chunk)
+QUANT_HIDDEN: list[int] = [128, 576, 2048, 5632]
+
+
+def quantize(weight: mx.array, bits: int, group_size: int) -> Quantized:
+    """``weight`` quantized as ``nn.QuantizedLinear`` keeps it, scales and biases in its dtype."""
+    words, scales, biases = mx.quantize(weight, group_size=group_size, bits=bits)
+    return Quantized(
+        words, scales.astype(weight.dtype), biases.astype(weight.dtype), group_size, bits
+    )
+
+
+def quant_id(kind: tuple[int, int]) -> str:
+    return f"{kind[0]}bit-g{kind[1]}"
+
+
+def test_quantized_ops_twin_against_float64() -> None:
+    """The twin (MLX's quantized matmul) against float64 on the de-quantized weights."""
+    x, _, _, w = make_row_case(640, 9, "float32", False, seed=6)
+    for bits, group_size in QUANT_KINDS:
+        q = quantize(w, bits, group_size)
+        dense = mx.dequantize(q.words, q.scales, q.biases, group_size=group_size, bits=bits)
+        want = to_f64(x) @ to_f64(dense).T
+        got = to_f64(linear_row_ops(x, q))
+        np.testing.assert_allclose(got, want, atol=ROW_ATOL["float32"], rtol=ROW_RTOL["float32"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ROW_KINDS, ids=lambda k: f"res{int(k[0])}-gated{int(k[1])}")
+@pytest.mark.parametrize("quant", QUANT_KINDS, ids=quant_id)
+@pytest.mark.parametrize("hidden", QUANT_HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_linear_quantized_kernel(dtype: str, hidden: int, quant, kind) -> None:
+    if hidden % quant[1]:
+        pytest.skip(f"MLX quantizes no row of {hidden} in groups of {quant[1]}")
+    residual_on, gated = kind
+    x, r, nw, w = make_row_case(hidden, 13, dtype, gated, seed=8)
+    q, r = quantize(w, *quant), (r if residual_on else None)
+    got = norm_linear(x, r, nw, EPS, q, gated)
+    assert got[1].shape == (1, 13)
+    assert_rows_match(got, norm_linear_ops(x, r, nw, EPS, q, gated), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_out", [1, 2560, 32000])
+@pytest.mark.parametrize("quant", QUANT_KINDS, ids=quant_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_row_quantized_kernel(dtype: str, quant, n_out: int) -> None:
+    x, _, _, w = make_row_case(2048, n_out, dtype, False, seed=9)
+    q = quantize(w, *quant)
+    assert_rows_match((linear_row(x, q),), (linear_row_ops(x, q),), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", QUANT_KINDS, ids=quant_id)
+def test_quantized_row_check_catches_the_next_groups_scale(quant) -> None:
+    """A planted fault: each row's scales shifted by one group (a kernel indexing its
+    scales off by one group reads these); the check must fail."""
+    x, _, _, w = make_row_case(2048, 64, "float16", False, seed=10)
+    q = quantize(w, *quant)
+    shifted = Quantized(q.words, mx.roll(q.scales, 1, axis=1), q.biases, q.group_size, q.bits)
+    with pytest.raises(AssertionError):
+        assert_rows_match((linear_row(x, shifted),), (linear_row_ops(x, q),), "float16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_out", [32000, N_WARPS * MAX_GROUPS + 1])
 def test_row_kernels_with_many_columns_a_warp(n_out: int) -> None:
@@ -498,3 +567,17 @@ def test_row_supports() -> None:
     assert supports(*case(hidden=too_wide - 64))
     x, w = case()
     assert not supports(x, w[:, :1024])  # rows of another length
+
+
+def test_row_supports_quantized() -> None:
+    x = mx.zeros((1, 2048), dtype=mx.float16)
+    w = mx.zeros((2560, 2048), dtype=mx.float16)
+    for bits, group_size in QUANT_KINDS:
+        q = quantize(w, bits, group_size)
+        assert q.shape == (2560, 2048) and supports(x, q) and supports(x, q, gated=True)
+        assert not supports(mx.zeros((2, 2048), dtype=mx.float16), q)  # a batch
+        assert not supports(x.astype(mx.float32), q)  # scales in another dtype than x
+        assert not supports(x[:, :1024], q)
+    assert not supports(x, quantize(w, 6, 64))  # 8 values are not whole words
+    q = quantize(w, 4, 32)
+    assert not supports(x, Quantized(q.words, q.scales, q.biases, 16, 4))  # no MLX group of 16

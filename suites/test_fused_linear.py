@@ -24,9 +24,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+import conform_mlx.impl.kernels
 import conform_mlx.impl.model
 from conform_mlx.impl.engine import CompiledSteps, decode, prefill, step_arrays, to_numpy
 from conform_mlx.impl.kernels.backend import active_backend
+from conform_mlx.impl.kernels.norm_linear import linear_row_ops, norm_linear_ops
 from conform_mlx.impl.kernels.policy import KernelPolicy, use_policy
 from conform_mlx.impl.loader import Checkpoint, build, read_checkpoint
 from conform_mlx.impl.model import Model
@@ -284,18 +286,24 @@ def test_stale_transposes_are_caught(trained_ckpt, monkeypatch):
 
 # -- the row kernels (impl.kernels.norm_linear) in a batch-1 step ------------------------
 @pytest.mark.skipif(not MEASURED.norm_linear, reason=f"row kernels not used on {active_backend()}")
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_row_kernels_carry_a_batch1_step(trained_ckpt, dtype):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "Q4_0", "Q8_0"])
+def test_row_kernels_carry_a_batch1_step(trained_ckpt, trained_dir, dtype, tmp_path):
     """Where the row kernels run, a batch-1 decode step has no RMSNorm and no
     projection matmul of MLX's left: per layer one fused kernel before q/k/v, one
     before the MLP (its activation included), the o and down projections as row
     kernels, and one fused kernel for the final norm and lm_head. The logits match
-    MLX's ops on the same weights (batched steps run MLX's ops either way)."""
-    model = build(trained_ckpt, dtype)
+    MLX's ops on the same weights (batched steps run MLX's ops either way). Q4_0 and
+    Q8_0: a GGUF file (4 and 8 bits, groups of 32) run in float32, quantized weights
+    de-quantized as the kernels read them, against MLX's quantized matmul."""
+    ckpt = trained_ckpt
+    if dtype.startswith("Q"):
+        gguf = write_gguf(trained_dir, tmp_path / "q.gguf", dtype, embed_qtype=dtype)
+        ckpt, dtype = read_checkpoint(gguf), "float32"
+    model = build(ckpt, dtype)
     assert model.runs_row_kernels(1) and not model.runs_row_kernels(2)
     with_kernels, logits = decode_step_primitives(model), run_logits(model)
     with use_policy(NO_ROW_KERNELS):
-        bare = build(trained_ckpt, dtype)
+        bare = build(ckpt, dtype)
         without, bare_logits = decode_step_primitives(bare), run_logits(bare)
     layers = model.config.num_hidden_layers
     # (the attention's own matmuls, where its kernel does not take the heads, stay)
@@ -311,15 +319,83 @@ def test_row_kernels_carry_a_batch1_step(trained_ckpt, dtype):
 
 def test_runs_row_kernels_where_the_first_layer_takes_them(trained_ckpt, q4_gguf):
     """``Model.runs_row_kernels`` (which picks a compiled step's early-queued layers)
-    says yes for one row of a float model where the backend uses the kernels, and no
-    for a batch, for quantized projections, or where the backend does not."""
+    says yes for one row of a float model, or one quantized at 4 or 8 bits, where the
+    backend uses the kernels, and no for a batch, for other bits, or where the backend
+    does not."""
     model, quantized = build(trained_ckpt), build(q4_gguf)
+    six_bits = build(trained_ckpt)
+    nn.quantize(six_bits, group_size=32, bits=6)
     with use_policy(NO_ROW_KERNELS):
-        assert not model.runs_row_kernels(1)
+        assert not model.runs_row_kernels(1) and not quantized.runs_row_kernels(1)
     with use_policy(MEASURED.but(norm_linear=True)):
-        assert model.runs_row_kernels(1)
+        assert model.runs_row_kernels(1) and quantized.runs_row_kernels(1)
         assert not model.runs_row_kernels(2)
-        assert not quantized.runs_row_kernels(1)
+        assert not six_bits.runs_row_kernels(1)
         for layer in model.model.layers:  # q/k/v with a bias: gate/up still takes them
             layer.self_attn.qkv_proj = conform_mlx.impl.model.Linear(8, 8, bias=True)
         assert model.runs_row_kernels(1)
+
+
+def test_quantized_projections_are_ours(q4_gguf, trained_ckpt):
+    """Loading and fusing make ``impl.model.QuantizedLinear`` (the one-row kernel's door),
+    not MLX's class, and ``row_weight`` reads its arrays; a tied quantized embedding is
+    a head the fused kernel takes."""
+    model = build(q4_gguf)
+    layer = model.model.layers[0]
+    ours = conform_mlx.impl.model.QuantizedLinear
+    assert type(layer.self_attn.qkv_proj) is ours and type(layer.self_attn.o_proj) is ours
+    assert type(build(q4_gguf, fuse=False).model.layers[0].mlp.up_proj) is ours
+    weight = conform_mlx.impl.model.row_weight(layer.mlp.gate_up_proj)
+    assert (weight.bits, weight.group_size) == (4, 32)
+    assert weight.words is layer.mlp.gate_up_proj.weight
+    float_model = build(trained_ckpt)
+    embed = float_model.model.embed_tokens
+    assert conform_mlx.impl.model.row_weight(embed) is embed.weight
+    q_embed = embed.to_quantized(group_size=64, bits=8)
+    assert conform_mlx.impl.model.row_weight(q_embed).bits == 8
+    biased = conform_mlx.impl.model.Linear(64, 8, bias=True).to_quantized(group_size=32, bits=4)
+    assert type(biased) is ours and conform_mlx.impl.model.row_weight(biased) is None
+
+
+@pytest.mark.parametrize("kind", ["float32", "Q4_0", "Q8_0"])
+def test_row_kernel_doors_on_the_ops_twins(trained_dir, kind, tmp_path, monkeypatch):
+    """The model's side of the row kernels on any backend: with the kernels replaced by
+    their ops twins, a batch-1 step routes every projection through them (4 a layer
+    and the head; quantized: ``Quantized`` weights of the file's bits) and its logits
+    match MLX's own ops."""
+    path = trained_dir
+    if kind != "float32":
+        path = write_gguf(trained_dir, tmp_path / "q.gguf", kind, embed_qtype=kind)
+    ckpt = read_checkpoint(path)
+    calls = Counter()
+
+    def counted(name, twin):
+        def run(*args, **kwargs):
+            weight = args[4] if name == "norm_linear" else args[1]
+            calls[name, type(weight).__name__, getattr(weight, "bits", None)] += 1
+            return twin(*args, **kwargs)
+
+        monkeypatch.setattr(conform_mlx.impl.kernels, name, run)
+
+    counted("norm_linear", norm_linear_ops)
+    counted("linear_row", linear_row_ops)
+    with use_policy(MEASURED.but(norm_linear=True, linear_row=True)):
+        model = build(ckpt)
+        cache = PagedKVCache(model.config, 4, 4, model.dtype)
+        cache.add_sequence("a")
+        routed = [to_numpy(prefill(model, cache, "a", PROMPTS["a"][:1]))]
+        routed.append(to_numpy(decode(model, cache, ["a"], [336])))
+    with use_policy(NO_ROW_KERNELS):
+        cache = PagedKVCache(model.config, 4, 4, model.dtype)
+        cache.add_sequence("a")
+        bare = [to_numpy(prefill(model, cache, "a", PROMPTS["a"][:1]))]
+        bare.append(to_numpy(decode(model, cache, ["a"], [336])))
+    layers = model.config.num_hidden_layers
+    kind_name, bits = ("array", None) if kind == "float32" else ("Quantized", int(kind[1]))
+    assert calls == {
+        ("norm_linear", kind_name, bits): 2 * (2 * layers + 1),
+        ("linear_row", kind_name, bits): 2 * (2 * layers),
+    }
+    np.testing.assert_allclose(
+        np.concatenate(routed), np.concatenate(bare), atol=FP32_SAME_ENGINE_ATOL
+    )

@@ -51,6 +51,10 @@ def test_export_holds_the_generated_kernels() -> None:
         assert sum(name in src for src in found) == 1, name
     # norm_linear twice: gated after a residual add, and plain without one
     assert sum("[[kernel]] void custom_kernel_norm_linear__" in src for src in found) == 2
+    # the quantized twins at 4 and 8 bits: norm_linear twice each, linear_row once each
+    assert sum("[[kernel]] void custom_kernel_norm_linear_q__" in src for src in found) == 4
+    assert sum("[[kernel]] void custom_kernel_linear_row_q__" in src for src in found) == 2
+    assert sum("const device uint32_t* w [[buffer(" in src for src in found) == 6
     for src in found:
         assert "template [[host_name(" in src  # the instantiation clang must see
         assert "metal::simd_sum" in src  # the Metal header came along

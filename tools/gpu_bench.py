@@ -1,6 +1,7 @@
 """GPU timing of engines side by side on the TinyLlama-1.1B shape, float16, or on any
 checkpoint (``--model``: a directory, a GGUF file or a named real model; ``--quantize
-BITS``: an mlx-lm-format copy of the TinyLlama shape, group 32, made by mlx-lm).
+BITS``: an mlx-lm-format copy of the preset, made by mlx-lm; ``--float-peer NAME``: NAME
+on the float16 preset too, in the same interleaved run, to judge a quantized step by).
 
 Meant for the lent NVIDIA machine with MLX's CUDA backend (see tools/gpu_run.sh);
 it also runs, slowly, on the CPU backend. Every engine is reached through
@@ -132,14 +133,14 @@ def weight_bytes(model_dir: Path) -> int:
     return total
 
 
-def quantized_copy(src: Path, bits: int) -> Path:
-    """An mlx-lm-format copy of ``src`` quantized by mlx-lm (affine, group 32), made
-    once beside it; every engine then loads the same quantized weights."""
+def quantized_copy(src: Path, bits: int, group_size: int) -> Path:
+    """An mlx-lm-format copy of ``src`` quantized by mlx-lm (affine), made once beside
+    it; every engine then loads the same quantized weights."""
     from conform_mlx.engines.mlx_lm_engine import quantize_checkpoint
 
-    out = src.with_name(f"{src.name}-mlx{bits}bit-g32")
+    out = src.with_name(f"{src.name}-mlx{bits}bit-g{group_size}")
     if not (out / "config.json").is_file():
-        quantize_checkpoint(src, out, bits=bits, group_size=32)
+        quantize_checkpoint(src, out, bits=bits, group_size=group_size)
     return out
 
 
@@ -302,15 +303,17 @@ def print_table(names: list[str], rows: list[tuple[str, list[float]]], floor_ms:
         print(f"{point:48s}" + "".join(text))
 
 
-def print_spreads(names: list[str], samples: dict[str, list[list[float]]]) -> dict:
-    """Each engine's ``paired_ratios`` to the last one, per point; printed and returned.
-    A ratio target is clear of the noise when the whole q1-q3 range is on its side."""
-    ref = names[-1]
-    print(f"\nratios to {ref} rep by rep (paired): q1 median q3")
+def print_spreads(names: list[str], samples: dict[str, list[list[float]]], ref: int = -1) -> dict:
+    """Each other engine's ``paired_ratios`` to engine ``ref`` (the last), per point; printed
+    and returned. A ratio target is clear of the noise when the whole q1-q3 range is on
+    its side."""
+    print(f"\nratios to {names[ref]} rep by rep (paired): q1 median q3")
     spreads = {}
     for point, ms in samples.items():
         per_s = point.endswith("tokens/s")
-        spreads[point] = {n: paired_ratios(t, ms[-1], per_s) for n, t in zip(names, ms[:-1])}
+        spreads[point] = {
+            n: paired_ratios(t, ms[ref], per_s) for n, t in zip(names, ms) if n != names[ref]
+        }
         cells = "".join(
             f"  {n} {q[0]:.3f} {q[1]:.3f} {q[2]:.3f}" for n, q in spreads[point].items()
         )
@@ -327,7 +330,19 @@ def main() -> int:
         "--quantize",
         type=int,
         choices=[4, 8],
-        help="time an mlx-lm-format copy of the preset, quantized to BITS, group 32",
+        help="time an mlx-lm-format copy of the preset, quantized to BITS by mlx-lm",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="--quantize's group size (default 64, mlx-lm's)",
+    )
+    p.add_argument(
+        "--float-peer",
+        metavar="NAME",
+        help="with --quantize: also time engine NAME on the float16 preset, named NAME@float16",
     )
     p.add_argument("--dtype", default=DTYPE, help=f"activation dtype (default {DTYPE})")
     p.add_argument("--quick", action="store_true", help="decode b=1 and prefill only; no profile")
@@ -343,11 +358,17 @@ def main() -> int:
     if args.model:
         path = resolve_model(args.model)
     elif args.quantize:
-        path = quantized_copy(common.checkpoint(args.preset), args.quantize)
+        path = quantized_copy(common.checkpoint(args.preset), args.quantize, args.group_size)
     else:
         path = common.checkpoint(args.preset)
     checked = open_model(path)
     engines = [load_engine(n, checked, args.dtype) for n in names]
+    if args.float_peer:  # before the last engine, which the ratios are to
+        if not args.quantize:
+            p.error("--float-peer compares a --quantize copy with the float16 preset")
+        peer = load_engine(args.float_peer, open_model(common.checkpoint(args.preset)), DTYPE)
+        engines.insert(len(engines) - 1, peer)
+        names = [*names[:-1], f"{args.float_peer}@float16", names[-1]]
     cfg = read_config(path)
     vocab = cfg.vocab_size
     wbytes = weight_bytes(path)
@@ -390,6 +411,8 @@ def main() -> int:
     )
     print_table(names, rows, floor_ms)
     spreads = print_spreads(names, samples)
+    if args.float_peer:
+        spreads = {"to_last": spreads, "to_float_peer": print_spreads(names, samples, -2)}
     anatomy = {n: step_anatomy(decode_step(e, [512])) for n, e in zip(names, engines)}
     print("\none decode step b=1 ctx=512: launches (graph primitives, views excluded), ms")
     print(f"{'engine':16s}{'launches':>9s}{'wall':>8s}{'python':>8s}{'encode':>8s}{'wait':>8s}")

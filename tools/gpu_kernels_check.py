@@ -340,6 +340,84 @@ def time_norm(calls: int) -> list[dict]:
     return [point(n) for n in NORM_ROWS]
 
 
+# One row through TinyLlama's projections (impl.kernels.norm_linear): (name, rows of the
+# weight, its input width, fused add + norm, gated); o and down take the plain row kernel.
+ROW_PROJECTIONS = [
+    ("qkv", 2560, HIDDEN, True, False),
+    ("gate_up", 2 * 5632, HIDDEN, True, True),
+    ("o", HIDDEN, HIDDEN, False, False),
+    ("down", HIDDEN, 5632, False, False),
+    ("lm_head", 32000, HIDDEN, True, False),
+]
+ROW_WEIGHTS = ["float16", "4bit-g64", "8bit-g64"]  # mlx-lm's default group size
+
+
+def time_rows(calls: int) -> list[dict]:
+    """The row kernels against their ops twins (MLX's add, rms_norm, then matmul or
+    quantized_matmul), per projection and weight kind, float16 activations: ``calls``
+    calls on one input in one compiled function, evaluated together (device time and
+    MLX's encoding; no Python)."""
+    rows = []
+    for kind in ROW_WEIGHTS:
+        rows += [row_point(kind, *projection, calls) for projection in ROW_PROJECTIONS]
+        print(".", end="", flush=True)
+    print()
+    return rows
+
+
+def row_point(kind: str, name: str, n: int, k: int, fused: bool, gated: bool, calls: int) -> dict:
+    """One row of ``time_rows``."""
+    import mlx.core as mx
+
+    from conform_mlx.impl.kernels.norm_linear import (
+        Quantized,
+        linear_row,
+        linear_row_ops,
+        norm_linear,
+        norm_linear_ops,
+    )
+
+    w = (mx.random.normal((n, k), key=mx.random.key(n + k)) / k**0.5).astype(mx.float16)
+    x, r = mx.random.normal((2, 1, k), key=mx.random.key(1)).astype(mx.float16)
+    nw = mx.ones((k,), dtype=mx.float16)
+    if kind != "float16":
+        bits, group = int(kind[0]), int(kind.split("-g")[1])
+        words, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+        w = Quantized(words, scales.astype(mx.float16), biases.astype(mx.float16), group, bits)
+    mx.eval(x, r, nw, w.words if kind != "float16" else w)
+
+    def many(fn):
+        run = mx.compile(lambda a: [fn(a) for _ in range(calls)])
+        return lambda: run(x)
+
+    if fused:
+        kernel = many(lambda a: norm_linear(a, r, nw, 1e-5, w, gated)[1])
+        ops = many(lambda a: norm_linear_ops(a, r, nw, 1e-5, w, gated)[1])
+    else:
+        kernel, ops = many(lambda a: linear_row(a, w)), many(lambda a: linear_row_ops(a, w))
+    got, want = kernel()[0].astype(mx.float32), ops()[0].astype(mx.float32)
+    return {
+        "weight": kind,
+        "projection": name,
+        "shape": [n, k],
+        "kernel_ms": per_call_ms(kernel, 1) / calls,
+        "ops_ms": per_call_ms(ops, 1) / calls,
+        "max_abs_diff": mx.abs(got - want).max().item(),
+    }
+
+
+def print_rows(rows: list[dict], device: str) -> None:
+    print(f"\none row through a projection, {device}: fp16 activations, ms a call, compiled")
+    print("(ops: MLX's add + rms_norm + matmul / quantized_matmul; fused rows add and normalize)")
+    print("weight     projection  shape        kernel ms  ops ms  ops/kernel  max|diff|")
+    for r in rows:
+        print(
+            f"{r['weight']:<10} {r['projection']:<11} {'x'.join(map(str, r['shape'])):<12}"
+            f" {r['kernel_ms']:>9.4f}  {r['ops_ms']:>6.4f}  {r['ops_ms'] / r['kernel_ms']:>9.2f}x"
+            f"  {r['max_abs_diff']:>9.1e}"
+        )
+
+
 def print_tables(
     decode: list[dict], prefill: list[dict], rope: list[dict], norm: list[dict], device: str
 ) -> None:
@@ -396,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true", help="only time")
     parser.add_argument("--calls", type=int, default=20, help="calls per timed round")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--only-rows", action="store_true", help="time the row kernels alone (no grid, no tests)"
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -409,10 +490,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     device = f"{backend}: {mx.default_device()}"
     print("backend:", device, "| mlx", mx.__version__, flush=True)
+    if args.only_rows:
+        rows = time_rows(args.calls)
+        print_rows(rows, device)
+        if args.json:
+            args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+        return 0
     status = 0 if args.skip_tests else run_tests()
     decode, prefill = time_decode(args.calls), time_prefill(args.calls)
     rope, norm = time_rope(args.calls), time_norm(args.calls)
+    rows = time_rows(args.calls)
     print_tables(decode, prefill, rope, norm, device)
+    print_rows(rows, device)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -422,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prefill": prefill,
                     "rope": rope,
                     "norm": norm,
+                    "rows": rows,
                 },
                 indent=1,
             )

@@ -4,6 +4,7 @@ are functions shadowing their modules (import a module's other names from the mo
 
 from conform_mlx.impl.kernels.add_rms_norm import add_rms_norm
 from conform_mlx.impl.kernels.norm_linear import (
+    Quantized,
     linear_row,
     linear_row_applies,
     norm_linear,
@@ -15,6 +16,7 @@ from conform_mlx.impl.kernels.rope import RopeStep, rope_and_cache_write, rope_s
 
 __all__ = [
     "ContextRows",
+    "Quantized",
     "RopeStep",
     "add_rms_norm",
     "context_rows",
