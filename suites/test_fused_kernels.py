@@ -429,7 +429,7 @@ def test_linear_row_kernel(dtype: str, hidden: int, n_out: int) -> None:
 # (bits, group size): MLX's 4-bit default (64), GGUF Q4_0/Q4_1 repacked (32), 8-bit at 128
 QUANT_KINDS: list[tuple[int, int]] = [(4, 32), (4, 64), (8, 32), (8, 128)]
 # 576: SmolLM2's width, not a multiple of 256 (a warp's partial last chunk)
-QUANT_HIDDEN: list[int] = [128, 576, 2048, 5632]
+QUANT_HIDDEN: list[int] = [576, 5632]
 
 
 def quantize(weight: mx.array, bits: int, group_size: int) -> Quantized:
@@ -472,7 +472,7 @@ def test_norm_linear_quantized_kernel(dtype: str, hidden: int, quant, kind) -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_out", [1, 2560, 32000])
+@pytest.mark.parametrize("n_out", [1, 32000])
 @pytest.mark.parametrize("quant", QUANT_KINDS, ids=quant_id)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_row_quantized_kernel(dtype: str, quant, n_out: int) -> None:

@@ -350,6 +350,7 @@ ROW_PROJECTIONS = [
     ("lm_head", 32000, HIDDEN, True, False),
 ]
 ROW_WEIGHTS = ["float16", "4bit-g64", "8bit-g64"]  # mlx-lm's default group size
+ROW_BYTES = 256 << 20  # weight bytes a timed round reads, spread over copies
 
 
 def time_rows(calls: int) -> list[dict]:
@@ -386,15 +387,26 @@ def row_point(kind: str, name: str, n: int, k: int, fused: bool, gated: bool, ca
         w = Quantized(words, scales.astype(mx.float16), biases.astype(mx.float16), group, bits)
     mx.eval(x, r, nw, w.words if kind != "float16" else w)
 
+    def copy(v):
+        if isinstance(v, Quantized):
+            return Quantized(v.words + 0, v.scales + 0, v.biases + 0, v.group_size, v.bits)
+        return v + 0
+
+    # Copies of the weight, call i reading copy i % len: more bytes than the L2 cache holds
+    # (50 MB on an H100), so each call reads its weight from memory, as in a model step.
+    nbytes = sum(a.nbytes for a in ([w] if kind == "float16" else [w.words, w.scales, w.biases]))
+    copies = [w] + [copy(w) for _ in range(min(calls, -(-ROW_BYTES // nbytes)) - 1)]
+    mx.eval([c if kind == "float16" else [c.words, c.scales, c.biases] for c in copies])
+
     def many(fn):
-        run = mx.compile(lambda a: [fn(a) for _ in range(calls)])
+        run = mx.compile(lambda a: [fn(a, copies[i % len(copies)]) for i in range(calls)])
         return lambda: run(x)
 
     if fused:
-        kernel = many(lambda a: norm_linear(a, r, nw, 1e-5, w, gated)[1])
-        ops = many(lambda a: norm_linear_ops(a, r, nw, 1e-5, w, gated)[1])
+        kernel = many(lambda a, v: norm_linear(a, r, nw, 1e-5, v, gated)[1])
+        ops = many(lambda a, v: norm_linear_ops(a, r, nw, 1e-5, v, gated)[1])
     else:
-        kernel, ops = many(lambda a: linear_row(a, w)), many(lambda a: linear_row_ops(a, w))
+        kernel, ops = many(linear_row), many(linear_row_ops)
     got, want = kernel()[0].astype(mx.float32), ops()[0].astype(mx.float32)
     return {
         "weight": kind,
