@@ -9,6 +9,7 @@ shared host separate processes drifted by up to 30%, one run does not.
 
   python tools/gpu_policy_ab.py                      # TinyLlama shape, float16
   python tools/gpu_policy_ab.py --preset small --reps 2   # a CPU smoke run
+  python tools/gpu_policy_ab.py --quantize 4 --variant default --variant no-row-kernels
 
 On the CPU backend no kernel runs, so the variants differ only in what they queue.
 """
@@ -49,9 +50,17 @@ def main() -> int:
     ap.add_argument("--preset", choices=list(common.PRESETS), default="tinyllama")
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="repeatable")
     ap.add_argument("--reps", type=int, default=40, help="interleaved decode repetitions")
+    ap.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="an mlx-lm-format copy of the preset, quantized to BITS by mlx-lm, group 64",
+    )
     args = ap.parse_args()
     names = args.variant or ["no-early", "default", "dense", "fused-norm"]
     path = common.checkpoint(args.preset)
+    if args.quantize:
+        path = gpu_bench.quantized_copy(path, args.quantize, 64)
     checked = open_model(path)
     engines = {n: load_engine("impl-compiled", checked, "float16") for n in names}
     engines["mlx-lm"] = load_engine("mlx-lm", checked, "float16")
