@@ -44,6 +44,7 @@ from conform_mlx.impl.kernels.norm_linear import (
     supports,
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL, ROW_ATOL, ROW_RTOL
+from suites.twice import twice
 
 pytestmark = pytest.mark.impl_only("tests impl's fused kernels (kernels/), not an engine")
 
@@ -178,7 +179,7 @@ def rope_args(case: RopeCase) -> tuple:
 def run_rope_kernel(case: RopeCase) -> tuple[mx.array, ...]:
     """The GPU path: the rotation kernel, then the scatter write."""
     assert rope.supports(qkv_rows(case), case.q.shape[-1])
-    return rope.rope_and_cache_write(*rope_args(case))
+    return twice(rope.rope_and_cache_write, *rope_args(case))
 
 
 ROPE_GRID = [
@@ -333,7 +334,7 @@ def test_add_rms_norm_ops_twin(hidden: int, rows: int, dtype: str) -> None:
 @pytest.mark.parametrize("hidden", HIDDEN)
 def test_add_rms_norm_kernel(hidden: int, rows: int, dtype: str) -> None:
     x, r, w = make_norm_case(rows, hidden, dtype)
-    got = add_rms_norm_kernel(x, r, w, EPS)
+    got = twice(add_rms_norm_kernel, x, r, w, EPS)
     assert_norm_matches(got, x, r, w, dtype)
     for a, b in zip(got, add_rms_norm_ops(x, r, w, EPS)):
         np.testing.assert_allclose(to_f64(a), to_f64(b), atol=KERNEL_ATOL[dtype], rtol=0)
@@ -411,7 +412,7 @@ def test_norm_linear_kernel(dtype: str, hidden: int, n_out: int, kind) -> None:
     residual_on, gated = kind
     x, r, nw, w = make_row_case(hidden, n_out, dtype, gated)
     r = r if residual_on else None
-    got = norm_linear(x, r, nw, EPS, w, gated)
+    got = twice(norm_linear, x, r, nw, EPS, w, gated)
     assert got[1].shape == (1, n_out)
     assert_rows_match(got, norm_linear_ops(x, r, nw, EPS, w, gated), dtype)
 
@@ -422,7 +423,7 @@ def test_norm_linear_kernel(dtype: str, hidden: int, n_out: int, kind) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_row_kernel(dtype: str, hidden: int, n_out: int) -> None:
     x, _, _, w = make_row_case(hidden, n_out, dtype, False, seed=1)
-    assert_rows_match((linear_row(x, w),), (linear_row_ops(x, w),), dtype)
+    assert_rows_match((twice(linear_row, x, w),), (linear_row_ops(x, w),), dtype)
 
 
 # -- quantized weights: affine 4 and 8 bits, de-quantized as the kernel reads them --------------
@@ -466,7 +467,7 @@ def test_norm_linear_quantized_kernel(dtype: str, hidden: int, quant, kind) -> N
     residual_on, gated = kind
     x, r, nw, w = make_row_case(hidden, 13, dtype, gated, seed=8)
     q, r = quantize(w, *quant), (r if residual_on else None)
-    got = norm_linear(x, r, nw, EPS, q, gated)
+    got = twice(norm_linear, x, r, nw, EPS, q, gated)
     assert got[1].shape == (1, 13)
     assert_rows_match(got, norm_linear_ops(x, r, nw, EPS, q, gated), dtype)
 
@@ -478,7 +479,7 @@ def test_norm_linear_quantized_kernel(dtype: str, hidden: int, quant, kind) -> N
 def test_linear_row_quantized_kernel(dtype: str, quant, n_out: int) -> None:
     x, _, _, w = make_row_case(2048, n_out, dtype, False, seed=9)
     q = quantize(w, *quant)
-    assert_rows_match((linear_row(x, q),), (linear_row_ops(x, q),), dtype)
+    assert_rows_match((twice(linear_row, x, q),), (linear_row_ops(x, q),), dtype)
 
 
 @pytest.mark.gpu
@@ -501,10 +502,11 @@ def test_row_kernels_with_many_columns_a_warp(n_out: int) -> None:
     11008-wide MLP takes 2 a warp)."""
     assert groups(n_out)[1] > 1
     x, r, nw, w = make_row_case(2048, n_out, "float16", False, seed=2)
-    assert_rows_match(norm_linear(x, r, nw, EPS, w), norm_linear_ops(x, r, nw, EPS, w), "float16")
-    assert_rows_match((linear_row(x, w),), (linear_row_ops(x, w),), "float16")
+    want = norm_linear_ops(x, r, nw, EPS, w)
+    assert_rows_match(twice(norm_linear, x, r, nw, EPS, w), want, "float16")
+    assert_rows_match((twice(linear_row, x, w),), (linear_row_ops(x, w),), "float16")
     x, r, nw, w = make_row_case(264, n_out, "float16", True, seed=3)
-    got, want = norm_linear(x, r, nw, EPS, w, True), norm_linear_ops(x, r, nw, EPS, w, True)
+    got, want = twice(norm_linear, x, r, nw, EPS, w, True), norm_linear_ops(x, r, nw, EPS, w, True)
     assert_rows_match(got, want, "float16")
 
 

@@ -41,6 +41,7 @@ from conform_mlx.impl.kernels.paged_attention import (
     thread_floats,
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
+from suites.twice import bits, twice
 
 pytestmark = pytest.mark.impl_only("tests impl's attention kernels (kernels/), not an engine")
 
@@ -166,9 +167,10 @@ def run_ops(case: Case) -> mx.array:
 def run_kernel(case: Case, n_parts: int | None = None, n_warps: int | None = None) -> mx.array:
     c = case
     warps = {} if n_warps is None else {"n_warps": n_warps}
-    return paged_decode_attention(
+    return twice(
+        paged_decode_attention,
         c.q, c.kv_pool, c.block_tables, c.context_lens, c.scale, n_parts, **warps
-    )
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -448,3 +450,18 @@ def test_fresh_path_check_catches_a_sequence_with_a_prefix() -> None:
     got = causal_self_attention(q, own, c.scale)
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(to_f64(got), to_f64(want), atol=KERNEL_ATOL["float32"], rtol=0)
+
+
+def test_twice_catches_outputs_that_differ_run_to_run() -> None:
+    """The grid's determinism check: an op whose output changes between two runs on the
+    same inputs fails it; a NaN equals itself bit for bit."""
+    calls = iter(range(10))
+
+    def drifting(x: mx.array) -> tuple[mx.array, mx.array]:
+        return x, x + next(calls)
+
+    with pytest.raises(AssertionError, match="drifting: output 1 differs in 4 of 4 elements"):
+        twice(drifting, mx.zeros(4))
+    nan = mx.array([float("nan"), 1.0, -0.0], dtype=mx.bfloat16)
+    assert (bits(twice(lambda: nan * 1)) == bits(nan)).all()
+    assert bits(mx.array([-0.0]))[0] != bits(mx.array([0.0]))[0]

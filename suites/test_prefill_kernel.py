@@ -40,6 +40,7 @@ from conform_mlx.impl.kernels.paged_prefill import (
     supports,
 )
 from suites.tolerances import KERNEL_ATOL, KERNEL_RTOL
+from suites.twice import twice
 
 pytestmark = pytest.mark.impl_only("tests impl's paged prefill kernel (kernels/), not an engine")
 
@@ -185,7 +186,7 @@ def run_ops(case: Case) -> mx.array:
 
 
 def run_kernel(case: Case) -> mx.array:
-    return paged_prefill_attention(*ops_args(case))
+    return twice(paged_prefill_attention, *ops_args(case))
 
 
 def case_rows(case: Case) -> ContextRows:
