@@ -21,7 +21,13 @@ import numpy as np
 from conform_mlx.engines import Engine, EngineCache, NotApplicable, resolve
 
 CACHE_ROOT = Path.home() / ".cache" / "conform" / "bench"
-PRESETS = {"small": "bench-small", "tinyllama": "tinyllama-1.1b", "smollm2": "smollm2-135m"}
+PRESETS = {
+    "small": "bench-small",
+    "tinyllama": "tinyllama-1.1b",
+    "smollm2": "smollm2-135m",
+    "llama2-7b": "llama-2-7b",
+    "llama3-8b": "llama-3-8b",
+}
 # The quick preset: TinyLlama's head layout (GQA 8:1, head_dim 64) at a size whose
 # decode step is milliseconds on a 2-core CPU. Defined here, not in the project, so
 # every commit in the history is measured on the same shape.

@@ -36,6 +36,34 @@ SHAPES: dict[str, dict] = {
         vocab_size=32000,
         max_position_embeddings=2048,
     ),
+    # Llama-2-7B: 32 heads of 128, MHA.
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    # Llama-3-8B (3.1's RoPE scaling and context): GQA 32:8, a 128256-token vocabulary.
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
     # SmolLM2-135M's shape: 30 thin layers, 9 heads of 64 over 3 KV heads, a tied head.
     "smollm2-135m": dict(
         hidden_size=576,
@@ -83,7 +111,7 @@ SHAPES: dict[str, dict] = {
     ),
 }
 # Shapes slow enough (seconds to minutes, GBs) to deserve a progress bar.
-_SLOW = {"tinyllama-1.1b"}
+_SLOW = {"tinyllama-1.1b", "llama-2-7b", "llama-3-8b"}
 
 
 def hf_config(shape: str) -> LlamaConfig:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 from conform_mlx.reference import kquants
 
@@ -52,6 +52,14 @@ K_FALLBACK = {
 }
 
 
+# general.file_type of a file whose matrices are all one type (llama.cpp reports it).
+FILE_TYPES = {
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    **{t: gguf.LlamaFileType[f"MOSTLY_{t}"] for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")},
+}
+
+
 def encode(arr: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """Rows ``arr`` as a GGUF tensor of ``qtype`` (or its fallback): (data, type)."""
     if qtype in kquants.BLOCK_BYTES:
@@ -65,8 +73,29 @@ def encode(arr: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizati
 def gguf_name(hf_name: str) -> str:
     if hf_name in _GLOBAL:
         return _GLOBAL[hf_name]
-    _, _, layer, *module, _ = hf_name.split(".")  # model.layers.N.<module>.weight
-    return f"blk.{layer}.{_PER_LAYER['.'.join(module)]}.weight"
+    _, _, layer, *module, kind = hf_name.split(".")  # model.layers.N.<module>.weight|bias
+    return f"blk.{layer}.{_PER_LAYER['.'.join(module)]}.{kind}"
+
+
+def rope_factors(cfg: dict) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` tensor for Llama 3 RoPE scaling: each rotated pair's
+    frequency divisor, default over scaled, the scaled ones from transformers' own
+    function; None for unscaled RoPE. Either config layout (``rope_parameters``, or the
+    older top-level ``rope_scaling``)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig.from_dict(cfg)
+    rope = config.rope_parameters
+    if rope.get("rope_type", "default") == "default":
+        return None
+    if rope["rope_type"] != "llama3":
+        raise ValueError(f"RoPE type {rope['rope_type']!r} has no GGUF form here (llama3 only)")
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    d = config.head_dim
+    base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    return (base / scaled).numpy().astype(np.float32)
 
 
 def permute_heads(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -100,7 +129,10 @@ def write_gguf(
     ``permute=False`` exist to make files a correct reader must refuse or misread.
     """
     cfg = json.loads((hf_dir / "config.json").read_text())
-    tensors = load_file(hf_dir / "model.safetensors")
+    tensors = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):  # one file or HF's shards
+        # through torch: numpy has no bfloat16
+        tensors.update({n: t.float().numpy() for n, t in load_file(shard).items()})
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope = cfg.get("rope_parameters") or {}
@@ -117,6 +149,8 @@ def write_gguf(
     w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
+    if not qtypes:  # one type throughout: name it, as llama.cpp's writer does
+        w.add_file_type(FILE_TYPES.get(qtype, gguf.LlamaFileType.GUESSED))
     if vocab:
         n = cfg["vocab_size"]
         w.add_tokenizer_model("llama")
@@ -125,6 +159,9 @@ def write_gguf(
         w.add_token_types([6 if i < 256 else 1 for i in range(n)])  # 6: byte, 1: normal
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
+    factors = rope_factors(cfg)
+    if factors is not None:
+        w.add_tensor("rope_freqs.weight", factors)
     for name, arr in tensors.items():
         if tied and name == "lm_head.weight":
             continue

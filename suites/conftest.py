@@ -27,6 +27,7 @@ model is loaded by one worker, not every one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -218,16 +219,45 @@ def engine_cls(pytestconfig) -> type[Engine]:
 
 
 @pytest.fixture(scope="session")
-def engine_factory(engine_cls) -> Callable[[Path, str], Engine]:
-    """Factory: the engine under test loaded on a checkpoint directory in a dtype, once."""
+def engine_model(engine_cls, tmp_path_factory) -> Callable[[Path], Path]:
+    """Factory: what the engine under test loads for a checkpoint: the checkpoint itself,
+    or for an engine that reads GGUF only (llama.cpp) the same weights as an F32 GGUF
+    file with a byte vocabulary, written once."""
+    written: dict[Path, Path] = {}
+
+    def get(path: Path) -> Path:
+        if not engine_cls.gguf_only or path.suffix == ".gguf":
+            return path
+        if "quantization" in json.loads((path / "config.json").read_text()):
+            pytest.skip("engine: reads GGUF only; mlx-lm's quantized format has no GGUF form here")
+        if path not in written:
+            from conform_mlx.reference.gguf_writer import write_gguf
+
+            out = tmp_path_factory.mktemp("gguf") / f"{path.name}.gguf"
+            written[path] = write_gguf(path, out, "F32", vocab=True)
+        return written[path]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine_factory(engine_cls, engine_model) -> Callable[[Path, str], Engine]:
+    """Factory: the engine under test loaded on a checkpoint in a dtype, once."""
     loaded: dict[tuple[Path, str], Engine] = {}
 
     def get(path: Path, dtype: str = "float32") -> Engine:
         """The engine, or a skip with its reason where it cannot load this model or dtype
-        (``NotApplicable``: llama.cpp reads GGUF only, the HF reference float32 only)."""
+        (``NotApplicable``: the HF reference runs float32 only)."""
         if (path, dtype) not in loaded:
+            model = engine_model(path)
             try:
-                loaded[path, dtype] = load_engine(engine_cls, open_model(path), dtype)
+                checked = open_model(model)
+            except ValueError as e:  # the GGUF door refuses this checkpoint's GGUF form
+                if model == path:
+                    raise
+                pytest.skip(f"engine: reads GGUF only, and {e}")
+            try:
+                loaded[path, dtype] = load_engine(engine_cls, checked, dtype)
             except NotApplicable as e:
                 pytest.skip(f"engine: {e}")
         return loaded[path, dtype]

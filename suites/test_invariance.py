@@ -1,6 +1,7 @@
 """Properties of one engine against itself: a sequence's logits must not depend on what
 else is in its batch (batch invariance), nor on the path that fed its prompt (one
-prefill, chunks, token by token, a fork), beyond the rounding of the dtype.
+prefill, chunks, token by token, a fork), beyond the rounding of the dtype; and a run
+repeated, in the same process or in a new one, gives the same logits (determinism).
 
 Each case records the fraction of rows that are bitwise identical (a batch-invariant
 engine reads 1.0) and holds the mean KL between the two paths to the corpus limit of
@@ -9,6 +10,10 @@ to the wrong prefix, is far outside it (shown below with a planted bug).
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +35,13 @@ PATHS = ["chunks of 1", "chunks of 7", "chunks of 37", "chunks of 512", "decode"
 BATCHES = [2, 8, 32]
 
 
+def prompt_tokens() -> list[int]:
+    return np.random.default_rng(7).integers(3, 512, PROMPT).tolist()
+
+
 @pytest.fixture(scope="module")
 def tokens() -> list[int]:
-    return np.random.default_rng(7).integers(3, 512, PROMPT).tolist()
+    return prompt_tokens()
 
 
 def bitwise_rows(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,6 +131,71 @@ def test_a_row_does_not_depend_on_its_batch(
     metric("rows bitwise identical", bitwise_rows(rows, np.broadcast_to(alone, rows.shape)),
            worst="min")  # fmt: skip
     check_close(rows, np.broadcast_to(alone, rows.shape), dtype, f"batch of {batch}, {dtype}")
+
+
+def repeatable(engine: Engine, tokens: list[int]) -> np.ndarray:
+    """What the determinism check repeats: every position of one prefill, then one decode
+    step of a batch of 8 sequences of other lengths, rows stacked."""
+    prompt = fed(engine, tokens, "one prefill")
+    cache, others, nxt = co_tenants(engine, tokens, 8)
+    step = engine.decode_batch(cache, ["target", *others], [tokens[-1], *nxt])
+    return np.concatenate([prompt, step])
+
+
+def in_a_new_process(engine: Engine, model: Path, dtype: str, out: Path) -> np.ndarray:
+    """``repeatable`` run by a fresh Python process (``suites/rerun.py``) on the same model."""
+    spec = f"{type(engine).__module__}:{type(engine).__qualname__}"
+    cmd = [sys.executable, "-m", "suites.rerun", spec, str(model), dtype, str(out)]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"the second process failed ({done.returncode}): {done.stderr[-2000:]}")
+    return np.load(out)
+
+
+@pytest.mark.conformance("determinism {dtype}")
+@pytest.mark.parametrize("where", ["same process", "new process"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_run_repeats_bitwise(
+    trained_dir, engine_factory, engine_model, tokens, dtype, where, metric, tmp_path
+):
+    """The same prefill and batched decode run again, on a fresh cache: in this process
+    after the first run, or in a new process. Reports the fraction of rows bitwise the
+    same; a run that differs must still sit within the dtype's KL limit."""
+    engine = engine_factory(trained_dir, dtype)
+    try:
+        first = repeatable(engine, tokens)
+    except NotApplicable as e:
+        pytest.skip(f"engine {engine.name}: {e}")
+    if where == "same process":
+        again = repeatable(engine, tokens)
+    else:
+        again = in_a_new_process(engine, engine_model(trained_dir), dtype, tmp_path / "run.npy")
+    metric("rows bitwise identical", bitwise_rows(again, first), worst="min")
+    check_close(again, first, dtype, f"a run repeated in the {where}, {dtype}")
+
+
+@pytest.mark.impl_only("plants nondeterminism in impl's batched decode")
+def test_determinism_check_catches_a_run_that_drifts(trained_dir, engine_factory, engine_model,
+                                                     tokens, monkeypatch, tmp_path):  # fmt: skip
+    """A batched decode whose rows drift run to run (noise of 0.5 a logit, a new draw each
+    call) reads none of the step's rows bitwise the same, and fails the KL limit."""
+    engine = engine_factory(trained_dir, "float32")
+    real = type(engine).decode_batch
+    rng = np.random.default_rng(0)
+
+    def drifting(self, cache, seqs, ids):
+        rows = real(self, cache, seqs, ids)
+        return rows + rng.normal(0, 0.5, rows.shape).astype(rows.dtype)
+
+    monkeypatch.setattr(type(engine), "decode_batch", drifting)
+    seen = {}
+    with pytest.raises(pytest.fail.Exception, match="KL mean"):
+        test_a_run_repeats_bitwise(
+            trained_dir, engine_factory, engine_model, tokens, "float32", "same process",
+            lambda label, value, worst: seen.update({label: value}), tmp_path,
+        )  # fmt: skip
+    assert seen["rows bitwise identical"] == 64 / 72  # the prefill's rows, not the step's
 
 
 @pytest.mark.impl_only("plants a bug in impl's batched decode")

@@ -19,6 +19,7 @@ import mlx.core as mx
 import pytest
 
 import conform_mlx.impl.paged_cache
+from conform_mlx.engines import NotApplicable
 from conform_mlx.impl.config import LlamaConfig
 from conform_mlx.impl.paged_cache import PagedKVCache
 from conform_mlx.reference.checkpoints import hf_config
@@ -151,7 +152,10 @@ def test_engine_kv_bytes_follow_the_formula(checkpoint, engine_factory, metric, 
     engine.decode(cache, 0, 5)
     n, g = prompt_len + 1, cache.granularity
     want = kv_bytes(cfg, DTYPES[dtype].size, math.ceil(n / g) * g)
-    held = cache.kv_bytes(0)
+    try:
+        held = cache.kv_bytes(0)
+    except NotApplicable as e:
+        pytest.skip(f"engine {engine.name}: {e}")
     metric("held - formula (bytes)", held - want)
     assert cache.tokens(0) == n
     assert held == want, (

@@ -28,6 +28,7 @@ import cProfile
 import io
 import itertools
 import json
+import os
 import platform
 import pstats
 import re
@@ -109,6 +110,35 @@ def paired_ratios(ms: list[float], ref_ms: list[float], per_s: bool = False) -> 
         return pairs * 3
     q1, median, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
     return [q1, median, q3]
+
+
+def host() -> dict:
+    """The host a run's figures belong to: CPU model, cores, and the time of a fixed
+    single-threaded Python loop (host-bound steps scale with it; a ratio from one host is
+    a fact about that host, docs/gpu-history.md)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def loop() -> None:
+        total = 0
+        for i in range(200_000):
+            total += i * i % 7
+
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        loop()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "node": platform.node(),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python_loop_ms": statistics.median(times),
+    }
 
 
 def copy_gbps() -> float:
@@ -347,6 +377,20 @@ def main() -> int:
     p.add_argument("--dtype", default=DTYPE, help=f"activation dtype (default {DTYPE})")
     p.add_argument("--quick", action="store_true", help="decode b=1 and prefill only; no profile")
     p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=CONTEXTS,
+        help=f"decode b=1 contexts (default {' '.join(map(str, CONTEXTS))})",
+    )
+    p.add_argument("--prefill", type=int, default=512, help="prefill length (default 512)")
+    p.add_argument(
+        "--cached",
+        type=int,
+        default=1000,
+        help="tokens cached before the chunked prefill of --prefill tokens (default 1000)",
+    )
+    p.add_argument(
         "--engine",
         action="append",
         metavar="NAME",
@@ -388,11 +432,12 @@ def main() -> int:
         rows.append((point, medians if per is None else [per / (m / 1e3) for m in medians]))
         print(f"  {point}: {', '.join(f'{v:.3f}' for v in rows[-1][1])}", flush=True)
 
-    for c in [c for c in CONTEXTS if c <= cfg.max_position_embeddings]:
+    for c in [c for c in args.contexts if c <= cfg.max_position_embeddings]:
         add(f"decode b=1 ctx={c} ms", [decode_step(e, [c]) for e in engines])
-    add("prefill 512 ms", [prefill_step(e, 512, vocab) for e in engines], reps=15)
-    chunks = [chunked_prefill_step(e, 1000, 512, vocab) for e in engines]
-    add("prefill 512 after 1000 cached ms", chunks, reps=15)
+    n = args.prefill
+    add(f"prefill {n} ms", [prefill_step(e, n, vocab) for e in engines], reps=15)
+    chunks = [chunked_prefill_step(e, args.cached, n, vocab) for e in engines]
+    add(f"prefill {n} after {args.cached} cached ms", chunks, reps=15)
     # 9 runs: on a shared host the peers' generate rates moved by up to 30% run to run.
     gens = [generate_step(e, vocab) for e in engines]
     add(f"generate {GENERATE_TOKENS} after 16 tokens/s", gens, GENERATE_TOKENS, warmup=1, reps=9)
@@ -405,6 +450,11 @@ def main() -> int:
         big = [decode_step(e, [512], spare_sequences=256) for e in engines]
         add("decode b=1 ctx=512 ms, cache for 257 sequences", big)
     device = f"{mx.default_device()} {platform.node()}"
+    machine = host()
+    print(
+        f"host {machine['cpu']}, {machine['cores']} cores, Python loop "
+        f"{machine['python_loop_ms']:.1f} ms"
+    )
     print(
         f"device {device}; model {path.name} ({engines[0].weights()}), {args.dtype}; weights "
         f"{wbytes / 1e9:.3f} GB; copy {gbps:.0f} GB/s; weights-read floor {floor_ms:.3f} ms"
@@ -428,6 +478,7 @@ def main() -> int:
         json.dumps(
             {
                 "device": device,
+                "host": machine,
                 "mlx": mx.__version__,
                 "model": str(path),
                 "weights": {n: e.weights() for n, e in zip(names, engines)},

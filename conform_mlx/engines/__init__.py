@@ -134,6 +134,8 @@ class Engine(ABC):
     """A loaded model plus the way it runs; one instance per (checkpoint, dtype)."""
 
     name: ClassVar[str]
+    # Reads GGUF files only (llama.cpp): the suites hand it their HF checkpoints as GGUF.
+    gguf_only: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

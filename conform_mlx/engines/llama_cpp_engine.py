@@ -81,6 +81,7 @@ class LlamaCppCache(EngineCache):
 
 class LlamaCppEngine(Engine):
     name = "llama.cpp"
+    gguf_only = True
 
     def __init__(self, llm, path: Path) -> None:
         self.llm = llm
@@ -97,7 +98,7 @@ class LlamaCppEngine(Engine):
         if path.suffix != ".gguf":
             raise NotApplicable("llama.cpp reads GGUF files only")
         try:
-            from llama_cpp import Llama
+            from llama_cpp import GGML_TYPE_F32, Llama
         except ImportError:
             raise NotApplicable(
                 "llama-cpp-python is not installed (pip install -e '.[llama-cpp]'; docs/engines.md)"
@@ -107,6 +108,10 @@ class LlamaCppEngine(Engine):
                 str(path),
                 n_ctx=N_CTX,
                 logits_all=True,  # every position's logits, for parity and the corpus
+                # K and V in float32, as the run's dtype says (llama.cpp's default float16
+                # cache put an F32 file at NMSE 2.9e-7 from HF: docs/engines.md)
+                type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32,
                 n_threads=os.cpu_count(),
                 verbose=False,
             )
