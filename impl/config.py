@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LLAMA3_FACTORS = ("factor", "low_freq_factor", "high_freq_factor")
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # HF's two names for the SiLU impl's MLP runs
 
@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3 frequency scaling; ``rope_type == "default"`` means none."""
+    """RoPE frequency scaling: ``linear`` (every frequency over ``factor``: positions
+    interpolated), ``llama3``, or ``default``, none."""
 
     rope_type: str = "default"
     factor: float = 1.0
@@ -37,7 +38,9 @@ class RopeScaling:
         for name in LLAMA3_FACTORS:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"llama3 rope scaling field {name} must be positive, got {v!r}")
+                raise ConfigError(
+                    f"{self.rope_type} rope scaling field {name} must be positive, got {v!r}"
+                )
         if self.original_max_position_embeddings <= 0:
             raise ConfigError(
                 "llama3 rope scaling field original_max_position_embeddings must be "
@@ -110,6 +113,8 @@ class LlamaConfig:
         s = self.rope_scaling
         if s.rope_type == "default":
             return inv
+        if s.rope_type == "linear":
+            return inv / np.float32(s.factor)
         # Llama 3: long wavelengths slowed by `factor`, short ones kept, the band interpolated.
         old_ctx = np.float32(s.original_max_position_embeddings)
         wavelen = np.float32(2 * math.pi) / inv
@@ -227,6 +232,12 @@ def _rope_fields(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         )
     if rope_type == "default":
         return theta, RopeScaling()
+    if rope_type == "linear":
+        if "factor" not in merged:
+            raise ConfigError("linear rope scaling needs field factor")
+        return theta, RopeScaling(
+            "linear", _number(merged, "factor", prefix=_where(params, "factor"))
+        )
     for k in (*LLAMA3_FACTORS, "original_max_position_embeddings"):
         if k not in merged:
             raise ConfigError(f"llama3 rope scaling needs field {k}")

@@ -145,8 +145,10 @@ def config_dict(reader: Any, path: Path, names: set[str]) -> dict[str, Any]:
     ]
     if missing:
         raise GGUFError(f"{path}: metadata lacks llama.{', llama.'.join(missing)}")
-    if "rope_freqs.weight" in names or _field(reader, "llama.rope.scaling.type", "none") != "none":
-        raise GGUFError(f"{path}: RoPE scaling in a GGUF file is not supported")
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if "rope_freqs.weight" in names or scaling not in ("none", "linear"):
+        what = "per-frequency factors (rope_freqs)" if scaling == "none" else repr(scaling)
+        raise GGUFError(f"{path}: RoPE scaling {what} in a GGUF file is not supported")
     heads = _field(reader, "llama.attention.head_count")
     hidden = _field(reader, "llama.embedding_length")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -171,6 +173,9 @@ def config_dict(reader: Any, path: Path, names: set[str]) -> dict[str, Any]:
     }
     if raw["vocab_size"] is None:
         raise GGUFError(f"{path}: metadata gives no vocabulary size (llama.vocab_size or tokens)")
+    if scaling == "linear":
+        factor = _field(reader, "llama.rope.scaling.factor")
+        raw["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     return {k: v for k, v in raw.items() if v is not None}
 
 

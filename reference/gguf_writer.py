@@ -86,12 +86,12 @@ def rope_factors(cfg: dict) -> np.ndarray | None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = LlamaConfig.from_dict(cfg)
-    rope = config.rope_parameters
-    if rope.get("rope_type", "default") == "default":
+    rope = LlamaConfig.from_dict(cfg).rope_parameters
+    if rope.get("rope_type", "default") in ("default", "linear"):  # linear: metadata only
         return None
     if rope["rope_type"] != "llama3":
         raise ValueError(f"RoPE type {rope['rope_type']!r} has no GGUF form here (llama3 only)")
+    config = LlamaConfig.from_dict(cfg)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     d = config.head_dim
     base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -162,6 +162,10 @@ def write_gguf(
     factors = rope_factors(cfg)
     if factors is not None:
         w.add_tensor("rope_freqs.weight", factors)
+    scaling = {**(cfg.get("rope_scaling") or {}), **rope}  # either config layout
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
     for name, arr in tensors.items():
         if tied and name == "lm_head.weight":
             continue

@@ -5,7 +5,7 @@ the smallest config that does.
 
 What varies: head counts and GQA ratios (MHA, GQA, MQA), head_dim not a power of two and
 given apart from hidden_size, attention and MLP biases, tied embeddings, RoPE base and
-scaling (default, llama3: the types impl runs) under both config layouts (transformers 5's
+scaling (default, linear, llama3: the types impl runs) under both config layouts (transformers 5's
 ``rope_parameters``, and the top-level ``rope_theta`` / ``rope_scaling`` of older files),
 weights in one file or sharded, stored in float32, float16 or bfloat16 (activations are
 float32 on both sides, so the numbers compared are the same).
@@ -94,7 +94,10 @@ def archs(draw) -> Arch:
         width = draw(st.sampled_from([w for w in (8, 16, 20) if w != head_dim]))
         fields.update(head_dim=head_dim, hidden_size=heads * width)
     rope = {"rope_type": "default", "rope_theta": draw(st.sampled_from([10000.0, 500000.0]))}
-    if draw(st.booleans()):
+    scaling = draw(st.sampled_from(["default", "linear", "llama3"]))
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=draw(st.sampled_from([2.0, 4.0])))
+    if scaling == "llama3":
         rope.update(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=16)  # fmt: skip
     return Arch(

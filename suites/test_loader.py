@@ -117,6 +117,16 @@ CONFIG_FAULTS = [
         "rope scaling type 'yarn' is not implemented",
     ),
     (
+        "linear scaling without its factor",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0}},
+        "linear rope scaling needs field factor",
+    ),
+    (
+        "linear scaling by zero",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 0.0}},
+        "linear rope scaling field factor must be positive, got 0.0",
+    ),
+    (
         "llama3 scaling without its fields",
         {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},
         "llama3 rope scaling needs field",

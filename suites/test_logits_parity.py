@@ -32,7 +32,7 @@ pytestmark = [
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog .\nOne two three"
 PREFILL_LEN = 7
 TOTAL_LEN = 40  # crosses several 4-token blocks and two 16-token blocks
-SHAPES = ["trained", *TINY_SHAPES, "tiny-llama3-rope"]
+SHAPES = ["trained", *TINY_SHAPES, "tiny-llama3-rope", "tiny-linear-rope"]
 DTYPES = ["float32", "float16", "bfloat16"]
 # Dtypes in which a known RoPE bug is expected to show: on random weights a RoPE error
 # sits below bfloat16's tolerance (see conform_mlx/metrics.py), so there it may pass.

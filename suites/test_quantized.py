@@ -30,9 +30,10 @@ import torch
 
 import conform_mlx.impl.gguf
 import conform_mlx.reference.hf
-from conform_mlx.engines import NotApplicable
+from conform_mlx.engines import NotApplicable, load_engine
 from conform_mlx.impl.loader import CheckpointError, load
 from conform_mlx.metrics import compare_logits
+from conform_mlx.models import open_model
 from conform_mlx.reference import checkpoints
 from conform_mlx.reference.gguf_writer import write_gguf
 from conform_mlx.reference.hf import affine_codes, unpack_affine
@@ -378,10 +379,27 @@ def test_bad_gguf_files_are_refused(tmp_path, trained_dir, quantized):
     cases["shape"] = (shape, r"mlp\.gate_proj\.weight in .*shape\.gguf has shape \(352, 16\), "
                              r"the config implies \(384, 16\)")  # fmt: skip
 
+    llama3 = write_gguf(checkpoints.write_random_checkpoint("tiny-llama3-rope", tmp_path / "l3"),
+                        tmp_path / "llama3.gguf", "F32")  # fmt: skip
+    cases["rope_freqs"] = (llama3, r"RoPE scaling per-frequency factors \(rope_freqs\) in a "
+                                   r"GGUF file is not supported")  # fmt: skip
+
     for what, (path, message) in cases.items():
         with pytest.raises(CheckpointError, match=message):
             load(path)
         assert path.exists(), what
+
+
+@pytest.mark.impl_only("checks impl's GGUF reader")
+def test_gguf_linear_rope_scaling_reads_as_the_config(tmp_path, reference_factory):
+    """Linear RoPE scaling in GGUF metadata (llama.rope.scaling.type / factor) gives the
+    config's scaling: float32 parity with HF on the checkpoint the file was written from."""
+    src = checkpoints.write_random_checkpoint("tiny-linear-rope", tmp_path / "src", seed=1)
+    model = load(write_gguf(src, tmp_path / "linear.gguf", "F32"))
+    assert model.config.rope_scaling.rope_type == "linear"
+    assert model.config.rope_scaling.factor == 4.0
+    engine = load_engine("impl", open_model(tmp_path / "linear.gguf"), "float32")
+    assert parity_nmse(engine, reference_factory(src)) <= NMSE_LIMIT["float32"]
 
 
 UP = "model.layers.0.mlp.up_proj"
