@@ -146,9 +146,15 @@ def config_dict(reader: Any, path: Path, names: set[str]) -> dict[str, Any]:
     if missing:
         raise GGUFError(f"{path}: metadata lacks llama.{', llama.'.join(missing)}")
     scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if "rope_freqs.weight" in names or scaling not in ("none", "linear"):
-        what = "per-frequency factors (rope_freqs)" if scaling == "none" else repr(scaling)
-        raise GGUFError(f"{path}: RoPE scaling {what} in a GGUF file is not supported")
+    if "rope_freqs.weight" in names:
+        raise GGUFError(
+            f"{path}: RoPE scaling per-frequency factors (rope_freqs) in a GGUF file is not "
+            "supported"
+        )
+    if scaling not in ("none", "linear"):
+        raise GGUFError(f"{path}: RoPE scaling {scaling!r} in a GGUF file is not supported")
+    if _field(reader, "llama.rope.scale_linear", 1.0) != 1.0:  # the older key llama.cpp reads
+        raise GGUFError(f"{path}: RoPE scaling by llama.rope.scale_linear is not supported")
     heads = _field(reader, "llama.attention.head_count")
     hidden = _field(reader, "llama.embedding_length")
     tokens = reader.fields.get("tokenizer.ggml.tokens")

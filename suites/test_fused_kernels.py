@@ -177,9 +177,14 @@ def rope_args(case: RopeCase) -> tuple:
 
 
 def run_rope_kernel(case: RopeCase) -> tuple[mx.array, ...]:
-    """The GPU path: the rotation kernel, then the scatter write."""
+    """The GPU path: the rotation kernel, then the scatter write; run twice, each run
+    writing into its own copy of the pool (the write updates the pool it is given)."""
     assert rope.supports(qkv_rows(case), case.q.shape[-1])
-    return twice(rope.rope_and_cache_write, *rope_args(case))
+
+    def rope_write(qkv, shape, step, pool):
+        return rope.rope_and_cache_write(qkv, shape, step, mx.array(pool))
+
+    return twice(rope_write, *rope_args(case))
 
 
 ROPE_GRID = [
@@ -222,7 +227,7 @@ def test_rope_write_readers_see_the_new_rows() -> None:
     """A reader of the returned pool that does not use q_rot (as the prefill gather)
     still runs after the write. The first kernel, which wrote in place, failed this."""
     case = make_rope_case(3, 8, 2, 64, 16, "float16", seed=1)
-    _, _, kv_pool = run_rope_kernel(case)
+    _, _, kv_pool = rope.rope_and_cache_write(*rope_args(case))  # nothing evaluated before
     gathered = kv_pool.reshape(-1, 2, 2, 64)[case.slots]
     assert not np.isnan(to_f64(gathered)).any()
 

@@ -122,76 +122,77 @@ def write(arch: Arch, out: Path) -> Path:
     return out
 
 
-def parity_nmse(
-    engine_name: str | type[Engine], arch: Arch, model_for: Callable[[Path], Path] = Path
-) -> float:
-    """float32 logits NMSE of the engine against HF over prefill + decode, on ``arch``
-    (``model_for``: what the engine loads for the checkpoint, the ``engine_model`` fixture)."""
+def parity_nmse(engine_name: str | type[Engine], arch: Arch) -> float:
+    """float32 logits NMSE of the engine against HF over prefill + decode, on ``arch``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = write(arch, Path(tmp) / "model")
-        engine = load_engine(engine_name, open_model(model_for(path)), "float32")
+        engine = load_engine(engine_name, open_model(path), "float32")
         run = engine_logits(engine, TOKENS, PREFILL)
         return compare_logits(np.concatenate(run.steps), Reference(path).logits(TOKENS)).nmse
 
 
+def verdict(engine: type[Engine], arch: Arch, model_for: Callable[[Path], Path]) -> str:
+    """``arch`` judged for ``engine``: "pass" or "fail" (float32 parity against HF), or
+    "aside" (a known issue of the engine, or no GGUF form for a GGUF-only engine), or
+    "skip: <reason>" where the engine does not apply."""
+    if engine.gguf_only and not gguf_form(arch):
+        return "aside"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write(arch, Path(tmp) / "model")
+        try:
+            loaded = load_engine(engine, open_model(model_for(path)), "float32")
+        except NotApplicable as e:
+            return f"skip: {e}"
+        if loaded.known_issue(path):
+            return "aside"
+        run = engine_logits(loaded, TOKENS, PREFILL)
+        nmse = compare_logits(np.concatenate(run.steps), Reference(path).logits(TOKENS)).nmse
+    return "pass" if nmse <= NMSE_LIMIT["float32"] else "fail"
+
+
 @pytest.mark.conformance("generated architectures float32")
 def test_generated_architectures_match_hf(engine_cls, engine_model, metric):
-    """Every drawn config at the float32 limit, unless the engine names it a known issue
-    (set aside: the known bug has its own strict test). All the profile's configs are
-    judged and the failures counted for the report; where any fails, a search shrinks
-    to the smallest failing config and the test names it."""
-    judged, failed, aside, skipped = [], [], [], []
+    """Every drawn config at the float32 limit, unless set aside (a known issue of the
+    engine, with its own strict test; or no GGUF form for a GGUF-only engine). All the
+    profile's configs are judged and the failures counted for the report; where any
+    fails, a search shrinks to the smallest failing config and the test names it."""
+    seen: dict[str, list[Arch]] = {}
 
     @given(arch=archs())
     @PROFILES[PROFILE]
     def judge(arch: Arch) -> None:
-        if engine_cls.gguf_only and not gguf_form(arch):
-            aside.append(arch)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write(arch, Path(tmp) / "model")
-            try:
-                engine = load_engine(engine_cls, open_model(engine_model(path)), "float32")
-            except NotApplicable as e:
-                skipped.append(str(e))
-                return
-            if engine.known_issue(path):
-                aside.append(arch)
-                return
-            run = engine_logits(engine, TOKENS, PREFILL)
-            nmse = compare_logits(np.concatenate(run.steps), Reference(path).logits(TOKENS)).nmse
-        judged.append(arch)
-        if not nmse <= NMSE_LIMIT["float32"]:
-            failed.append(arch)
+        seen.setdefault(verdict(engine_cls, arch, engine_model), []).append(arch)
 
     judge()
-    if skipped and not judged:
-        pytest.skip(f"engine: {skipped[0]}")
+    failed, judged = seen.get("fail", []), seen.get("pass", []) + seen.get("fail", [])
+    skips = [v for v in seen if v.startswith("skip: ")]
+    if skips and not judged:
+        pytest.skip(f"engine: {skips[0].removeprefix('skip: ')}")
     metric(f"configs failed, of {len(judged)} judged", len(failed))
     if failed:
         smallest = smallest_failing(engine_cls, failed, engine_model)
         pytest.fail(
             f"{len(failed)} of {len(judged)} generated configs fail float32 parity "
-            f"({len(aside)} set aside: known issues, or no GGUF form); the smallest found: "
+            f"({len(seen.get('aside', []))} set aside); the smallest found: "
             f"{smallest.describe()}"
         )
 
 
 def gguf_form(arch: Arch) -> bool:
-    """Whether ``arch`` passes the GGUF door (``open_model``, impl's reader): no biases and
-    no RoPE scaling, which impl's GGUF reader refuses by name."""
+    """Whether ``arch`` passes the GGUF door (``open_model``, impl's reader): no biases,
+    and no Llama 3 scaling (its per-frequency factors are refused by name)."""
     fields = dict(arch.fields)
-    scaled = dict(arch.rope)["rope_type"] != "default"
-    return not (fields["attention_bias"] or fields["mlp_bias"] or scaled)
+    llama3 = dict(arch.rope)["rope_type"] == "llama3"
+    return not (fields["attention_bias"] or fields["mlp_bias"] or llama3)
 
 
 def smallest_failing(
-    engine: str | type[Engine], failed: list[Arch], model_for: Callable[[Path], Path]
+    engine: type[Engine], failed: list[Arch], model_for: Callable[[Path], Path]
 ) -> Arch:
-    """A shrunk failing config: hypothesis's search, or the first failure if it finds none."""
-    limit = NMSE_LIMIT["float32"]
+    """A shrunk failing config, by the same verdict (configs set aside never count):
+    hypothesis's search, or the first failure where the search finds none."""
     try:
-        return find(archs(), lambda a: parity_nmse(engine, a, model_for) > limit, settings=SEARCH)
+        return find(archs(), lambda a: verdict(engine, a, model_for) == "fail", settings=SEARCH)
     except NoSuchExample:
         return failed[0]
 

@@ -147,7 +147,10 @@ def in_a_new_process(engine: Engine, model: Path, dtype: str, out: Path) -> np.n
     spec = f"{type(engine).__module__}:{type(engine).__qualname__}"
     cmd = [sys.executable, "-m", "suites.rerun", spec, str(model), dtype, str(out)]
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the second process did not finish in 600 s")
     if done.returncode != 0:
         pytest.fail(f"the second process failed ({done.returncode}): {done.stderr[-2000:]}")
     return np.load(out)

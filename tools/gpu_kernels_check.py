@@ -395,8 +395,9 @@ def row_point(kind: str, name: str, n: int, k: int, fused: bool, gated: bool, ca
     # Copies of the weight, call i reading copy i % len: more bytes than the L2 cache holds
     # (50 MB on an H100), so each call reads its weight from memory, as in a model step.
     nbytes = sum(a.nbytes for a in ([w] if kind == "float16" else [w.words, w.scales, w.biases]))
-    copies = [w] + [copy(w) for _ in range(min(calls, -(-ROW_BYTES // nbytes)) - 1)]
+    copies = [w] + [copy(w) for _ in range(-(-ROW_BYTES // nbytes) - 1)]
     mx.eval([c if kind == "float16" else [c.words, c.scales, c.biases] for c in copies])
+    calls = max(calls, len(copies))  # every copy read once a round
 
     def many(fn):
         run = mx.compile(lambda a: [fn(a, copies[i % len(copies)]) for i in range(calls)])
