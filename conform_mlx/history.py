@@ -119,6 +119,17 @@ def asv_config(tmp: Path, results: Path | None = None, cpu_matrix: bool = True) 
     return path
 
 
+def gpu_machine(gpu: str, cpu: str) -> str:
+    """The GPU series' name: the card and the host CPU, since a host-bound step's time
+    moves with the host (e.g. "nvidia-h100-80gb-hbm3-intel-xeon")."""
+
+    def slug(text: str, drop: tuple[str, ...]) -> str:
+        words = re.sub(r"\(r\)|\(tm\)|[^a-z0-9]+", " ", text.lower()).split()
+        return "-".join(w for w in words if w not in drop)
+
+    return f"nvidia-{slug(gpu, ('nvidia',))}-{slug(cpu, ('processor', 'cpu'))}"
+
+
 def gpu_name() -> str:
     out = subprocess.run(
         ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -190,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return publish()
     if args.gpu:
         gpu = gpu_name()
-        machine = args.machine or "nvidia-" + gpu.lower().replace("nvidia ", "").replace(" ", "-")
-        register(machine, machine_facts(f"{gpu}, MLX CUDA backend"))
+        facts = machine_facts(f"{gpu}, MLX CUDA backend")
+        machine = args.machine or gpu_machine(gpu, facts["cpu"])
+        register(machine, facts)
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
         ).stdout.strip()

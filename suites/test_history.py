@@ -199,3 +199,16 @@ def test_constraints_pin_every_release_reports_name():
         if req.name.lower() in pins and req.specifier:
             version = str(pins[req.name.lower()]).removeprefix("==")
             assert req.specifier.contains(version, prereleases=True), (req, version)
+
+
+def test_gpu_series_are_named_by_card_and_host():
+    """One card on two hosts is two series (a batch-1 step is host-bound); the name keeps
+    to letters, digits and dashes, as a folder under results/asv."""
+    from conform_mlx.history import gpu_machine
+
+    xeon = gpu_machine("NVIDIA H100 80GB HBM3", "Intel(R) Xeon(R) Processor")
+    epyc = gpu_machine("NVIDIA H100 80GB HBM3", "AMD EPYC 9654 96-Core Processor")
+    assert xeon == "nvidia-h100-80gb-hbm3-intel-xeon"
+    assert epyc == "nvidia-h100-80gb-hbm3-amd-epyc-9654-96-core"
+    assert gpu_machine("NVIDIA H200", "Intel(R) Xeon(R) Processor") != xeon
+    assert all(re.fullmatch(r"[a-z0-9-]+", name) for name in (xeon, epyc))

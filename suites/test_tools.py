@@ -107,17 +107,17 @@ def test_ncu_csv_rows_become_one_record_per_launch() -> None:
     assert gpu_profile.kernels("no csv here") == []
 
 
+@pytest.mark.parametrize("heads", list(gpu_kernels_check.HEADS))
 @pytest.mark.parametrize(("batch", "context"), gpu_kernels_check.POINTS)
-def test_kernel_sweep_holds_the_policy(batch: int, context: int) -> None:
+def test_kernel_sweep_holds_the_policy(batch: int, context: int, heads: str) -> None:
     from conform_mlx.impl.kernels.paged_attention import launch_plan
 
-    n_blocks = -(-context // gpu_kernels_check.BLOCK_SIZE)
-    shapes = gpu_kernels_check.sweep(batch, context, n_blocks)
     g = gpu_kernels_check
-    plan = launch_plan(
-        batch, g.N_KV_HEADS, n_blocks, g.BLOCK_SIZE, g.N_HEADS // g.N_KV_HEADS, g.HEAD_DIM
-    )
-    assert plan == g.plan(batch, n_blocks)
+    h = g.HEADS[heads]
+    n_blocks = -(-context // g.BLOCK_SIZE)
+    shapes = g.sweep(batch, context, n_blocks, h)
+    plan = launch_plan(batch, h.n_kv, n_blocks, g.BLOCK_SIZE, h.n_heads // h.n_kv, h.head_dim)
+    assert plan == g.plan(batch, n_blocks, h)
     assert plan in shapes
     assert all(parts <= n_blocks for _, parts in shapes)
 

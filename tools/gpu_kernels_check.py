@@ -1,6 +1,8 @@
 """Check and time the paged decode kernel on a GPU machine (MLX's CUDA or Metal backend).
 
     python tools/gpu_kernels_check.py [--skip-tests] [--calls 20] [--json PATH]
+    python tools/gpu_kernels_check.py --only-rows            # the row kernels alone
+    python tools/gpu_kernels_check.py --decode-at llama3-8b --contexts 512 4096 32768
 
 1. Runs ``pytest suites/test_kernels.py`` with the custom kernels active (the run
    fails if MLX has no GPU backend: skipped kernel cases would prove nothing).
@@ -31,12 +33,26 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # (batch, context) points: batch-1 decode and a full batch.
 POINTS = [(1, 16), (1, 512), (1, 2048), (8, 512), (32, 512), (32, 2048)]
 N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 4, 64, 16  # TinyLlama-1.1B attention
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The attention heads the decode and prefill kernels are timed at (``--heads``)."""
+
+    n_heads: int = N_HEADS
+    n_kv: int = N_KV_HEADS
+    head_dim: int = HEAD_DIM
+
+
+# Llama-3-8B's heads (GQA 32:8, head_dim 128) and Llama-2-7B's (MHA 32, 128).
+HEADS = {"tinyllama": Heads(), "llama3-8b": Heads(32, 8, 128), "llama2-7b": Heads(32, 32, 128)}
 # (batch, chunk, cached prefix) points of the prefill kernel: small chunks to long ones.
 PREFILL_POINTS = [
     (1, 7, 1000),
@@ -59,7 +75,9 @@ def run_tests() -> int:
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
-def inputs(batch: int, context: int, seed: int = 0, padded: bool = False) -> tuple:
+def inputs(
+    batch: int, context: int, seed: int = 0, padded: bool = False, heads: Heads = Heads()
+) -> tuple:
     """Random decode inputs (q, kv_pool, tables, context_lens): every sequence at
     ``context`` tokens, tables shuffled, K and V in one pool. ``padded`` widens the
     tables to the width bucket a compiled step is traced for, as in a model step."""
@@ -72,11 +90,11 @@ def inputs(batch: int, context: int, seed: int = 0, padded: bool = False) -> tup
     per_seq = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * per_seq
     tables = rng.permutation(num_blocks).astype(np.int32).reshape(batch, per_seq)
-    shape = (num_blocks, BLOCK_SIZE, N_KV_HEADS, HEAD_DIM)
+    shape = (num_blocks, BLOCK_SIZE, heads.n_kv, heads.head_dim)
     k_pool = mx.random.normal(shape, key=mx.random.key(seed)).astype(mx.float16)
     v_pool = mx.random.normal(shape, key=mx.random.key(seed + 1)).astype(mx.float16)
     kv_pool = mx.stack([k_pool, v_pool], axis=2)  # (num_blocks, BLOCK_SIZE, 2, n_kv, D)
-    q = mx.random.normal((batch, N_HEADS, 1, HEAD_DIM), key=mx.random.key(seed + 2))
+    q = mx.random.normal((batch, heads.n_heads, 1, heads.head_dim), key=mx.random.key(seed + 2))
     ctx = mx.full((batch,), context, dtype=mx.int32)
     tables = pad_block_tables(mx.array(tables)) if padded else mx.array(tables)
     args = (q.astype(mx.float16), kv_pool, tables, ctx)
@@ -119,12 +137,12 @@ def chained_ms(step, x0, calls: int, rounds: int = 5, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def sweep(batch: int, context: int, n_blocks: int) -> list[tuple[int, int]]:
+def sweep(batch: int, context: int, n_blocks: int, heads: Heads = Heads()) -> list[tuple[int, int]]:
     """(warps, partitions) launch shapes tried at one point, the policy's among them:
     every split that leaves each warp at least half a 32-token chunk."""
     from conform_mlx.impl.kernels.paged_attention import MAX_WARPS
 
-    tried = {plan(batch, n_blocks)}
+    tried = {plan(batch, n_blocks, heads)}
     for warps in (1, 2, 4, 8, MAX_WARPS):
         for parts in (1, 2, 4, 8, 16, 32):
             if parts <= n_blocks and parts * warps * 32 <= max(32, 2 * context):
@@ -132,38 +150,41 @@ def sweep(batch: int, context: int, n_blocks: int) -> list[tuple[int, int]]:
     return sorted(tried)
 
 
-def plan(batch: int, n_blocks: int) -> tuple[int, int]:
-    """The launch policy's (warps, partitions) at TinyLlama's heads."""
+def plan(batch: int, n_blocks: int, heads: Heads = Heads()) -> tuple[int, int]:
+    """The launch policy's (warps, partitions) at these heads."""
     from conform_mlx.impl.kernels.paged_attention import launch_plan
 
-    return launch_plan(batch, N_KV_HEADS, n_blocks, BLOCK_SIZE, N_HEADS // N_KV_HEADS, HEAD_DIM)
+    h = heads
+    return launch_plan(batch, h.n_kv, n_blocks, BLOCK_SIZE, h.n_heads // h.n_kv, h.head_dim)
 
 
-def time_decode(calls: int) -> list[dict]:
+def time_decode(calls: int, points=POINTS, heads: Heads = Heads()) -> list[dict]:
     """The decode kernel at each point: the policy's launch shape, the best of a sweep
     of (warps, partitions), the ops twin, and MLX's attention over a contiguous cache
     (what mlx-lm runs: no block table, no gather)."""
     rows = []
-    for batch, context in POINTS:
-        rows.append(time_point(batch, context, calls))
+    for batch, context in points:
+        rows.append(time_point(batch, context, calls, heads))
         print(".", end="", flush=True)
     print()
     return rows
 
 
-def time_point(batch: int, context: int, calls: int) -> dict:
+def time_point(batch: int, context: int, calls: int, heads: Heads) -> dict:
     """One row of ``time_decode``."""
     import mlx.core as mx
 
     from conform_mlx.impl.kernels.paged_attention import paged_attention_ops, paged_decode_attention
 
-    scale = HEAD_DIM**-0.5
-    q, kv_pool, tables, ctx = inputs(batch, context, padded=True)
+    scale = heads.head_dim**-0.5
+    q, kv_pool, tables, ctx = inputs(batch, context, padded=True, heads=heads)
     positions = (ctx - 1)[:, None]
     n_blocks = tables.shape[1]
     # The same keys and values laid out contiguously, (B, n_kv, L, D).
     k_contig, v_contig = (
-        p[tables].reshape(batch, -1, N_KV_HEADS, HEAD_DIM).transpose(0, 2, 1, 3)[:, :, :context]
+        p[tables]
+        .reshape(batch, -1, heads.n_kv, heads.head_dim)
+        .transpose(0, 2, 1, 3)[:, :, :context]
         for p in (kv_pool[:, :, 0], kv_pool[:, :, 1])
     )
     mx.eval(k_contig, v_contig)
@@ -178,14 +199,14 @@ def time_point(batch: int, context: int, calls: int) -> dict:
     # Each launch shape timed inside a compiled chain: on the GPU's time when that
     # is the larger, as in a model step (eager calls time mostly the host).
     shapes = {}
-    for warps, parts in sweep(batch, context, n_blocks):
+    for warps, parts in sweep(batch, context, n_blocks, heads):
 
         def kernel(x, w=warps, p=parts):
             return paged_decode_attention(x, kv_pool, tables, ctx, scale, p, w)
 
         err = mx.abs(kernel(q).astype(mx.float32) - want).max().item()
         shapes[f"{warps}w{parts}p"] = {"ms": chained_ms(kernel, q, calls), "max_abs_diff": err}
-    policy = "{}w{}p".format(*plan(batch, n_blocks))
+    policy = "{}w{}p".format(*plan(batch, n_blocks, heads))
     compiled = {
         "kernel": shapes[policy]["ms"],
         "ops": chained_ms(
@@ -200,10 +221,11 @@ def time_point(batch: int, context: int, calls: int) -> dict:
         ),
     }
     best = min(shapes, key=lambda k: shapes[k]["ms"])
-    kv_bytes = 2 * batch * context * N_KV_HEADS * HEAD_DIM * 2
+    kv_bytes = 2 * batch * context * heads.n_kv * heads.head_dim * 2
 
     def eager_kernel():
-        return paged_decode_attention(q, kv_pool, tables, ctx, scale, *plan(batch, n_blocks)[::-1])
+        parts_warps = plan(batch, n_blocks, heads)[::-1]
+        return paged_decode_attention(q, kv_pool, tables, ctx, scale, *parts_warps)
 
     kernel_ms = per_call_ms(eager_kernel, calls)
     return {
@@ -431,10 +453,12 @@ def print_rows(rows: list[dict], device: str) -> None:
         )
 
 
-def print_tables(
-    decode: list[dict], prefill: list[dict], rope: list[dict], norm: list[dict], device: str
-) -> None:
-    print(f"\npaged decode attention, {device}: 32 q / 4 kv heads, head_dim 64, fp16, bs 16")
+def print_decode(decode: list[dict], device: str, heads: Heads = Heads()) -> None:
+    h = heads
+    print(
+        f"\npaged decode attention, {device}: {h.n_heads} q / {h.n_kv} kv heads, head_dim "
+        f"{h.head_dim}, fp16, bs {BLOCK_SIZE}"
+    )
     print("(policy/best: warps per group, context partitions; contiguous: MLX SDPA, no paging;")
     print(" compiled: ms a call in a compiled chain of calls; best: of the sweep, compiled)")
     print(
@@ -449,6 +473,12 @@ def print_tables(
             f"  {r['contiguous_sdpa_ms']:>13.4f}  {c['kernel']:>16.4f}  {c['ops']:.4f}"
             f"  {c['contiguous']:.4f}  {r['max_abs_diff']:>9.1e}"
         )
+
+
+def print_tables(
+    decode: list[dict], prefill: list[dict], rope: list[dict], norm: list[dict], device: str
+) -> None:
+    print_decode(decode, device)
     print(f"\npaged prefill attention, {device}: same heads; a chunk after a cached prefix")
     print(
         "batch  chunk  prefix  kernel ms  ops ms  gathered ms  gathered/kernel  dispatched"
@@ -490,6 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-rows", action="store_true", help="time the row kernels alone (no grid, no tests)"
     )
+    parser.add_argument(
+        "--decode-at",
+        choices=list(HEADS),
+        help="time only the decode kernel, at these heads, batch 1 at --contexts",
+    )
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[512, 4096, 16384, 32768], metavar="N"
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -503,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     device = f"{backend}: {mx.default_device()}"
     print("backend:", device, "| mlx", mx.__version__, flush=True)
+    if args.decode_at:
+        heads = HEADS[args.decode_at]
+        decode = time_decode(args.calls, [(1, c) for c in args.contexts], heads)
+        print_decode(decode, device, heads)
+        if args.json:
+            args.json.write_text(json.dumps({"device": device, "decode": decode}, indent=1))
+        return 0
     if args.only_rows:
         rows = time_rows(args.calls)
         print_rows(rows, device)
