@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 LLAMA3_FACTORS = ("factor", "low_freq_factor", "high_freq_factor")
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # HF's two names for the SiLU impl's MLP runs
 
@@ -25,13 +25,19 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling: ``linear`` (every frequency over ``factor``: positions
-    interpolated), ``llama3``, or ``default``, none."""
+    interpolated), ``llama3``, ``yarn`` (frequencies blended between the two over a band
+    set by ``beta_fast`` / ``beta_slow``, cos and sin scaled by an attention factor), or
+    ``default``, none."""
 
     rope_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
 
     def __post_init__(self) -> None:
         # A factor <= 0 would make inv_freq NaN or flipped: the model would run, wrongly.
@@ -41,6 +47,11 @@ class RopeScaling:
                 raise ConfigError(
                     f"{self.rope_type} rope scaling field {name} must be positive, got {v!r}"
                 )
+        if self.rope_type == "yarn" and not (self.beta_fast > 0 and self.beta_slow > 0):
+            raise ConfigError(
+                f"yarn rope scaling fields beta_fast and beta_slow must be positive, got "
+                f"{self.beta_fast!r} and {self.beta_slow!r}"
+            )
         if self.original_max_position_embeddings <= 0:
             raise ConfigError(
                 "llama3 rope scaling field original_max_position_embeddings must be "
@@ -115,6 +126,8 @@ class LlamaConfig:
             return inv
         if s.rope_type == "linear":
             return inv / np.float32(s.factor)
+        if s.rope_type == "yarn":
+            return self._yarn_inv_freq(inv)
         # Llama 3: long wavelengths slowed by `factor`, short ones kept, the band interpolated.
         old_ctx = np.float32(s.original_max_position_embeddings)
         wavelen = np.float32(2 * math.pi) / inv
@@ -125,6 +138,38 @@ class LlamaConfig:
             wavelen <= old_ctx / s.low_freq_factor
         )
         return np.where(is_medium, blended, out).astype(np.float32)
+
+    def _yarn_inv_freq(self, extrapolated: np.ndarray) -> np.ndarray:
+        """YaRN: each frequency blended between itself and itself over ``factor`` by a ramp
+        over the pairs whose rotations at the original context lie between beta_slow and
+        beta_fast (float32 throughout, as transformers computes it)."""
+        s, d, base = self.rope_scaling, self.dim_per_head, self.rope_theta
+
+        def pair(rotations: float) -> float:  # the pair index that turns so many times
+            ctx = s.original_max_position_embeddings
+            return d * math.log(ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = pair(s.beta_fast), pair(s.beta_slow)
+        if s.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / np.float32(high - low), 0, 1)
+        keep = (1 - ramp).astype(np.float32)
+        interpolated = (1.0 / (np.float32(s.factor) / extrapolated)).astype(np.float32)
+        return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
+
+    @property
+    def rope_attention_scale(self) -> float:
+        """What cos and sin are multiplied by: YaRN's attention factor (given, or
+        0.1 * ln(factor) + 1), 1 for every other RoPE."""
+        s = self.rope_scaling
+        if s.rope_type != "yarn":
+            return 1.0
+        if s.attention_factor is not None:
+            return s.attention_factor
+        return 0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> LlamaConfig:
@@ -238,6 +283,8 @@ def _rope_fields(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         return theta, RopeScaling(
             "linear", _number(merged, "factor", prefix=_where(params, "factor"))
         )
+    if rope_type == "yarn":
+        return theta, _yarn(merged, params)
     for k in (*LLAMA3_FACTORS, "original_max_position_embeddings"):
         if k not in merged:
             raise ConfigError(f"llama3 rope scaling needs field {k}")
@@ -251,6 +298,34 @@ def _rope_fields(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         rope_type=rope_type,
         **{k: _number(merged, k, prefix=_where(params, k)) for k in LLAMA3_FACTORS},
         original_max_position_embeddings=old_ctx,
+    )
+
+
+def _yarn(merged: dict[str, Any], params: dict[str, Any]) -> RopeScaling:
+    """YaRN's fields as transformers reads them (beta_fast 32 and beta_slow 1 by default,
+    truncate true); DeepSeek's mscale / mscale_all_dim are refused by name."""
+    for k in ("factor", "original_max_position_embeddings"):
+        if merged.get(k) is None:
+            raise ConfigError(f"yarn rope scaling needs field {k}")
+    for k in ("mscale", "mscale_all_dim"):
+        if merged.get(k):
+            raise ConfigError(f"yarn rope scaling field {k} is not implemented")
+    old_ctx = merged["original_max_position_embeddings"]
+    if not isinstance(old_ctx, int) or isinstance(old_ctx, bool) or old_ctx <= 0:
+        raise ConfigError(
+            f"field {_where(params, 'original_max_position_embeddings')}"
+            f"original_max_position_embeddings must be a positive integer, got {old_ctx!r}"
+        )
+    fields = {
+        k: _number(merged, k, prefix=_where(params, k))
+        for k in ("factor", "beta_fast", "beta_slow", "attention_factor")
+        if merged.get(k) is not None
+    }
+    return RopeScaling(
+        "yarn",
+        original_max_position_embeddings=old_ctx,
+        truncate=bool(merged.get("truncate", True)),
+        **fields,
     )
 
 

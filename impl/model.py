@@ -375,7 +375,12 @@ class Model(nn.Module):
         # RoPE angles, pool rows and a chunk's context: the same for every layer.
         block_size = cache.kv[0].shape[1]  # (num_blocks, block_size, ...)
         rope = kernels.rope_step(
-            plan.positions, self._inv_freq, plan.blocks, plan.offsets, block_size
+            plan.positions,
+            self._inv_freq,
+            plan.blocks,
+            plan.offsets,
+            block_size,
+            self.config.rope_attention_scale,
         )
         context = None
         if T > 1 and not plan.fresh:

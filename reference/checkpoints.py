@@ -107,6 +107,16 @@ SHAPES: dict[str, dict] = {
         num_key_value_heads=2,
         rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
     ),
+    # YaRN (factor 4 over an original context of 256), under rope_parameters.
+    "tiny-yarn-rope": dict(
+        _TINY,
+        hidden_size=128,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=256
+        ),
+    ),
     # A RoPE base other than the default, stored only under rope_parameters (as
     # transformers 5 writes every config): engines that read a top-level rope_theta
     # alone fall back to 10000 without a word.

@@ -90,7 +90,9 @@ def rope_factors(cfg: dict) -> np.ndarray | None:
     if rope.get("rope_type", "default") in ("default", "linear"):  # linear: metadata only
         return None
     if rope["rope_type"] != "llama3":
-        raise ValueError(f"RoPE type {rope['rope_type']!r} has no GGUF form here (llama3 only)")
+        raise ValueError(
+            f"RoPE type {rope['rope_type']!r} has no GGUF form here (linear and llama3 only)"
+        )
     config = LlamaConfig.from_dict(cfg)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     d = config.head_dim

@@ -234,7 +234,10 @@ def engine_model(engine_cls, tmp_path_factory) -> Callable[[Path], Path]:
             from conform_mlx.reference.gguf_writer import write_gguf
 
             out = tmp_path_factory.mktemp("gguf") / f"{path.name}.gguf"
-            written[path] = write_gguf(path, out, "F32", vocab=True)
+            try:
+                written[path] = write_gguf(path, out, "F32", vocab=True)
+            except ValueError as e:  # a config our writer has no GGUF form for
+                pytest.skip(f"engine: reads GGUF only, and {e}")
         return written[path]
 
     return get

@@ -187,9 +187,9 @@ def test_rope_angles_are_made_once_a_step_for_all_layers(model, monkeypatch):
     shapes = []
     real = conform_mlx.impl.kernels.rope.rope_cos_sin
 
-    def counted(positions, inv_freq):
+    def counted(positions, inv_freq, scale=1.0):
         shapes.append(positions.shape)
-        return real(positions, inv_freq)
+        return real(positions, inv_freq, scale)
 
     monkeypatch.setattr(conform_mlx.impl.kernels.rope, "rope_cos_sin", counted)
     cache = fresh_cache(model)

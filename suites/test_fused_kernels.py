@@ -286,7 +286,7 @@ def test_pool_heads_refuses_a_pool_that_is_not_one_kv_pool(shape: tuple[int, ...
 def test_rope_check_catches_a_position_off_by_one(monkeypatch) -> None:
     case = make_rope_case(1, 8, 2, 64, 8, "float32", seed=3)
     real = rope.rope_cos_sin
-    monkeypatch.setattr(rope, "rope_cos_sin", lambda p, inv: real(p + 1, inv))
+    monkeypatch.setattr(rope, "rope_cos_sin", lambda p, inv, scale=1.0: real(p + 1, inv, scale))
     with pytest.raises(AssertionError):
         assert_rope_write_matches(rope.rope_and_cache_write(*rope_args(case)), case, "float32")
 

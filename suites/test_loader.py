@@ -113,8 +113,8 @@ CONFIG_FAULTS = [
     ("heads mismatch", {"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
     (
         "unimplemented rope scaling",
-        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
-        "rope scaling type 'yarn' is not implemented",
+        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}},
+        "rope scaling type 'dynamic' is not implemented",
     ),
     (
         "linear scaling without its factor",
@@ -126,6 +126,37 @@ CONFIG_FAULTS = [
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 0.0}},
         "linear rope scaling field factor must be positive, got 0.0",
     ),
+    (
+        "yarn scaling without its original context",
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
+        "yarn rope scaling needs field original_max_position_embeddings",
+    ),
+    (
+        "yarn with DeepSeek's mscale",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 0.7,
+            }
+        },
+        "yarn rope scaling field mscale is not implemented",
+    ),  # fmt: skip
+    (
+        "yarn with a negative beta",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_slow": -1.0,
+            }
+        },
+        "beta_fast and beta_slow must be positive",
+    ),  # fmt: skip
     (
         "llama3 scaling without its fields",
         {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},

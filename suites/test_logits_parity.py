@@ -32,7 +32,7 @@ pytestmark = [
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog .\nOne two three"
 PREFILL_LEN = 7
 TOTAL_LEN = 40  # crosses several 4-token blocks and two 16-token blocks
-SHAPES = ["trained", *TINY_SHAPES, "tiny-llama3-rope", "tiny-linear-rope"]
+SHAPES = ["trained", *TINY_SHAPES, "tiny-llama3-rope", "tiny-linear-rope", "tiny-yarn-rope"]
 DTYPES = ["float32", "float16", "bfloat16"]
 # Dtypes in which a known RoPE bug is expected to show: on random weights a RoPE error
 # sits below bfloat16's tolerance (see conform_mlx/metrics.py), so there it may pass.
@@ -166,9 +166,9 @@ def inject(monkeypatch):
             # Injected where the angles are made: the twin and the GPU kernel both see it.
             real = conform_mlx.impl.kernels.rope.rope_cos_sin
 
-            def shifted(positions, inv_freq):
+            def shifted(positions, inv_freq, scale=1.0):
                 decode = positions.shape[1] == 1
-                return real(positions + 1 if decode else positions, inv_freq)
+                return real(positions + 1 if decode else positions, inv_freq, scale)
 
             monkeypatch.setattr(conform_mlx.impl.kernels.rope, "rope_cos_sin", shifted)
         else:

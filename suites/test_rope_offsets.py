@@ -130,8 +130,8 @@ def test_offset_faults_are_caught(engine, tokens, full_pass, monkeypatch, fault)
     real = conform_mlx.impl.kernels.rope.rope_cos_sin
     shift = FAULTS[fault]
 
-    def faulty(positions, inv_freq):
-        return real(shift(positions) if positions.shape[1] == 1 else positions, inv_freq)
+    def faulty(positions, inv_freq, scale=1.0):
+        return real(shift(positions) if positions.shape[1] == 1 else positions, inv_freq, scale)
 
     monkeypatch.setattr(conform_mlx.impl.kernels.rope, "rope_cos_sin", faulty)
     with pytest.raises(AssertionError, match="differs from the full pass"):

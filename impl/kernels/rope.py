@@ -92,13 +92,18 @@ def split_qkv(
     )
 
 
-def rope_cos_sin(positions: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
-    """cos and sin of ``positions * inv_freq``, float32 (B, T, D/2); the one place angles are
-    made, so a fault injected here reaches kernel and twin alike."""
+def rope_cos_sin(
+    positions: mx.array, inv_freq: mx.array, scale: float = 1.0
+) -> tuple[mx.array, mx.array]:
+    """cos and sin of ``positions * inv_freq``, times ``scale`` (YaRN's attention factor),
+    float32 (B, T, D/2); the one place angles are made, so a fault injected here reaches
+    kernel and twin alike."""
     # Broadcast before the cast: a 4-byte array stays in host memory (paged_cache.step_fields).
     wide = mx.broadcast_to(positions[:, :, None], (*positions.shape, inv_freq.shape[0]))
     angles = wide.astype(mx.float32) * inv_freq  # (B, T, D/2)
-    return mx.cos(angles), mx.sin(angles)
+    if scale == 1.0:
+        return mx.cos(angles), mx.sin(angles)
+    return mx.cos(angles) * scale, mx.sin(angles) * scale
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -127,10 +132,16 @@ class RopeStep:
 
 
 def rope_step(
-    positions: mx.array, inv_freq: mx.array, blocks: mx.array, offsets: mx.array, block_size: int
+    positions: mx.array,
+    inv_freq: mx.array,
+    blocks: mx.array,
+    offsets: mx.array,
+    block_size: int,
+    scale: float = 1.0,
 ) -> RopeStep:
-    """positions (B, T) int32; inv_freq (D/2,); blocks, offsets (B * T,) from the plan."""
-    cos, sin = rope_cos_sin(positions, inv_freq)
+    """positions (B, T) int32; inv_freq (D/2,); blocks, offsets (B * T,) from the plan;
+    ``scale`` as for ``rope_cos_sin``."""
+    cos, sin = rope_cos_sin(positions, inv_freq, scale)
     return RopeStep(cos, sin, blocks, offsets, block_size)
 
 
