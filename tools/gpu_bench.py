@@ -317,16 +317,23 @@ def mixed_contexts(batch: int) -> list[int]:
     return [16 + (i * 997) % 2032 for i in range(batch)]
 
 
-def print_table(names: list[str], rows: list[tuple[str, list[float]]], floor_ms: float) -> None:
+def print_table(
+    names: list[str],
+    rows: list[tuple[str, list[float]]],
+    floor_ms: float,
+    off_floor: tuple[str, ...] = (),
+) -> None:
     """One column per engine, then each engine's ratio to the last one, then the best
-    decode time over the weights-read floor."""
+    decode time over the weights-read floor (of the engines not in ``off_floor``: a peer
+    on other weights, whose bytes the floor does not count)."""
     ref = names[-1]
+    on_floor = [i for i, n in enumerate(names) if n not in off_floor]
     head = [*names, *(f"{n}/{ref}" for n in names[:-1]), "best/floor"]
     widths = [max(12, len(h) + 2) for h in head]
     print(f"{'point':48s}" + "".join(f"{h:>{w}s}" for h, w in zip(head, widths)))
     for point, values in rows:
         per_s = point.endswith("tokens/s")
-        best = max(values) if per_s else min(values)
+        best = min(values[i] for i in on_floor)
         cells = [*values, *(v / values[-1] for v in values[:-1])]
         cells.append(best / floor_ms if not per_s and point.startswith("decode") else None)
         text = [f"{x:{w}.3f}" if x is not None else f"{'-':>{w}s}" for x, w in zip(cells, widths)]
@@ -399,6 +406,8 @@ def main() -> int:
     )
     args = p.parse_args()
     names = args.engine or DEFAULT_ENGINES
+    if len(set(names)) < len(names):
+        p.error("an engine is named twice in --engine")
     if args.model:
         path = resolve_model(args.model)
     elif args.quantize:
@@ -408,13 +417,18 @@ def main() -> int:
     checked = open_model(path)
     engines = [load_engine(n, checked, args.dtype) for n in names]
     if args.float_peer:  # before the last engine, which the ratios are to
-        if not args.quantize:
+        if not args.quantize or args.model:
             p.error("--float-peer compares a --quantize copy with the float16 preset")
         peer = load_engine(args.float_peer, open_model(common.checkpoint(args.preset)), DTYPE)
         engines.insert(len(engines) - 1, peer)
         names = [*names[:-1], f"{args.float_peer}@float16", names[-1]]
     cfg = read_config(path)
     vocab = cfg.vocab_size
+    if args.cached + args.prefill > cfg.max_position_embeddings:
+        p.error(
+            f"--cached {args.cached} + --prefill {args.prefill} exceeds the model's context "
+            f"of {cfg.max_position_embeddings}"
+        )
     wbytes = weight_bytes(path)
     gbps = copy_gbps()
     floor_ms = wbytes / (gbps * 1e9) * 1e3
@@ -459,7 +473,7 @@ def main() -> int:
         f"device {device}; model {path.name} ({engines[0].weights()}), {args.dtype}; weights "
         f"{wbytes / 1e9:.3f} GB; copy {gbps:.0f} GB/s; weights-read floor {floor_ms:.3f} ms"
     )
-    print_table(names, rows, floor_ms)
+    print_table(names, rows, floor_ms, tuple(n for n in names if n.endswith("@float16")))
     spreads = print_spreads(names, samples)
     if args.float_peer:
         spreads = {"to_last": spreads, "to_float_peer": print_spreads(names, samples, -2)}
