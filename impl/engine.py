@@ -197,34 +197,37 @@ def pad_block_tables(block_tables: mx.array) -> mx.array:
 
 
 class CompiledSteps:
-    """A model's forward over explicit arrays, ``mx.compile``d per ``StepPlan.fresh`` and
-    kernel policy; ``traces`` counts MLX's traces (one per input shape). Weights are implicit
-    inputs, so new weights reach it. Make one per model, after it is built, and keep it."""
+    """A model's forward over explicit arrays, ``mx.compile``d per ``StepPlan.fresh``,
+    ``StepPlan.chunk_context`` and kernel policy; ``traces`` counts MLX's traces (one per input
+    shape). Weights are implicit inputs, so new weights reach it. Make one per model, after it
+    is built, and keep it."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
-        self.graphs: dict[tuple[bool, KernelPolicy], StepGraph] = {}
+        self.graphs: dict[tuple[bool, int, KernelPolicy], StepGraph] = {}
         self.traces = 0
 
-    def graph(self, fresh: bool) -> StepGraph:
-        """The compiled forward for this ``fresh`` under the current kernel policy."""
+    def graph(self, fresh: bool, chunk_context: int = 0) -> StepGraph:
+        """The compiled forward for this ``fresh`` and ``chunk_context`` under the current
+        kernel policy."""
         policy = current_policy()
-        if (fresh, policy) not in self.graphs:
+        key = (fresh, chunk_context if policy.causal_chunks else 0, policy)
+        if key not in self.graphs:
             model = self.model
 
             def forward(tokens, *fields_and_pools):
                 self.traces += 1  # Python here runs only while MLX traces
                 *fields, kv_pools = fields_and_pools
                 pools = StepPools(list(kv_pools))
-                plan = StepPlan(*fields, fresh=fresh)
+                plan = StepPlan(*fields, fresh=fresh, chunk_context=key[1])
                 layers = model.config.num_hidden_layers
                 row_kernels = model.runs_row_kernels(tokens.size)
                 marks = dict.fromkeys(policy.commits(layers, row_kernels))
                 logits = model(tokens, pools, plan, marks=marks)
                 return logits, pools.kv, [marks[i] for i in sorted(marks)]
 
-            self.graphs[fresh, policy] = mx.compile(forward, inputs=model.state)
-        return self.graphs[fresh, policy]
+            self.graphs[key] = mx.compile(forward, inputs=model.state)
+        return self.graphs[key]
 
     def __call__(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
         """One step through the compiled graph, evaluated; installs the new pools."""
@@ -234,7 +237,7 @@ class CompiledSteps:
 
     def lazy(self, tokens: mx.array, cache: KVPools, plan: StepPlan) -> mx.array:
         """``__call__`` without the ``mx.eval``; the step up to the ``commits`` layers is queued."""
-        step = self.graph(plan.fresh)
+        step = self.graph(plan.fresh, plan.chunk_context)
         out, kv_pools, marks = step(tokens, *step_arrays(plan), cache.kv)
         cache.kv[:] = kv_pools  # traced from the cache's own: update_layer's checks skipped
         for mark in marks:

@@ -384,8 +384,9 @@ class Model(nn.Module):
         )
         context = None
         if T > 1 and not plan.fresh:
+            exact = plan.chunk_context if current_policy().causal_chunks else 0
             context = kernels.context_rows(
-                plan.block_tables, plan.context_lens, plan.positions, block_size, h.dtype
+                plan.block_tables, plan.context_lens, plan.positions, block_size, h.dtype, exact
             )
         step = Step(cache, plan, rope, context, trace)
         mlp = None  # the latest MLP output, added to h by the next norm

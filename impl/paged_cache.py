@@ -160,6 +160,9 @@ class StepPlan:
     block_tables: mx.array  # (B, max_blocks) int32, padded with 0 past each table
     context_lens: mx.array  # (B,) int32, tokens cached after this step
     fresh: bool = False  # every sequence was empty: the new tokens are the whole context
+    # A chunk of more than one token of one sequence over its cache: its context length
+    # after the step (a static shape for causal attention); 0 otherwise.
+    chunk_context: int = 0
 
 
 class PagedKVCache:
@@ -308,6 +311,7 @@ class PagedKVCache:
             context_lens=lens,
             block_tables=self._table_arrays(tables, width),
             fresh=fresh,
+            chunk_context=context_lens[0] if len(seqs) == 1 and num_new > 1 and not fresh else 0,
         )
 
     def ensure_room(self, seqs: Sequence[Hashable], num_new: int) -> None:

@@ -368,3 +368,16 @@ def test_plan_is_fresh_only_when_every_sequence_was_empty() -> None:
     assert not cache.plan(["a", "b"], 1).fresh  # b is empty, a is not
     cache.trim("a", cache.tokens("a"))
     assert cache.plan(["a"], 2).fresh  # trimmed back to nothing: empty again
+
+
+def test_plan_names_a_chunks_context() -> None:
+    """chunk_context: one sequence's context after a chunk of more than one token over its
+    cache (causal attention's static length); 0 for a first chunk, a decode or a batch."""
+    cache = PagedKVCache(CFG, 8, 4)
+    cache.add_sequence("a")
+    cache.add_sequence("b")
+    assert cache.plan(["a"], 5).chunk_context == 0  # fresh
+    assert cache.plan(["a"], 3).chunk_context == 8
+    assert cache.plan(["a"], 1).chunk_context == 0  # a decode step
+    assert cache.plan(["b"], 2).chunk_context == 0
+    assert cache.plan(["a", "b"], 2).chunk_context == 0  # a batch: masked rows

@@ -322,6 +322,49 @@ def test_gathered_mask_is_checked() -> None:
         assert_matches_reference(run_gathered(case, late), case, "float32")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("heads", [(32, 4), (8, 8), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_gathered_causal_attention(
+    head_dim: int, heads: tuple[int, int], block_size: int, dtype: str
+) -> None:
+    """One sequence's chunk over exactly its context rows and MLX's causal mask (what
+    ``StepPlan.chunk_context`` runs): every chunk and prefix on a GPU, the twin's on the CPU."""
+    combos = [(t, p) for t in CHUNKS for p in PREFIXES] if ON_GPU else OPS_COMBOS
+    for t, prefix in combos:
+        longest = prefix_len(prefix, block_size)
+        case = make_case([longest], t, *heads, head_dim, block_size, dtype)
+        rows = exact_rows(case)
+        assert rows.mask is None and rows.slots.shape == (1, longest + t)
+        assert_matches_reference(run_gathered(case, rows), case, dtype, f"T={t} prefix={prefix}")
+
+
+def exact_rows(case: Case) -> ContextRows:
+    c = case
+    n = int(c.context_lens[0])
+    return context_rows(
+        c.block_tables, c.context_lens, c.positions, c.kv_pool.shape[1], c.q.dtype, n
+    )
+
+
+def test_causal_rows_must_be_exactly_the_context() -> None:
+    """MLX's causal mask lines the queries up with the last keys: rows one slot longer or
+    one shorter shift every query's view and fail the check; a batch is refused."""
+    case = make_case([20], 7, 8, 2, 64, 8, "float32", seed=12)
+    rows = exact_rows(case)
+    assert_matches_reference(run_gathered(case, rows), case, "float32")
+    n = rows.slots.shape[1]
+    table_rows = context_rows(case.block_tables, case.context_lens, case.positions, 8, mx.float32)
+    for wrong in (n - 1, n + 1):
+        off = ContextRows(table_rows.slots[:, :wrong], None)
+        with pytest.raises(AssertionError):
+            assert_matches_reference(run_gathered(case, off), case, "float32")
+    two = make_case([20, 3], 7, 8, 2, 64, 8, "float32", seed=12)
+    with pytest.raises(ValueError, match="one sequence"):
+        context_rows(two.block_tables, two.context_lens, two.positions, 8, mx.float32, 27)
+
+
 # -- the launch ------------------------------------------------------------------------
 
 

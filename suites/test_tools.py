@@ -136,3 +136,19 @@ def test_policy_ab_runs_each_step_under_its_policy() -> None:
     assert seen[0].commits(22, False) == () and seen[0].split_tokens == 128
     assert seen[1] == current_policy() == KernelPolicy.measured()
     assert current_policy().commits(22, False) == (15, 17, 19)
+
+
+def test_spare_room_fits_a_budget() -> None:
+    """The roomy-cache row keeps TinyLlama's 256 spare sequences, and shrinks an 8B
+    model's to what 4 GB holds (256 would be 17 GB at Llama-3-8B's heads, 67 at Llama-2-7B's)."""
+    from types import SimpleNamespace
+
+    def shape(layers: int, kv_heads: int, head_dim: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            num_hidden_layers=layers, num_key_value_heads=kv_heads, dim_per_head=head_dim
+        )
+
+    assert gpu_bench.spare_sequences(shape(22, 4, 64), "float16") == 256  # 11.5 MB each
+    assert gpu_bench.spare_sequences(shape(32, 8, 128), "float16") == 59  # 67 MB each
+    assert gpu_bench.spare_sequences(shape(32, 32, 128), "float16") == 14  # 268 MB each
+    assert gpu_bench.spare_sequences(shape(32, 32, 128), "float32") == 7

@@ -50,6 +50,7 @@ from conform_bench import common  # noqa: E402
 from conform_mlx.engines import Engine, load_engine  # noqa: E402
 from conform_mlx.impl.loader import read_config  # noqa: E402
 from conform_mlx.models import open_model, resolve_model  # noqa: E402
+from conform_mlx.validate import ITEMSIZE, kv_bytes  # noqa: E402
 
 DTYPE = "float16"
 CONTEXTS = [16, 512, 2048]
@@ -312,6 +313,13 @@ def profile(name: str, step: Step, steps: int = 20) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def spare_sequences(cfg, dtype: str, most: int = 256, budget: float = 4e9) -> int:
+    """Sequences of 512 tokens to make room for beside one: ``most``, or as many as fit in
+    ``budget`` bytes a cache (an 8B model's 256 would take 17 to 67 GB an engine)."""
+    per_sequence = kv_bytes(cfg, ITEMSIZE[dtype], 512)
+    return max(1, min(most, int(budget // per_sequence)))
+
+
 def mixed_contexts(batch: int) -> list[int]:
     """Deterministic mixed lengths between 16 and 2048."""
     return [16 + (i * 997) % 2032 for i in range(batch)]
@@ -395,8 +403,9 @@ def main() -> int:
         "--cached",
         type=int,
         default=1000,
-        help="tokens cached before the chunked prefill of --prefill tokens (default 1000)",
+        help="tokens cached before the chunked prefill of --chunk tokens (default 1000)",
     )
+    p.add_argument("--chunk", type=int, default=512, help="chunked prefill length (default 512)")
     p.add_argument(
         "--engine",
         action="append",
@@ -424,9 +433,9 @@ def main() -> int:
         names = [*names[:-1], f"{args.float_peer}@float16", names[-1]]
     cfg = read_config(path)
     vocab = cfg.vocab_size
-    if args.cached + args.prefill > cfg.max_position_embeddings:
+    if args.cached + args.chunk > cfg.max_position_embeddings:
         p.error(
-            f"--cached {args.cached} + --prefill {args.prefill} exceeds the model's context "
+            f"--cached {args.cached} + --chunk {args.chunk} exceeds the model's context "
             f"of {cfg.max_position_embeddings}"
         )
     wbytes = weight_bytes(path)
@@ -450,19 +459,22 @@ def main() -> int:
         add(f"decode b=1 ctx={c} ms", [decode_step(e, [c]) for e in engines])
     n = args.prefill
     add(f"prefill {n} ms", [prefill_step(e, n, vocab) for e in engines], reps=15)
-    chunks = [chunked_prefill_step(e, args.cached, n, vocab) for e in engines]
-    add(f"prefill {n} after {args.cached} cached ms", chunks, reps=15)
+    chunks = [chunked_prefill_step(e, args.cached, args.chunk, vocab) for e in engines]
+    add(f"prefill {args.chunk} after {args.cached} cached ms", chunks, reps=15)
+    del chunks  # their caches
     # 9 runs: on a shared host the peers' generate rates moved by up to 30% run to run.
     gens = [generate_step(e, vocab) for e in engines]
     add(f"generate {GENERATE_TOKENS} after 16 tokens/s", gens, GENERATE_TOKENS, warmup=1, reps=9)
     for b in [] if args.quick else BATCHES:
         steps = [decode_step(e, mixed_contexts(b)) for e in engines]
         add(f"decode b={b} mixed tokens/s", steps, b)
-    # Room for 256 more sequences of 512 tokens (impl: +8192 blocks of 16) must not
-    # show in the step time: the cache write is in place.
+    # Room for up to 256 more sequences of 512 tokens (TinyLlama: +8192 blocks of 16, 3 GB)
+    # must not show in the step time: the cache write is in place.
     if not args.quick:
-        big = [decode_step(e, [512], spare_sequences=256) for e in engines]
-        add("decode b=1 ctx=512 ms, cache for 257 sequences", big)
+        spare = spare_sequences(cfg, args.dtype)
+        big = [decode_step(e, [512], spare_sequences=spare) for e in engines]
+        add(f"decode b=1 ctx=512 ms, cache for {spare + 1} sequences", big)
+        del big
     device = f"{mx.default_device()} {platform.node()}"
     machine = host()
     print(

@@ -2,7 +2,8 @@
 
 Each variant is a named ``KernelPolicy`` (``impl.kernels.policy.VARIANTS``: which
 layers a compiled step queues early, whether the fused add + RMSNorm kernel or the row
-kernels run, whether the decode kernel splits the context) on its own ``impl-compiled``
+kernels run, whether the decode kernel splits the context, how a chunk over a cache is
+masked) on its own ``impl-compiled``
 engine, run inside ``use_policy``. Compiled graphs are kept per policy, and all the
 variants and mlx-lm are timed turn by turn (``tools/gpu_bench.py``'s steps): on a
 shared host separate processes drifted by up to 30%, one run does not.
@@ -56,6 +57,8 @@ def main() -> int:
         choices=[4, 8],
         help="an mlx-lm-format copy of the preset, quantized to BITS by mlx-lm, group 64",
     )
+    ap.add_argument("--cached", type=int, default=1000, help="tokens before the chunk")
+    ap.add_argument("--chunk", type=int, default=512, help="chunked prefill length")
     args = ap.parse_args()
     names = args.variant or ["no-early", "default", "dense", "fused-norm"]
     path = common.checkpoint(args.preset)
@@ -75,6 +78,11 @@ def main() -> int:
     for c in gpu_bench.CONTEXTS:
         ms = timed(lambda e, c=c: gpu_bench.decode_step(e, [c]), args.reps)
         rows.append((f"decode b=1 ctx={c} ms", ms))
+    ms = timed(
+        lambda e: gpu_bench.chunked_prefill_step(e, args.cached, args.chunk, vocab),
+        max(1, args.reps // 4),
+    )
+    rows.append((f"prefill {args.chunk} after {args.cached} cached ms", ms))
     mixed = gpu_bench.mixed_contexts(32)
     ms = timed(lambda e: gpu_bench.decode_step(e, mixed), max(1, args.reps // 2))
     rows.append(("decode b=32 tokens/s", [32e3 / m for m in ms]))

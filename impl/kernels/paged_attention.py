@@ -174,7 +174,9 @@ class ContextRows:
     """Where a step's context lies in the pool and what each new token may see, once a step."""
 
     slots: mx.array  # (B, L = width * block_size) int32; past the length token 0's (masked)
-    mask: mx.array  # (B, 1, T, L): 0 where new token t may see context token j, else -inf
+    # (B, 1, T, L): 0 where new token t may see context token j, else -inf. None: one
+    # sequence's rows, exactly its context, its new tokens last: MLX's causal mask says it.
+    mask: mx.array | None
 
 
 def context_rows(
@@ -183,11 +185,17 @@ def context_rows(
     positions: mx.array,
     block_size: int,
     dtype: mx.Dtype,
+    exact: int = 0,
 ) -> ContextRows:
-    """``ContextRows`` of a step; arguments as for ``paged_attention_ops``."""
+    """``ContextRows`` of a step; arguments as for ``paged_attention_ops``. ``exact``: the one
+    sequence's context length (``StepPlan.chunk_context``), for rows without a mask."""
     batch, width = block_tables.shape
     offsets = mx.arange(block_size, dtype=mx.int32)
     slots = (block_tables[:, :, None] * block_size + offsets).reshape(batch, width * block_size)
+    if exact:
+        if batch != 1 or exact > width * block_size:
+            raise ValueError(f"exact={exact}: one sequence of at most its table's tokens")
+        return ContextRows(slots[:, :exact], None)
     key_pos = mx.arange(width * block_size, dtype=mx.int32)
     in_seq = key_pos[None, :] < context_lens[:, None]  # (B, L)
     slots = mx.where(in_seq, slots, slots[:, :1])
@@ -198,12 +206,13 @@ def context_rows(
 
 def gathered_attention(q: mx.array, kv_pool: mx.array, rows: ContextRows, scale: float) -> mx.array:
     """``paged_attention_ops``'s attention for long chunks on a GPU: rows gathered by
-    ``rows.slots`` (no zeroing pass), MLX's fused attention with ``rows.mask``."""
+    ``rows.slots`` (no zeroing pass), MLX's fused attention with ``rows.mask`` (or causal)."""
     num_blocks, block_size, _, n_kv_heads, head_dim = kv_pool.shape
     flat = kv_pool.reshape(num_blocks * block_size, 2, n_kv_heads, head_dim)  # a row a slot
     gathered = flat[rows.slots]  # (B, L, 2, n_kv_heads, head_dim)
     k, v = split_kv(gathered.transpose(2, 0, 3, 1, 4))  # each (B, n_kv_heads, L, head_dim)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=rows.mask)
+    mask = "causal" if rows.mask is None else rows.mask  # causal: the queries are the last T
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
 def paged_attention(

@@ -31,6 +31,9 @@ class KernelPolicy:
     # Every projection multiplies each row alone, so a row's numbers do not depend on the
     # rows beside it (batch invariance); one matmul a row.
     batch_invariant: bool = False
+    # A long chunk of one sequence over a cache gathers exactly its context and runs MLX's
+    # causal attention, no mask array: a compiled step is traced per context length.
+    causal_chunks: bool = True
 
     @classmethod
     def measured(cls, backend: str | None = None) -> KernelPolicy:
@@ -73,6 +76,7 @@ VARIANTS = {
     "no-split": {"split_tokens": 1 << 30},
     "no-row-kernels": {"norm_linear": False, "linear_row": False},
     "batch-invariant": {"batch_invariant": True},
+    "masked-chunks": {"causal_chunks": False},
 }
 
 
