@@ -22,6 +22,15 @@
 #                 engines interleaved (tools/gpu_bench.py --model / --quantize 4 --quick)
 #   asv           the TinyLlama asv benchmarks for this commit (conform history --gpu;
 #                 needs a git checkout)
+#   bench-8b      Llama-3-8B shape, float16: decode b=1 at 512 / 4096 / 16384, prefill 4096,
+#                 512 after 8192 cached, b=8/32 mixed; impl-compiled vs mlx-lm (16 GB checkpoint
+#                 written on first use); not in the default list
+#   bench-7b      Llama-2-7B shape (context 4096): decode at 512 / 4096, prefill 4096, 512
+#                 after 3584; not in the default list
+#   long-context  the paged decode kernel at Llama-3-8B's heads to 32k tokens against MLX's
+#                 attention over a contiguous cache (gpu_kernels_check --decode-at)
+#   chunk-ab      causal against masked chunked prefill (policy variants) with mlx-lm
+# PYTEST_ARGS adds pytest options to the grids and suites (e.g. "-n 14" with pytest-xdist).
 # Logs and JSON go to $OUT (default reports/gpu, git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +53,10 @@ run() {  # name, command...
   echo "== $name exit $rc"
   [ $rc -eq 0 ] || status=1
 }
-PYTEST="python3 -m pytest -q -p no:cacheprovider -rs"
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rs ${PYTEST_ARGS:-}"
+# xdist workers each with numpy's 16 BLAS threads ran the grids out of time.
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+BIG="--engine impl-compiled --engine mlx-lm --prefill 4096 --chunk 512"
 for step in $STEPS; do
   case $step in
     grid) run kernel-grid $PYTEST suites/test_kernels.py suites/test_prefill_kernel.py ;;
@@ -62,6 +74,17 @@ for step in $STEPS; do
       run tinyllama-4bit python3 tools/gpu_bench.py --quantize 4 --quick \
         --out "$OUT/tinyllama-4bit.json" ;;
     asv) run asv python3 -m conform_mlx history --gpu ;;
+    bench-8b)
+      run bench-8b python3 tools/gpu_bench.py --preset llama3-8b $BIG --cached 8192 \
+        --contexts 512 4096 16384 --out "$OUT/bench-8b.json" ;;
+    bench-7b)
+      run bench-7b python3 tools/gpu_bench.py --preset llama2-7b $BIG --cached 3584 \
+        --contexts 512 4096 --out "$OUT/bench-7b.json" ;;
+    long-context)
+      run long-context python3 tools/gpu_kernels_check.py --decode-at llama3-8b \
+        --contexts 4096 16384 32768 --json "$OUT/long-context.json" ;;
+    chunk-ab)
+      run chunk-ab python3 tools/gpu_policy_ab.py --variant default --variant masked-chunks ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
