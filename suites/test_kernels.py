@@ -223,8 +223,8 @@ def test_kernel_any_warp_count(n_warps: int, n_parts: int) -> None:
     [
         (1, 2, (4, 1)),  # ctx 16: one chunk, still MIN_WARPS (1 warp measured slower)
         (1, 64, (4, 8)),  # ctx 512 padded to 64 blocks: 8 partitions of 4 warps
-        (1, 256, (16, 8)),  # ctx 2048: partitions capped at MAX_PARTS, warps widen
-        (8, 64, (8, 4)),  # 32 (sequence, KV head) pairs: split-K to TARGET_GROUPS
+        (1, 256, (16, 8)),  # ctx 2048: partitions capped at policy.max_parts, warps widen
+        (8, 64, (8, 4)),  # 32 (sequence, KV head) pairs: split-K to policy.target_groups
         (32, 256, (16, 1)),  # 128 groups already: no split, the widest group
     ],
 )

@@ -407,6 +407,13 @@ def main() -> int:
     )
     p.add_argument("--chunk", type=int, default=512, help="chunked prefill length (default 512)")
     p.add_argument(
+        "--batches",
+        type=int,
+        nargs="*",
+        default=BATCHES,
+        help=f"batched decode points, mixed contexts (default {' '.join(map(str, BATCHES))})",
+    )
+    p.add_argument(
         "--engine",
         action="append",
         metavar="NAME",
@@ -450,6 +457,8 @@ def main() -> int:
         """Time ``steps`` interleaved; a row of medians in ms, or with ``per`` (tokens a
         step) in tokens/s."""
         ms = interleaved_samples(steps, **reps)
+        steps.clear()  # the point's caches: freed, and given back before the next allocates
+        mx.clear_cache()
         samples[point] = ms
         medians = [statistics.median(t) for t in ms]
         rows.append((point, medians if per is None else [per / (m / 1e3) for m in medians]))
@@ -461,11 +470,10 @@ def main() -> int:
     add(f"prefill {n} ms", [prefill_step(e, n, vocab) for e in engines], reps=15)
     chunks = [chunked_prefill_step(e, args.cached, args.chunk, vocab) for e in engines]
     add(f"prefill {args.chunk} after {args.cached} cached ms", chunks, reps=15)
-    del chunks  # their caches
     # 9 runs: on a shared host the peers' generate rates moved by up to 30% run to run.
     gens = [generate_step(e, vocab) for e in engines]
     add(f"generate {GENERATE_TOKENS} after 16 tokens/s", gens, GENERATE_TOKENS, warmup=1, reps=9)
-    for b in [] if args.quick else BATCHES:
+    for b in [] if args.quick else args.batches:
         steps = [decode_step(e, mixed_contexts(b)) for e in engines]
         add(f"decode b={b} mixed tokens/s", steps, b)
     # Room for up to 256 more sequences of 512 tokens (TinyLlama: +8192 blocks of 16, 3 GB)
@@ -474,7 +482,6 @@ def main() -> int:
         spare = spare_sequences(cfg, args.dtype)
         big = [decode_step(e, [512], spare_sequences=spare) for e in engines]
         add(f"decode b=1 ctx=512 ms, cache for {spare + 1} sequences", big)
-        del big
     device = f"{mx.default_device()} {platform.node()}"
     machine = host()
     print(

@@ -139,12 +139,14 @@ def chained_ms(step, x0, calls: int, rounds: int = 5, warmup: int = 3) -> float:
 
 def sweep(batch: int, context: int, n_blocks: int, heads: Heads = Heads()) -> list[tuple[int, int]]:
     """(warps, partitions) launch shapes tried at one point, the policy's among them:
-    every split that leaves each warp at least half a 32-token chunk."""
-    from conform_mlx.impl.kernels.paged_attention import MAX_WARPS
+    every split that leaves each warp at least half a 32-token chunk, within the warps the
+    heads' registers allow (``max_warps``)."""
+    from conform_mlx.impl.kernels.paged_attention import max_warps
 
     tried = {plan(batch, n_blocks, heads)}
-    for warps in (1, 2, 4, 8, MAX_WARPS):
-        for parts in (1, 2, 4, 8, 16, 32):
+    top = max_warps(heads.n_heads // heads.n_kv, heads.head_dim)
+    for warps in (w for w in (1, 2, 4, 8, 16) if w <= top):
+        for parts in (1, 2, 4, 8, 16, 32, 64):
             if parts <= n_blocks and parts * warps * 32 <= max(32, 2 * context):
                 tried.add((warps, parts))
     return sorted(tried)

@@ -29,6 +29,8 @@ from conform_mlx import blas  # noqa: E402
 
 blas.load()  # before MLX is imported: MLX binds its BLAS then (conform_mlx/blas.py)
 
+import mlx.core as mx  # noqa: E402
+
 from conform_bench import common  # noqa: E402
 from conform_mlx.engines import load_engine  # noqa: E402
 from conform_mlx.impl.kernels.policy import VARIANTS, KernelPolicy, use_policy, variant  # noqa: E402
@@ -57,7 +59,11 @@ def main() -> int:
         choices=[4, 8],
         help="an mlx-lm-format copy of the preset, quantized to BITS by mlx-lm, group 64",
     )
+    ap.add_argument(
+        "--contexts", type=int, nargs="+", default=gpu_bench.CONTEXTS, help="decode b=1 contexts"
+    )
     ap.add_argument("--cached", type=int, default=1000, help="tokens before the chunk")
+    ap.add_argument("--batch", type=int, default=32, help="the batched decode point, mixed")
     ap.add_argument("--chunk", type=int, default=512, help="chunked prefill length")
     args = ap.parse_args()
     names = args.variant or ["no-early", "default", "dense", "fused-norm"]
@@ -72,10 +78,13 @@ def main() -> int:
 
     def timed(make: Callable, reps: int, warmup: int = 3) -> list[float]:
         steps = [under(policies[n], make(e)) for n, e in engines.items()]
-        return gpu_bench.interleaved_ms(steps, warmup=warmup, reps=reps)
+        ms = gpu_bench.interleaved_ms(steps, warmup=warmup, reps=reps)
+        steps.clear()  # the point's caches, given back before the next point's
+        mx.clear_cache()
+        return ms
 
     rows = []
-    for c in gpu_bench.CONTEXTS:
+    for c in args.contexts:
         ms = timed(lambda e, c=c: gpu_bench.decode_step(e, [c]), args.reps)
         rows.append((f"decode b=1 ctx={c} ms", ms))
     ms = timed(
@@ -83,9 +92,9 @@ def main() -> int:
         max(1, args.reps // 4),
     )
     rows.append((f"prefill {args.chunk} after {args.cached} cached ms", ms))
-    mixed = gpu_bench.mixed_contexts(32)
+    mixed = gpu_bench.mixed_contexts(args.batch)
     ms = timed(lambda e: gpu_bench.decode_step(e, mixed), max(1, args.reps // 2))
-    rows.append(("decode b=32 tokens/s", [32e3 / m for m in ms]))
+    rows.append((f"decode b={args.batch} tokens/s", [args.batch * 1e3 / m for m in ms]))
     ms = timed(lambda e: gpu_bench.generate_step(e, vocab), max(1, args.reps // 8), warmup=1)
     rows.append(
         (

@@ -11,8 +11,8 @@ launches per step, the sum of kernel times per step against the wall time, and t
 largest kernels grouped by name, with the threads each launched. ncu flushes the
 caches before every kernel by default (``--cache-control all``), so small kernels
 read long; ``--cache-control none`` keeps them warm, closer to a real step. Compare
-engines within one run, not with the wall time alone. TinyLlama-1.1B shape,
-float16 (conform_bench/common.py's preset).
+engines within one run, not with the wall time alone. float16, the TinyLlama-1.1B shape
+or ``--preset``'s (conform_bench/common.py).
 
 Needs ``ncu`` on PATH and NVTX: torch's ``torch.cuda.nvtx`` where torch is
 installed, else ``libnvToolsExt``. ``--worker`` is the process ncu profiles.
@@ -55,8 +55,8 @@ def worker(args: argparse.Namespace) -> int:
     from conform_bench import common  # loads the BLAS before MLX
     from tools.gpu_bench import chunked_prefill_step, decode_step, median_ms, prefill_step
 
-    engine = common.engine(args.engine[0], "tinyllama", "float16")
-    vocab = common.vocab_size("tinyllama")
+    engine = common.engine(args.engine[0], args.preset, "float16")
+    vocab = common.vocab_size(args.preset)
     step = {
         "decode": lambda: decode_step(engine, [args.context]),
         "prefill": lambda: prefill_step(engine, PREFILL_TOKENS, vocab),
@@ -108,6 +108,7 @@ def short(name: str, width: int = 70) -> str:
 def profile(engine: str, args: argparse.Namespace) -> dict:
     me = [sys.executable, __file__, "--worker", "--engine", engine]
     me += ["--context", str(args.context), "--steps", str(args.steps), "--point", args.point]
+    me += ["--preset", args.preset]
     plain = subprocess.run(me, capture_output=True, text=True, check=True)
     wall = json.loads(plain.stdout.strip().splitlines()[-1])["wall_ms"]
     ncu = ["ncu", "--csv", "--metrics", ",".join(METRICS), "--nvtx"]
@@ -157,6 +158,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", action="append", default=None, help="repeatable")
     p.add_argument("--context", type=int, default=512, help="the decode point's context")
+    p.add_argument(
+        "--preset", default="tinyllama", help="conform_bench.common's preset (default tinyllama)"
+    )
     p.add_argument(
         "--point",
         choices=["decode", "prefill", "chunked"],

@@ -17,8 +17,6 @@ from conform_mlx.impl.kernels.policy import current_policy
 # Launch shape and prefill cut-off, measured: docs/kernel-notes.md#paged-attention
 MIN_WARPS = 4
 MAX_WARPS = 16  # 32 warps (1024 threads) ran out of registers
-TARGET_GROUPS = 128  # about an H100's 132 SMs; an M-series GPU has up to 80 cores
-MAX_PARTS = 8  # each partition costs the combine a merge
 THREAD_FLOAT_BUDGET = 56 * 16  # thread_floats x warps of the widest group that ran
 SHARED_BYTES = 32 * 1024  # Metal's thread-group memory, for the merge slots
 HEAD_DIMS = (64, 128)  # P.V: each lane holds HEAD_DIM / 32 elements of a V row
@@ -74,9 +72,10 @@ def launch_plan(
     if current_policy().batch_invariant:  # a sequence's sums split alike in any batch
         return max_warps(group_size, head_dim), 1
     tokens = max_blocks * block_size
-    by_occupancy = math.ceil(TARGET_GROUPS / (batch * n_kv_heads))
-    by_length = math.ceil(tokens / current_policy().split_tokens)
-    parts = max(1, min(by_occupancy, by_length, MAX_PARTS, max_blocks))
+    policy = current_policy()
+    by_occupancy = math.ceil(policy.target_groups / (batch * n_kv_heads))
+    by_length = math.ceil(tokens / policy.split_tokens)
+    parts = max(1, min(by_occupancy, by_length, policy.max_parts, max_blocks))
     top = max_warps(group_size, head_dim)
     warps = min(top, max(MIN_WARPS, math.ceil(tokens / (WARP * parts))))
     return warps, parts

@@ -27,6 +27,8 @@ class KernelPolicy:
     norm_linear: bool = False  # batch-1 rows: residual add + RMSNorm fused into q/k/v, gate/up
     linear_row: bool = False  # batch-1 rows: o, down and lm_head as a row kernel
     split_tokens: int = 128  # decode attention splits a sequence every this many tokens
+    max_parts: int = 8  # into at most this many partitions (each costs the combine a merge)
+    target_groups: int = 128  # as many thread groups as about an H100's 132 SMs
     commits: Callable[[int, bool], tuple[int, ...]] = early_commits  # layers queued early
     # Every projection multiplies each row alone, so a row's numbers do not depend on the
     # rows beside it (batch invariance); one matmul a row.
@@ -77,6 +79,8 @@ VARIANTS = {
     "no-row-kernels": {"norm_linear": False, "linear_row": False},
     "batch-invariant": {"batch_invariant": True},
     "masked-chunks": {"causal_chunks": False},
+    "parts-16": {"max_parts": 16},
+    "parts-32": {"max_parts": 32, "target_groups": 256},
 }
 
 
