@@ -26,8 +26,8 @@
 #                 512 after 8192 cached, b=8/32 mixed; impl-compiled vs mlx-lm (16 GB checkpoint
 #                 written on first use); not in the default list
 #   bench-7b      Llama-2-7B shape (context 4096): decode at 512 / 4096, prefill 4096, 512
-#                 after 3584, b=8/16 mixed (two engines' caches for b=32 do not fit 80 GB
-#                 beside the weights); not in the default list
+#                 after 3584, b=8/16 mixed (BATCHES_7B; two engines' caches for b=32 do not
+#                 fit an H100's 80 GB beside the weights); not in the default list
 #   parts-ab-8b   the decode kernel's partition policy at Llama-3-8B's long contexts
 #   profile-7b    ncu of a chunked and a fresh prefill step at the Llama-2-7B shape
 #   long-context  the paged decode kernel at Llama-3-8B's heads to 32k tokens against MLX's
@@ -82,7 +82,7 @@ for step in $STEPS; do
         --contexts 512 4096 16384 --out "$OUT/bench-8b.json" ;;
     bench-7b)
       run bench-7b python3 tools/gpu_bench.py --preset llama2-7b $BIG --cached 3584 \
-        --contexts 512 4096 --batches 8 16 --out "$OUT/bench-7b.json" ;;
+        --contexts 512 4096 --batches ${BATCHES_7B:-8 16} --out "$OUT/bench-7b.json" ;;
     long-context)
       run long-context python3 tools/gpu_kernels_check.py --decode-at llama3-8b \
         --contexts 4096 16384 32768 --json "$OUT/long-context.json" ;;
