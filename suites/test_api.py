@@ -293,15 +293,12 @@ def test_compiled_step_queues_each_early_commit_mlp_output(model):
 
 
 def test_compiled_steps_belong_to_the_caller(model, trained_dir):
-    """One graph per StepPlan.fresh and chunk context (under one policy), kept by the caller's
-    object: the model holds none, and another model's steps are refused."""
+    """One graph per StepPlan.fresh (under the default policy, whose chunks are masked),
+    kept by the caller's object: the model holds none, and another model's steps are
+    refused."""
     steps = CompiledSteps(model)
-    decode_run(model, steps)  # its 2-token chunk over a cache ends at context 11
-    assert sorted((fresh, c) for fresh, c, _ in steps.graphs) == [
-        (False, 0),
-        (False, 11),
-        (True, 0),
-    ]
+    decode_run(model, steps)  # a 2-token chunk over a cache among its steps
+    assert sorted((fresh, c) for fresh, c, _ in steps.graphs) == [(False, 0), (True, 0)]
     assert not any("compiled" in name for name in vars(model))
     other = load(trained_dir, "float32")
     cache = fresh_cache(model)
@@ -318,11 +315,12 @@ def test_cache_and_step_pools_are_kv_pools(model):
 
 
 def test_compiled_chunks_keep_a_graph_per_context(model):
-    """A chunk over a cache is traced for its exact context (causal attention's rows), unless
-    the policy masks chunks instead; the logits are the eager step's either way."""
+    """Under ``causal_chunks`` a chunk over a cache is traced for its exact context (causal
+    attention's rows); by default it is masked, one graph for every length. The logits are
+    the eager step's either way."""
     steps = CompiledSteps(model)
     prompt = ids(13)  # chunks of 5: fresh, then over a cache at contexts 10 and 13
-    for policy, contexts in [(KernelPolicy(), [10, 13]), (variant("masked-chunks"), [0])]:
+    for policy, contexts in [(variant("causal-chunks"), [10, 13]), (KernelPolicy(), [0])]:
         with use_policy(policy):
             got, want = [], []
             for out, compiled in ((got, steps), (want, None)):

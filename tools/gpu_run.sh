@@ -87,7 +87,7 @@ for step in $STEPS; do
       run long-context python3 tools/gpu_kernels_check.py --decode-at llama3-8b \
         --contexts 4096 16384 32768 --json "$OUT/long-context.json" ;;
     chunk-ab)
-      run chunk-ab python3 tools/gpu_policy_ab.py --variant default --variant masked-chunks ;;
+      run chunk-ab python3 tools/gpu_policy_ab.py --variant default --variant causal-chunks ;;
     parts-ab-8b)
       run parts-ab-8b python3 tools/gpu_policy_ab.py --preset llama3-8b --variant default \
         --variant parts-32 --contexts 4096 16384 32768 --cached 8192 --batch 8 --reps 20 ;;

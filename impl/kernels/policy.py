@@ -34,8 +34,9 @@ class KernelPolicy:
     # rows beside it (batch invariance); one matmul a row.
     batch_invariant: bool = False
     # A long chunk of one sequence over a cache gathers exactly its context and runs MLX's
-    # causal attention, no mask array: a compiled step is traced per context length.
-    causal_chunks: bool = True
+    # causal attention, no mask array; a compiled step is traced per context length. Off:
+    # level with the mask on an H100 at TinyLlama's shape (docs/kernel-notes.md#policy).
+    causal_chunks: bool = False
 
     @classmethod
     def measured(cls, backend: str | None = None) -> KernelPolicy:
@@ -78,7 +79,7 @@ VARIANTS = {
     "no-split": {"split_tokens": 1 << 30},
     "no-row-kernels": {"norm_linear": False, "linear_row": False},
     "batch-invariant": {"batch_invariant": True},
-    "masked-chunks": {"causal_chunks": False},
+    "causal-chunks": {"causal_chunks": True},
     "parts-16": {"max_parts": 16},
     "parts-32": {"max_parts": 32, "target_groups": 256},
 }
