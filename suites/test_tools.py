@@ -152,3 +152,19 @@ def test_spare_room_fits_a_budget() -> None:
     assert gpu_bench.spare_sequences(shape(32, 8, 128), "float16") == 59  # 67 MB each
     assert gpu_bench.spare_sequences(shape(32, 32, 128), "float16") == 14  # 268 MB each
     assert gpu_bench.spare_sequences(shape(32, 32, 128), "float32") == 7
+
+
+def test_kv_bytes_beside_the_formula() -> None:
+    """impl's paged cache holds whole blocks of 16: at 100 tokens, 112 tokens' bytes; at a
+    block edge, exactly the formula's."""
+    from conform_bench import common
+    from conform_mlx.engines import load_engine
+    from conform_mlx.impl.loader import read_config
+    from conform_mlx.models import open_model
+
+    path = common.checkpoint("small")
+    engine = load_engine("impl", open_model(path), "float16")
+    rows = gpu_bench.kv_bytes_at({"impl": engine}, read_config(path), "float16", [100, 128])
+    per_token = 2 * 4 * 1 * 64 * 2  # K and V, 4 layers, 1 KV head, head_dim 64, float16
+    assert rows[100] == {"formula": 100 * per_token, "impl": 112 * per_token}
+    assert rows[128] == {"formula": 128 * per_token, "impl": 128 * per_token}

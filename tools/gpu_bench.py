@@ -17,7 +17,8 @@ order, so each engine follows each other alike), so drift in clocks or host load
 them alike: separate runs of the same mlx-lm step differed by up to 2x on one machine.
 Ratios are to the last engine named. The weights-read floor is the checkpoint's weight
 bytes (as stored, quantized or not) divided by the read bandwidth of a large device
-copy measured in the same run.
+copy measured in the same run. Each engine's KV bytes for one sequence at each decode
+context are printed beside the formula's (``kv_bytes`` in the JSON).
 """
 
 from __future__ import annotations
@@ -313,6 +314,24 @@ def profile(name: str, step: Step, steps: int = 20) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+def kv_bytes_at(engines: dict[str, Engine], cfg, dtype: str, contexts: list[int]) -> dict:
+    """Each engine's KV bytes for one sequence at each context (its cache's own count: impl
+    counts whole blocks, mlx-lm its arrays' steps) beside the formula for exactly that many
+    tokens (``validate.kv_bytes``)."""
+    rows = {}
+    for c in contexts:
+        row = {"formula": kv_bytes(cfg, ITEMSIZE[dtype], c)}
+        for name, engine in engines.items():
+            cache = common.new_cache(engine, c)
+            cache.add_sequence(0)
+            engine.fill(cache, 0, c)
+            row[name] = cache.kv_bytes(0)
+            del cache
+            mx.clear_cache()
+        rows[c] = row
+    return rows
+
+
 def spare_sequences(cfg, dtype: str, most: int = 256, budget: float = 4e9) -> int:
     """Sequences of 512 tokens to make room for beside one: ``most``, or as many as fit in
     ``budget`` bytes a cache (an 8B model's 256 would take 17 to 67 GB an engine)."""
@@ -466,6 +485,11 @@ def main() -> int:
 
     for c in [c for c in args.contexts if c <= cfg.max_position_embeddings]:
         add(f"decode b=1 ctx={c} ms", [decode_step(e, [c]) for e in engines])
+    contexts = [c for c in args.contexts if c <= cfg.max_position_embeddings]
+    kv = kv_bytes_at(dict(zip(names, engines)), cfg, args.dtype, contexts)
+    for c, row in kv.items():
+        held = ", ".join(f"{n} {row[n] / row['formula']:.4f}" for n in names)
+        print(f"  KV bytes at ctx {c}: formula {row['formula'] / 1e6:.3f} MB; held/formula {held}")
     n = args.prefill
     add(f"prefill {n} ms", [prefill_step(e, n, vocab) for e in engines], reps=15)
     chunks = [chunked_prefill_step(e, args.cached, args.chunk, vocab) for e in engines]
@@ -523,6 +547,7 @@ def main() -> int:
                 "rows": [{"point": pt, **dict(zip(names, vs))} for pt, vs in rows],
                 "samples_ms": {pt: dict(zip(names, ms)) for pt, ms in samples.items()},
                 "paired_ratio_quartiles": spreads,
+                "kv_bytes": kv,
                 "decode_step_anatomy": anatomy,
             },
             indent=2,
