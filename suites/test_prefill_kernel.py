@@ -198,13 +198,21 @@ def run_gathered(case: Case, rows: ContextRows | None = None) -> mx.array:
     return gathered_attention(case.q, case.kv_pool, rows or case_rows(case), case.scale)
 
 
+def template_grid(test):
+    """Parametrize ``test(head_dim, heads, block_size, dtype)`` over the templates the
+    ops-path tests share (fewer than the kernel's: each ops case is slow on the CPU)."""
+    test = pytest.mark.parametrize("head_dim", HEAD_DIMS)(test)
+    test = pytest.mark.parametrize(
+        "heads", [(32, 4), (8, 8), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv"
+    )(test)
+    test = pytest.mark.parametrize("block_size", [8, 32])(test)
+    return pytest.mark.parametrize("dtype", DTYPES)(test)
+
+
 # -- the reference is the oracle: check it against the ops twin (CPU) ------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [8, 32])
-@pytest.mark.parametrize("heads", [(32, 4), (8, 8), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@template_grid
 def test_reference_matches_ops_twin(
     head_dim: int, heads: tuple[int, int], block_size: int, dtype: str
 ) -> None:
@@ -269,10 +277,7 @@ def test_causal_mask_is_checked() -> None:
 # -- the gathered path (long chunks on a GPU; plain MLX ops, so any backend runs it) ----
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [8, 32])
-@pytest.mark.parametrize("heads", [(32, 4), (8, 8), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@template_grid
 def test_gathered_attention(
     head_dim: int, heads: tuple[int, int], block_size: int, dtype: str
 ) -> None:
@@ -322,10 +327,7 @@ def test_gathered_mask_is_checked() -> None:
         assert_matches_reference(run_gathered(case, late), case, "float32")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [8, 32])
-@pytest.mark.parametrize("heads", [(32, 4), (8, 8), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@template_grid
 def test_gathered_causal_attention(
     head_dim: int, heads: tuple[int, int], block_size: int, dtype: str
 ) -> None:
