@@ -483,9 +483,9 @@ def main() -> int:
         rows.append((point, medians if per is None else [per / (m / 1e3) for m in medians]))
         print(f"  {point}: {', '.join(f'{v:.3f}' for v in rows[-1][1])}", flush=True)
 
-    for c in [c for c in args.contexts if c <= cfg.max_position_embeddings]:
-        add(f"decode b=1 ctx={c} ms", [decode_step(e, [c]) for e in engines])
     contexts = [c for c in args.contexts if c <= cfg.max_position_embeddings]
+    for c in contexts:
+        add(f"decode b=1 ctx={c} ms", [decode_step(e, [c]) for e in engines])
     kv = kv_bytes_at(dict(zip(names, engines)), cfg, args.dtype, contexts)
     for c, row in kv.items():
         held = ", ".join(f"{n} {row[n] / row['formula']:.4f}" for n in names)
