@@ -223,7 +223,7 @@ def test_kernel_any_warp_count(n_warps: int, n_parts: int) -> None:
     [
         (1, 2, (4, 1)),  # ctx 16: one chunk, still MIN_WARPS (1 warp measured slower)
         (1, 64, (4, 8)),  # ctx 512 padded to 64 blocks: 8 partitions of 4 warps
-        (1, 256, (16, 8)),  # ctx 2048: partitions capped at policy.max_parts, warps widen
+        (1, 256, (16, 8)),  # ctx 2048: 8 partitions of the widest group (policy.head_warps)
         (8, 64, (8, 4)),  # 32 (sequence, KV head) pairs: split-K to policy.target_groups
         (32, 256, (16, 1)),  # 128 groups already: no split, the widest group
     ],
@@ -232,6 +232,21 @@ def test_launch_plan(batch: int, width: int, want: tuple) -> None:
     """The launch shapes the kernel bench measured best (TinyLlama's heads, tables
     ``width`` blocks of 16 as a compiled step pads them)."""
     assert launch_plan(batch, 4, width, 16, 8, 64) == want
+
+
+@pytest.mark.parametrize(
+    ("batch", "width", "want"),
+    [
+        (1, 64, (4, 8)),  # ctx 512: as TinyLlama's heads
+        (1, 512, (8, 16)),  # ctx 4096: 16 partitions of 8 warps (of 8w16p and 8w32p, tied)
+        (1, 4096, (8, 16)),  # ctx 32768: still 16; 8 ran 1.7x slower (results/gpu)
+        (8, 512, (8, 2)),  # 64 (sequence, KV head) pairs: split-K to policy.target_groups
+    ],
+)
+def test_launch_plan_at_llama3_8b_heads(batch: int, width: int, want: tuple) -> None:
+    """Llama-3-8B's heads (8 KV heads, group 4, head_dim 128; 8 warps at most): a head's
+    context spreads over policy.head_warps warps, twice TinyLlama's partitions."""
+    assert launch_plan(batch, 8, width, 16, 4, 128) == want
 
 
 @pytest.mark.parametrize(

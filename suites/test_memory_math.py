@@ -162,3 +162,33 @@ def test_engine_kv_bytes_follow_the_formula(checkpoint, engine_factory, metric, 
         f"{held} bytes held for {n} tokens; the formula at {g}-token granularity gives {want} "
         f"({held / kv_bytes(cfg, DTYPES[dtype].size, n):.2f}x the unpadded bytes)"
     )
+
+
+@IMPL_ONLY
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("hold", [False, True], ids=["released", "held"])
+def test_steps_write_the_pool_in_place(checkpoint, compiled, hold):
+    """A prefill and a decode write their K/V rows into each layer's pool without copying
+    it (``write_rows`` moves the rows as words, through a view of the same buffer): MLX's
+    peak memory grows by less than one pool. Keeping the old pools alive (``hold``) must
+    force the copy, and the check must see it: it can fail."""
+    from conform_mlx.impl.engine import CompiledSteps, decode, prefill
+    from conform_mlx.impl.loader import load
+
+    model = load(checkpoint("tiny-gqa8"), "float16")
+    steps = CompiledSteps(model) if compiled else None
+    cache = PagedKVCache(model.config, num_blocks=1024, block_size=16, dtype=mx.float16)
+    pool = cache.kv[0].nbytes  # 2 MiB a layer: far above the steps' own arrays
+    cache.add_sequence(0)
+    prefill(model, cache, 0, list(range(3, 40)), steps=steps)  # traces, caches the kernels
+    decode(model, cache, [0], [5], steps=steps)
+    held = list(cache.kv) if hold else []
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    prefill(model, cache, 0, list(range(3, 20)), steps=steps)
+    decode(model, cache, [0], [7], steps=steps)
+    grown = mx.get_peak_memory() - base
+    copied = grown >= pool
+    assert copied == hold, f"peak grew {grown} bytes; one pool is {pool}"
+    assert cache.tokens(0) == 37 + 1 + 17 + 1
+    del held

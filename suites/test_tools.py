@@ -122,6 +122,16 @@ def test_kernel_sweep_holds_the_policy(batch: int, context: int, heads: str) -> 
     assert all(parts <= n_blocks for _, parts in shapes)
 
 
+def test_pool_io_times_both_ways_and_finds_them_equal() -> None:
+    """gpu_kernels_check --pool-io compares impl's words with the element-wise way; both
+    write and gather the same bits, else the tool's exit status says so."""
+    rows = gpu_kernels_check.time_pool_io(2, [40], gpu_kernels_check.HEADS["llama3-8b"], chunk=8)
+    (r,) = rows
+    assert r["bitwise_same"] is True
+    assert r["gather_mb"] == 48 * 2 * 8 * 128 * 2 / 1e6
+    assert set(r["write_ms"]) == set(r["gather_ms"]) == {"elements", "words"}
+
+
 def test_policy_ab_runs_each_step_under_its_policy() -> None:
     """gpu_policy_ab's variants differ only while their step runs, and not after."""
     seen = []

@@ -3,6 +3,7 @@
     python tools/gpu_kernels_check.py [--skip-tests] [--calls 20] [--json PATH]
     python tools/gpu_kernels_check.py --only-rows            # the row kernels alone
     python tools/gpu_kernels_check.py --decode-at llama3-8b --contexts 512 4096 32768
+    python tools/gpu_kernels_check.py --pool-io llama2-7b --contexts 1000 3584 8192
 
 1. Runs ``pytest suites/test_kernels.py`` with the custom kernels active (the run
    fails if MLX has no GPU backend: skipped kernel cases would prove nothing).
@@ -244,6 +245,78 @@ def time_point(batch: int, context: int, calls: int, heads: Heads) -> dict:
         "max_abs_diff": shapes[policy]["max_abs_diff"],
         "shapes": shapes,
     }
+
+
+def time_pool_io(calls: int, contexts: list[int], heads: Heads, chunk: int = 512) -> list[dict]:
+    """The KV pool traffic of a ``chunk``-token step after each context: its cache write
+    (``write_rows``) and the gather of its context (``gathered_attention``'s), impl's way
+    (rows as 8-byte words) against element by element (the way before: MLX's gather and
+    scatter run a thread an element)."""
+    return [pool_io_point(calls, context, chunk, heads) for context in contexts]
+
+
+def pool_io_point(calls: int, context: int, chunk: int, heads: Heads) -> dict:
+    import mlx.core as mx
+
+    from conform_mlx.impl.kernels.rope import RopeStep, as_words, write_rows
+
+    total = context + chunk
+    row = (2, heads.n_kv, heads.head_dim)
+    pool = mx.random.normal((total // BLOCK_SIZE + 2, BLOCK_SIZE, *row)).astype(mx.float16)
+    new = mx.random.normal((chunk, *row)).astype(mx.float16)
+    slots = mx.arange(context, total, dtype=mx.int32)
+    step = RopeStep(None, None, slots // BLOCK_SIZE, slots % BLOCK_SIZE, BLOCK_SIZE)
+    seen = mx.arange(total, dtype=mx.int32)[None]  # the chunk's context, in order
+    flat = pool.reshape(-1, *row)
+    mx.eval(pool, new, step.blocks, step.offsets, seen)
+
+    def write_elements(p: mx.array) -> mx.array:
+        p[step.blocks, step.offsets] = new
+        return p
+
+    def write_words(p: mx.array) -> mx.array:
+        return write_rows(p, new, step)
+
+    def gather_elements() -> mx.array:
+        return flat[seen]
+
+    def gather_words() -> mx.array:
+        return as_words(flat)[seen].view(flat.dtype)
+
+    same = mx.array_equal(write_elements(pool), write_words(pool)) & mx.array_equal(
+        gather_elements(), gather_words()
+    )
+    return {
+        "context": context,
+        "chunk": chunk,
+        "gather_mb": total * math.prod(row) * 2 / 1e6,
+        "write_ms": {
+            "elements": chained_ms(write_elements, pool, calls),
+            "words": chained_ms(write_words, pool, calls),
+        },
+        "gather_ms": {
+            "elements": per_call_ms(gather_elements, calls),
+            "words": per_call_ms(gather_words, calls),
+        },
+        "bitwise_same": bool(same.item()),
+    }
+
+
+def print_pool_io(rows: list[dict], device: str, heads: Heads) -> None:
+    print(
+        f"\nKV pool traffic, {device}: {heads.n_kv} KV heads, head_dim {heads.head_dim}, fp16, "
+        f"bs {BLOCK_SIZE}; ms a call, element by element vs as words"
+    )
+    print(
+        "context  chunk  write: elements   words  ratio  gather MB  elements   words  ratio  same"
+    )
+    for r in rows:
+        w, g = r["write_ms"], r["gather_ms"]
+        print(
+            f"{r['context']:>7}  {r['chunk']:>5}  {w['elements']:>15.4f}  {w['words']:>6.4f}"
+            f"  {w['elements'] / w['words']:>4.2f}x  {r['gather_mb']:>9.1f}  {g['elements']:>8.4f}"
+            f"  {g['words']:>6.4f}  {g['elements'] / g['words']:>4.2f}x  {r['bitwise_same']}"
+        )
 
 
 def time_prefill(calls: int) -> list[dict]:
@@ -528,6 +601,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time only the decode kernel, at these heads, batch 1 at --contexts",
     )
     parser.add_argument(
+        "--pool-io",
+        choices=list(HEADS),
+        help="time only the KV pool's write and gather at these heads: 512 after --contexts",
+    )
+    parser.add_argument(
         "--contexts", type=int, nargs="+", default=[512, 4096, 16384, 32768], metavar="N"
     )
     args = parser.parse_args(argv)
@@ -550,6 +628,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps({"device": device, "decode": decode}, indent=1))
         return 0
+    if args.pool_io:
+        heads = HEADS[args.pool_io]
+        pool_io = time_pool_io(args.calls, args.contexts, heads)
+        print_pool_io(pool_io, device, heads)
+        if args.json:
+            args.json.write_text(json.dumps({"device": device, "pool_io": pool_io}, indent=1))
+        return 0 if all(r["bitwise_same"] for r in pool_io) else 1
     if args.only_rows:
         rows = time_rows(args.calls)
         print_rows(rows, device)

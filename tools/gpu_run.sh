@@ -29,6 +29,8 @@
 #                 after 3584, b=8/16 mixed (BATCHES_7B; two engines' caches for b=32 do not
 #                 fit an H100's 80 GB beside the weights); not in the default list
 #   parts-ab-8b   the decode kernel's partition policy at Llama-3-8B's long contexts
+#   pool-io       the KV pool's write and context gather, as words against element by
+#                 element, at Llama-2-7B's and Llama-3-8B's heads (gpu_kernels_check --pool-io)
 #   profile-7b    ncu of a chunked and a fresh prefill step at the Llama-2-7B shape
 #   long-context  the paged decode kernel at Llama-3-8B's heads to 32k tokens against MLX's
 #                 attention over a contiguous cache (gpu_kernels_check --decode-at)
@@ -90,7 +92,12 @@ for step in $STEPS; do
       run chunk-ab python3 tools/gpu_policy_ab.py --variant default --variant causal-chunks ;;
     parts-ab-8b)
       run parts-ab-8b python3 tools/gpu_policy_ab.py --preset llama3-8b --variant default \
-        --variant parts-32 --contexts 4096 16384 32768 --cached 8192 --batch 8 --reps 20 ;;
+        --variant head-warps-256 --contexts 4096 16384 32768 --cached 8192 --batch 8 --reps 20 ;;
+    pool-io)
+      run pool-io-7b python3 tools/gpu_kernels_check.py --pool-io llama2-7b \
+        --contexts 1000 3584 8192 --json "$OUT/pool-io-7b.json"
+      run pool-io-8b python3 tools/gpu_kernels_check.py --pool-io llama3-8b \
+        --contexts 1000 8192 --json "$OUT/pool-io-8b.json" ;;
     profile-7b)
       run profile-7b-chunked python3 tools/gpu_profile.py --preset llama2-7b --point chunked \
         --cache-control none --steps 1 --top 8

@@ -13,6 +13,7 @@ from conform_mlx.impl.kernels import paged_prefill
 from conform_mlx.impl.kernels.backend import WARP, Backend, active_backend, float_bits, on_first_use
 from conform_mlx.impl.kernels.paged_decode_source import build_kernels
 from conform_mlx.impl.kernels.policy import current_policy
+from conform_mlx.impl.kernels.rope import as_words
 
 # Launch shape and prefill cut-off, measured: docs/kernel-notes.md#paged-attention
 MIN_WARPS = 4
@@ -73,10 +74,11 @@ def launch_plan(
         return max_warps(group_size, head_dim), 1
     tokens = max_blocks * block_size
     policy = current_policy()
+    top = max_warps(group_size, head_dim)
     by_occupancy = math.ceil(policy.target_groups / (batch * n_kv_heads))
     by_length = math.ceil(tokens / policy.split_tokens)
-    parts = max(1, min(by_occupancy, by_length, policy.max_parts, max_blocks))
-    top = max_warps(group_size, head_dim)
+    by_head = policy.head_warps // top
+    parts = max(1, min(by_occupancy, by_length, by_head, max_blocks))
     warps = min(top, max(MIN_WARPS, math.ceil(tokens / (WARP * parts))))
     return warps, parts
 
@@ -205,10 +207,11 @@ def context_rows(
 
 def gathered_attention(q: mx.array, kv_pool: mx.array, rows: ContextRows, scale: float) -> mx.array:
     """``paged_attention_ops``'s attention for long chunks on a GPU: rows gathered by
-    ``rows.slots`` (no zeroing pass), MLX's fused attention with ``rows.mask`` (or causal)."""
+    ``rows.slots`` as words (no zeroing pass), MLX's fused attention with ``rows.mask`` (or
+    causal)."""
     num_blocks, block_size, _, n_kv_heads, head_dim = kv_pool.shape
-    flat = kv_pool.reshape(num_blocks * block_size, 2, n_kv_heads, head_dim)  # a row a slot
-    gathered = flat[rows.slots]  # (B, L, 2, n_kv_heads, head_dim)
+    flat = as_words(kv_pool.reshape(num_blocks * block_size, 2, n_kv_heads, head_dim))
+    gathered = flat[rows.slots].view(kv_pool.dtype)  # (B, L, 2, n_kv_heads, head_dim)
     k, v = split_kv(gathered.transpose(2, 0, 3, 1, 4))  # each (B, n_kv_heads, L, head_dim)
     mask = "causal" if rows.mask is None else rows.mask  # causal: the queries are the last T
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -27,8 +27,11 @@ class KernelPolicy:
     norm_linear: bool = False  # batch-1 rows: residual add + RMSNorm fused into q/k/v, gate/up
     linear_row: bool = False  # batch-1 rows: o, down and lm_head as a row kernel
     split_tokens: int = 128  # decode attention splits a sequence every this many tokens
-    max_parts: int = 8  # into at most this many partitions (each costs the combine a merge)
-    target_groups: int = 128  # as many thread groups as about an H100's 132 SMs
+    # into partitions, until B * n_kv_heads * parts groups reach target_groups (an H100 has
+    # 132 SMs), and one KV head's context spreads over at most head_warps warps (parts x
+    # the widest group): 8 partitions at TinyLlama's heads, 16 at Llama-3-8B's
+    target_groups: int = 128
+    head_warps: int = 128
     commits: Callable[[int, bool], tuple[int, ...]] = early_commits  # layers queued early
     # Every projection multiplies each row alone, so a row's numbers do not depend on the
     # rows beside it (batch invariance); one matmul a row.
@@ -80,8 +83,8 @@ VARIANTS = {
     "no-row-kernels": {"norm_linear": False, "linear_row": False},
     "batch-invariant": {"batch_invariant": True},
     "causal-chunks": {"causal_chunks": True},
-    "parts-16": {"max_parts": 16},
-    "parts-32": {"max_parts": 32, "target_groups": 256},
+    "head-warps-64": {"head_warps": 64},  # 8B heads: 8 partitions, the rule before it
+    "head-warps-256": {"head_warps": 256, "target_groups": 256},  # 8B heads: 32 partitions
 }
 
 

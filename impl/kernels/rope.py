@@ -177,10 +177,23 @@ def pool_heads(kv_pool: mx.array) -> tuple[int, int]:
     return kv_pool.shape[3], kv_pool.shape[4]
 
 
+def as_words(x: mx.array) -> mx.array:
+    """``x``'s buffer with its last axis read as 8-byte words (4 or 2 where its rows' bytes
+    ask). MLX's gather and scatter run a thread an element, so pool rows move as words
+    (docs/kernel-notes.md#moving-pool-rows)."""
+    row_bytes = x.shape[-1] * x.itemsize
+    for word in (mx.uint64, mx.uint32, mx.uint16):
+        if row_bytes % word.size == 0 and word.size >= x.itemsize:
+            return x.view(word)
+    return x
+
+
 def write_rows(pool: mx.array, rows: mx.array, step: RopeStep) -> mx.array:
-    """Write ``rows`` (B * T, 2, n_kv_heads, D) into ``pool`` at the step's slots; returns it.
-    Indexing by (block, offset), not through a reshaped view, lets MLX reuse the buffer."""
+    """Write ``rows`` (B * T, 2, n_kv_heads, D) into ``pool`` at the step's slots, as words;
+    returns the new pool. Indexing by (block, offset), not through a reshaped view, lets
+    MLX reuse the buffer."""
     if pool.shape[1] != step.block_size:
         raise ValueError(f"pool blocks of {pool.shape[1]} rows, step for {step.block_size}")
-    pool[step.blocks, step.offsets] = rows.astype(pool.dtype)
-    return pool
+    words = as_words(pool)
+    words[step.blocks, step.offsets] = as_words(rows.astype(pool.dtype))
+    return words.view(pool.dtype)
