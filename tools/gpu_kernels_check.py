@@ -250,7 +250,7 @@ def time_point(batch: int, context: int, calls: int, heads: Heads) -> dict:
 def time_pool_io(calls: int, contexts: list[int], heads: Heads, chunk: int = 512) -> list[dict]:
     """The KV pool traffic of a ``chunk``-token step after each context: its cache write
     (``write_rows``) and the gather of its context (``gathered_attention``'s), impl's way
-    (rows as 8-byte words) against element by element (the way before: MLX's gather and
+    (rows as 4-byte words) against element by element (the way before: MLX's gather and
     scatter run a thread an element)."""
     return [pool_io_point(calls, context, chunk, heads) for context in contexts]
 

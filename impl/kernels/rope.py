@@ -178,11 +178,11 @@ def pool_heads(kv_pool: mx.array) -> tuple[int, int]:
 
 
 def as_words(x: mx.array) -> mx.array:
-    """``x``'s buffer with its last axis read as 8-byte words (4 or 2 where its rows' bytes
-    ask). MLX's gather and scatter run a thread an element, so pool rows move as words
-    (docs/kernel-notes.md#moving-pool-rows)."""
+    """``x``'s buffer with its last axis read as 4-byte words (2 where its rows' bytes ask;
+    MLX's CUDA scatter takes no 8-byte ints). MLX's gather and scatter run a thread an
+    element, so pool rows move as words (docs/kernel-notes.md#moving-pool-rows)."""
     row_bytes = x.shape[-1] * x.itemsize
-    for word in (mx.uint64, mx.uint32, mx.uint16):
+    for word in (mx.uint32, mx.uint16):
         if row_bytes % word.size == 0 and word.size >= x.itemsize:
             return x.view(word)
     return x
