@@ -175,22 +175,28 @@ StepGraph = Callable[..., tuple[mx.array, list[mx.array], list[mx.array]]]
 
 
 def step_arrays(plan: StepPlan) -> list[mx.array]:
-    """A compiled step's plan inputs, in ``StepPlan`` field order, tables padded."""
+    """A compiled step's plan inputs, in ``StepPlan`` field order, tables padded: a chunk
+    over a cache to ``KernelPolicy.chunk_buckets`` widths an octave, else a power of two."""
     p = plan
-    tables = pad_block_tables(p.block_tables)
+    chunk = not p.fresh and p.positions.shape[1] > 1
+    tables = pad_block_tables(p.block_tables, current_policy().chunk_buckets if chunk else 1)
     return [p.positions, p.slots, p.blocks, p.offsets, tables, p.context_lens]
 
 
-def bucket_width(width: int) -> int:
-    """The table width a compiled step is traced for: the next power of two (log2(n) traces)."""
-    return 1 << max(width - 1, 0).bit_length()
+def bucket_width(width: int, per_octave: int = 1) -> int:
+    """The table width a compiled step is traced for: the next of ``per_octave`` widths
+    evenly spaced in each octave; 1: the next power of two (log2(n) traces)."""
+    top = 1 << max(width - 1, 0).bit_length()
+    step = max(top // (2 * per_octave), 1)  # (top / 2, top] in per_octave steps
+    return max(-(-width // step) * step, 1)
 
 
-def pad_block_tables(block_tables: mx.array) -> mx.array:
-    """``block_tables`` (B, W) widened to ``bucket_width(W)`` with block 0: a real block, so
-    a gather stays in the pool; nothing past ``context_lens`` reaches the output."""
+def pad_block_tables(block_tables: mx.array, per_octave: int = 1) -> mx.array:
+    """``block_tables`` (B, W) widened to ``bucket_width(W, per_octave)`` with block 0: a
+    real block, so a gather stays in the pool; nothing past ``context_lens`` reaches the
+    output."""
     batch, width = block_tables.shape
-    pad = bucket_width(width) - width
+    pad = bucket_width(width, per_octave) - width
     if pad == 0:
         return block_tables
     return mx.concatenate([block_tables, mx.zeros((batch, pad), dtype=block_tables.dtype)], axis=1)

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import conform_mlx.impl.engine
 import conform_mlx.impl.kernels.rope
 from conform_mlx.impl.engine import (
     CompiledSteps,
@@ -224,6 +225,37 @@ def test_compiled_decode_equals_eager(model):
         atol=FP32_SAME_ENGINE_ATOL,
         rtol=0,
     )
+
+
+def test_fine_chunk_buckets_pad_less_and_change_no_logits(model, monkeypatch):
+    """Compiled chunks over a cache under ``chunk_buckets=8`` (variant fine-chunk-buckets)
+    trace tables of the fine widths, never wider than a power of two, and give the default's
+    logits: padding is masked either way."""
+    widths = []
+    real = conform_mlx.impl.engine.pad_block_tables
+
+    def recorded(tables, per_octave=1):
+        out = real(tables, per_octave)
+        widths.append((tables.shape[1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(conform_mlx.impl.engine, "pad_block_tables", recorded)
+
+    def chunks(policy: KernelPolicy) -> np.ndarray:
+        widths.clear()
+        cache = PagedKVCache(model.config, 24, 4)
+        cache.add_sequence("s")
+        with use_policy(policy):
+            logits = prefill(model, cache, "s", ids(45), chunk_size=9, steps=CompiledSteps(model))
+        return to_numpy(logits)
+
+    pow2 = chunks(KernelPolicy())
+    pow2_widths = list(widths)
+    fine = chunks(variant("fine-chunk-buckets"))
+    np.testing.assert_allclose(fine, pow2, atol=FP32_SAME_ENGINE_ATOL, rtol=0)
+    # 9-token chunks in 4-token blocks: the fresh first chunk is padded as before
+    assert pow2_widths == [(3, 4), (5, 8), (7, 8), (9, 16), (12, 16)]
+    assert widths == [(3, 4), (5, 5), (7, 7), (9, 9), (12, 12)]
 
 
 def test_compiled_decode_check_catches_a_step_that_drops_the_cache_write(model, monkeypatch):

@@ -260,6 +260,18 @@ def test_bucket_width_is_the_next_power_of_two():
     assert {w: bucket_width(w) for w in want} == want
 
 
+@pytest.mark.parametrize("per_octave", [1, 2, 8])
+def test_finer_buckets_pad_less_for_more_traces(per_octave):
+    """``per_octave`` widths an octave: a table is padded by less than 1/per_octave of its
+    width (past the first octaves) and 1..1024 blocks take at most per_octave traces an
+    octave."""
+    buckets = {w: bucket_width(w, per_octave) for w in range(1, 1025)}
+    assert all(w <= b <= 1 << max(w - 1, 0).bit_length() for w, b in buckets.items())
+    assert all(b - w < w / per_octave for w, b in buckets.items() if w > 2 * per_octave)
+    assert len(set(buckets.values())) <= per_octave * 11
+    assert buckets[544] == {1: 1024, 2: 768, 8: 576}[per_octave]  # 8704 tokens of 16
+
+
 def test_a_long_compiled_run_traces_about_log2_blocks_graphs(trained_dir, monkeypatch):
     """300 tokens in 16-token blocks: widths 1..19, buckets 1, 2, 4, 8, 16, 32."""
     n, bs = 300, 16
@@ -273,7 +285,7 @@ def test_a_long_compiled_run_traces_about_log2_blocks_graphs(trained_dir, monkey
 
     assert traces() <= bound
     # The counter sees retraces: without the buckets there is one per width.
-    monkeypatch.setattr(conform_mlx.impl.engine, "bucket_width", lambda width: width)
+    monkeypatch.setattr(conform_mlx.impl.engine, "bucket_width", lambda width, per_octave=1: width)
     assert traces() == widest > bound
 
 

@@ -35,7 +35,7 @@
 #   long-context  the paged decode kernel at Llama-3-8B's heads to 32k tokens against MLX's
 #                 attention over a contiguous cache (gpu_kernels_check --decode-at)
 #   chunk-ab      causal against masked chunked prefill (policy variants) with mlx-lm
-#   chunk-ab-8b   the same at Llama-3-8B's shape, 512 after 8192 cached
+#   chunk-ab-8b   the same and fine table buckets at Llama-3-8B's shape, 512 after 8192
 # PYTEST_ARGS adds pytest options to the grids and suites (e.g. "-n 14" with pytest-xdist).
 # Logs and JSON go to $OUT (default reports/gpu, git-ignored).
 set -uo pipefail
@@ -93,7 +93,8 @@ for step in $STEPS; do
       run chunk-ab python3 tools/gpu_policy_ab.py --variant default --variant causal-chunks ;;
     chunk-ab-8b)
       run chunk-ab-8b python3 tools/gpu_policy_ab.py --preset llama3-8b --variant default \
-        --variant causal-chunks --contexts 512 --cached 8192 --batch 8 --reps 8 ;;
+        --variant causal-chunks --variant fine-chunk-buckets --contexts 512 --cached 8192 \
+        --batch 8 --reps 8 ;;
     parts-ab-8b)
       run parts-ab-8b python3 tools/gpu_policy_ab.py --preset llama3-8b --variant default \
         --variant head-warps-256 --contexts 4096 16384 32768 --cached 8192 --batch 8 --reps 20 ;;

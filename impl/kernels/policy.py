@@ -40,6 +40,11 @@ class KernelPolicy:
     # causal attention, no mask array; a compiled step is traced per context length. Off:
     # level with the mask on an H100 at TinyLlama's shape (docs/kernel-notes.md#policy).
     causal_chunks: bool = False
+    # A compiled chunk over a cache pads its block tables to one of this many widths an
+    # octave (1: a power of two). The gather and the masked attention run over the padded
+    # width, up to 2x the context; 8 keeps that under 1.125x for 8x the traces. Unmeasured
+    # on a GPU, so 1 (variant fine-chunk-buckets; docs/kernel-notes.md#engine).
+    chunk_buckets: int = 1
 
     @classmethod
     def measured(cls, backend: str | None = None) -> KernelPolicy:
@@ -83,6 +88,7 @@ VARIANTS = {
     "no-row-kernels": {"norm_linear": False, "linear_row": False},
     "batch-invariant": {"batch_invariant": True},
     "causal-chunks": {"causal_chunks": True},
+    "fine-chunk-buckets": {"chunk_buckets": 8},
     "head-warps-64": {"head_warps": 64},  # 8B heads: 8 partitions, the rule before it
     "head-warps-256": {"head_warps": 256, "target_groups": 256},  # 8B heads: 32 partitions
 }
